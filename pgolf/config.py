@@ -1,0 +1,96 @@
+"""Config loading and validation against schemas/config.schema.yaml (defaults live there only)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config key or value that the schema refuses."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _fill_defaults(schema: dict, node: dict) -> None:
+    for key, sub in schema.get("properties", {}).items():
+        if key not in node and "default" in sub:
+            node[key] = copy.deepcopy(sub["default"])
+        if isinstance(node.get(key), dict) and sub.get("type") == "object":
+            _fill_defaults(sub, node[key])
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `config` with defaults filled in; raise ConfigError naming the bad key."""
+    schema = load_schema()
+    config = copy.deepcopy(config or {})
+    _fill_defaults(schema, config)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: e.path)
+    if errors:
+        lines = [f"  {_where(e)}: {e.message}" for e in errors]
+        raise ConfigError("invalid pgolf config:\n" + "\n".join(lines))
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(cfg: dict[str, Any]) -> None:
+    m, t = cfg["model"], cfg["train"]
+    if m["model_dim"] % m["num_heads"]:
+        raise ConfigError(f"model.model_dim ({m['model_dim']}) must be divisible by model.num_heads ({m['num_heads']})")
+    if (m["model_dim"] // m["num_heads"]) % 2:
+        raise ConfigError("model.model_dim / model.num_heads must be even (rotary embeddings rotate pairs)")
+    if m["num_heads"] % m["num_kv_heads"]:
+        raise ConfigError(f"model.num_heads ({m['num_heads']}) must be a multiple of model.num_kv_heads ({m['num_kv_heads']})")
+    if t["batch_tokens"] % t["seq_len"]:
+        raise ConfigError(f"train.batch_tokens ({t['batch_tokens']}) must be a multiple of train.seq_len ({t['seq_len']})")
+    grad_accum_steps(t, t["nproc"])
+    if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
+        raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load(*paths: str | Path, overrides: dict | None = None) -> dict[str, Any]:
+    """Merge YAML files left to right (as Snakemake's --configfile does), then validate."""
+    merged: dict = {}
+    for p in paths:
+        p = Path(p)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        merged = deep_merge(merged, data)
+    return validate(deep_merge(merged, overrides or {}))
+
+
+def grad_accum_steps(train: dict[str, Any], world_size: int) -> int:
+    """Micro-steps per optimizer step so the global batch is the same for any process count."""
+    seqs = train["batch_tokens"] // train["seq_len"]
+    if seqs % world_size:
+        raise ConfigError(f"train: {seqs} sequences per batch do not split over {world_size} processes")
+    local = seqs // world_size
+    micro = min(train["micro_batch_seqs"], local)
+    if local % micro:
+        raise ConfigError(f"train: {local} sequences per process are not a multiple of micro_batch_seqs={micro}")
+    return local // micro

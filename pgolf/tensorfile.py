@@ -1,0 +1,103 @@
+"""A plain tensor container: magic, JSON header, raw little-endian tensor bytes. Never pickle.
+
+Layout: b"PGOLFTEN" | u32 version | u64 header length | JSON header | tensor bytes.
+The header lists each tensor's dtype, shape and byte offset into the body, plus free-form `meta`
+(model config, step, ...). Reading checks every offset against the real body size first, so a
+corrupt header can never make us allocate or read more than the file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgolf.io import write_bytes
+
+MAGIC = b"PGOLFTEN"
+VERSION = 1
+_PREFIX = struct.Struct("<8sIQ")
+MAX_HEADER_BYTES = 1 << 24
+
+# bf16 has no numpy dtype: it is stored as its raw 16 bits.
+_DTYPES = {
+    "float32": (torch.float32, np.float32),
+    "float16": (torch.float16, np.float16),
+    "bfloat16": (torch.bfloat16, np.uint16),
+    "int8": (torch.int8, np.int8),
+    "uint8": (torch.uint8, np.uint8),
+    "int16": (torch.int16, np.int16),
+    "int32": (torch.int32, np.int32),
+    "int64": (torch.int64, np.int64),
+}
+_NAMES = {tdt: name for name, (tdt, _) in _DTYPES.items()}
+
+
+class TensorFileError(ValueError):
+    """A tensor file that is corrupt, truncated or not ours."""
+
+
+def dumps(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> bytes:
+    entries, chunks, offset = {}, [], 0
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype not in _NAMES:
+            raise TypeError(f"tensor {name!r}: unsupported dtype {t.dtype}")
+        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(raw)}
+        chunks.append(raw)
+        offset += len(raw)
+    header = json.dumps({"tensors": entries, "meta": meta or {}}, sort_keys=True).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(chunks)
+
+
+def loads(data: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if len(data) < _PREFIX.size:
+        raise TensorFileError(f"{source}: truncated ({len(data)} bytes)")
+    magic, version, hlen = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise TensorFileError(f"{source}: bad magic {magic!r}; not a pgolf tensor file")
+    if version != VERSION:
+        raise TensorFileError(f"{source}: unsupported version {version}")
+    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(data):
+        raise TensorFileError(f"{source}: header length {hlen} exceeds the file")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TensorFileError(f"{source}: unreadable header ({e})") from None
+    body = memoryview(data)[_PREFIX.size + hlen :]
+    out = {}
+    for name, e in header["tensors"].items():
+        out[name] = _decode(name, e, body, source)
+    return out, header.get("meta", {})
+
+
+def _decode(name: str, e: dict, body: memoryview, source: str) -> torch.Tensor:
+    if e.get("dtype") not in _DTYPES:
+        raise TensorFileError(f"{source}: tensor {name!r} has unknown dtype {e.get('dtype')!r}")
+    tdt, ndt = _DTYPES[e["dtype"]]
+    shape, off, nbytes = e["shape"], e["offset"], e["nbytes"]
+    if nbytes != int(np.prod(shape, dtype=np.int64)) * np.dtype(ndt).itemsize:
+        raise TensorFileError(f"{source}: tensor {name!r} byte count does not match its shape {shape}")
+    if off < 0 or off + nbytes > len(body):
+        raise TensorFileError(f"{source}: tensor {name!r} lies past the end of the file (truncated?)")
+    arr = np.frombuffer(body[off : off + nbytes], dtype=ndt).reshape(shape).copy()
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if tdt == torch.bfloat16 else t
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+    write_bytes(path, dumps(tensors, meta))
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TensorFileError(f"{path}: file not found") from None
+    return loads(data, str(path))
