@@ -48,13 +48,13 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
 def _check_consistency(cfg: dict[str, Any]) -> None:
     m, t = cfg["model"], cfg["train"]
     if m["model_dim"] % m["num_heads"]:
-        raise ConfigError(f"model.model_dim ({m['model_dim']}) must be divisible by model.num_heads ({m['num_heads']})")
+        raise ConfigError(f"model.model_dim ({m['model_dim']}) must be divisible by num_heads ({m['num_heads']})")
     if (m["model_dim"] // m["num_heads"]) % 2:
         raise ConfigError("model.model_dim / model.num_heads must be even (rotary embeddings rotate pairs)")
     if m["num_heads"] % m["num_kv_heads"]:
-        raise ConfigError(f"model.num_heads ({m['num_heads']}) must be a multiple of model.num_kv_heads ({m['num_kv_heads']})")
+        raise ConfigError(f"model.num_heads ({m['num_heads']}) is not a multiple of num_kv_heads ({m['num_kv_heads']})")
     if t["batch_tokens"] % t["seq_len"]:
-        raise ConfigError(f"train.batch_tokens ({t['batch_tokens']}) must be a multiple of train.seq_len ({t['seq_len']})")
+        raise ConfigError(f"train.batch_tokens ({t['batch_tokens']}) must be a multiple of seq_len ({t['seq_len']})")
     grad_accum_steps(t, t["nproc"])
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")

@@ -1,0 +1,27 @@
+# pgolf: raw text -> tokenizer -> shards -> training per seed -> quantize -> compress -> evaluate -> summary.
+# All logic lives in the pgolf package; rules only name files and call `pgolf <stage>`.
+
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/quant.smk"
+include: "rules/eval.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{RUN}/summary.json",
+
+
+onsuccess:
+    print_summary()

@@ -1,0 +1,40 @@
+# Config validation and the paths and params every rule shares. Plain strings only in params:
+# Snakemake tracks them, so a changed config section reruns its stage and what follows it.
+
+import json
+from pathlib import Path
+
+import pgolf.config
+import pgolf.provenance
+
+config.update(pgolf.config.validate(config))
+
+wildcard_constraints:
+    seed=r"\d+",
+
+RUN = f"results/{config['run']}"
+DATASET = config["data"]["name"]
+VOCAB = config["tokenizer"]["vocab_size"]
+RAW_DIR = f"data/raw/{DATASET}"
+DOCS = f"data/docs/{DATASET}.parquet"
+TOKENIZER = f"data/tokenizers/{DATASET}_sp{VOCAB}.model"
+DATASET_DIR = f"data/datasets/{DATASET}_sp{VOCAB}"
+SEED_DIR = f"{RUN}/seed{{seed}}"
+NPROC = config["train"]["nproc"]
+# torchrun picks a free rendezvous port with --standalone, so several trainings can share a host.
+TORCHRUN = "torchrun --standalone --nproc-per-node {resources.nproc} -m pgolf"
+
+
+def section(*keys):
+    """A config section as canonical JSON: a plain string param that Snakemake tracks."""
+    return json.dumps({k: config[k] for k in keys} if len(keys) > 1 else config[keys[0]], sort_keys=True)
+
+
+def code(stage):
+    return pgolf.provenance.code_version(stage)
+
+
+def print_summary():
+    table = Path(f"{RUN}/summary.md")
+    if table.exists():
+        print("\n" + table.read_text())

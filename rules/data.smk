@@ -1,0 +1,64 @@
+# Corpus -> documents (parquet with a train/val split) -> tokenizer -> binary shards.
+
+
+rule fetch_corpus:
+    output:
+        directory("data/raw/embedded"),
+    params:
+        code=code("fetch_corpus"),
+    log:
+        "data/logs/fetch_corpus.log",
+    retries: 2
+    shell:
+        "pgolf fetch-corpus --out {output} > {log} 2>&1"
+
+
+def documents_input(wildcards):
+    return [RAW_DIR] if config["data"]["source"] == "embedded" else []
+
+
+rule documents:
+    input:
+        documents_input,
+    output:
+        DOCS,
+    params:
+        cfg=section("data"),
+        raw=RAW_DIR if config["data"]["source"] == "embedded" else "",
+        code=code("documents"),
+    log:
+        f"data/logs/documents_{DATASET}.log",
+    shell:
+        "pgolf documents --cfg {params.cfg:q} --raw {params.raw:q} --out {output} > {log} 2>&1"
+
+
+rule tokenizer:
+    input:
+        DOCS,
+    output:
+        TOKENIZER,
+    params:
+        cfg=section("tokenizer"),
+        code=code("tokenizer"),
+    threads: workflow.cores
+    log:
+        f"data/logs/tokenizer_{DATASET}_sp{VOCAB}.log",
+    shell:
+        "pgolf tokenizer --docs {input} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
+
+
+rule shards:
+    input:
+        docs=DOCS,
+        tokenizer=TOKENIZER,
+    output:
+        directory(DATASET_DIR),
+    params:
+        cfg=section("data"),
+        code=code("shards"),
+    threads: workflow.cores
+    log:
+        f"data/logs/shards_{DATASET}_sp{VOCAB}.log",
+    shell:
+        "pgolf shards --docs {input.docs} --tokenizer {input.tokenizer} --cfg {params.cfg:q} "
+        "--out {output} > {log} 2>&1"

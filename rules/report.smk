@@ -1,0 +1,21 @@
+# All seeds' results -> summary.json, summary.parquet and a table printed at the end of the run.
+
+
+rule aggregate:
+    input:
+        evals=expand(f"{RUN}/seed{{seed}}/eval.json", seed=config["seeds"]),
+        sizes=expand(f"{RUN}/seed{{seed}}/size.json", seed=config["seeds"]),
+        trains=expand(f"{RUN}/seed{{seed}}/train.json", seed=config["seeds"]),
+    output:
+        json=f"{RUN}/summary.json",
+        parquet=f"{RUN}/summary.parquet",
+        table=f"{RUN}/summary.md",
+    params:
+        run=config["run"],
+        seeds=config["seeds"],
+        code=code("aggregate"),
+    log:
+        f"{RUN}/logs/aggregate.log",
+    shell:
+        "pgolf aggregate --run {params.run} --seeds {params.seeds} --run-dir " + RUN + " "
+        "--out-json {output.json} --out-parquet {output.parquet} --out-table {output.table} 2>&1 | tee {log}"

@@ -1,0 +1,32 @@
+# One training per seed under torchrun. Resume checkpoints live in ckpt/, which is not a declared
+# output: Snakemake deletes a failed job's outputs, and a resumed job must find its checkpoint.
+
+
+rule train:
+    input:
+        data=DATASET_DIR,
+    output:
+        ema=f"{SEED_DIR}/ema.pgt",
+        raw=f"{SEED_DIR}/raw.pgt",
+        metrics=f"{SEED_DIR}/metrics.parquet",
+        summary=f"{SEED_DIR}/train.json",
+    params:
+        model=section("model"),
+        cfg=section("train"),
+        vocab=VOCAB,
+        device=config["device"],
+        out_dir=SEED_DIR,
+        ckpt_dir=f"{SEED_DIR}/ckpt",
+        code=code("train"),
+    threads: workflow.cores
+    resources:
+        nproc=NPROC,
+        gpu=NPROC if config["device"] == "cuda" else 0,
+    log:
+        f"{RUN}/logs/train_seed{{seed}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/train_seed{{seed}}.tsv"
+    shell:
+        TORCHRUN + " train --data {input.data} --vocab-size {params.vocab} --model-cfg {params.model:q} "
+        "--cfg {params.cfg:q} --seed {wildcards.seed} --device {params.device} "
+        "--out-dir {params.out_dir} --ckpt-dir {params.ckpt_dir} > {log} 2>&1"

@@ -1,0 +1,62 @@
+import pytest
+import yaml
+
+from pgolf.config import ConfigError, grad_accum_steps, load, load_schema, validate
+
+
+def test_defaults_come_from_the_schema():
+    cfg = validate({})
+    schema = load_schema()["properties"]
+    assert cfg["model"]["num_layers"] == schema["model"]["properties"]["num_layers"]["default"]
+    assert cfg["tokenizer"]["vocab_size"] == 1024
+    assert set(cfg) == set(schema)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"train: Additional properties .*'iterationz'"):
+        validate({"train": {"iterationz": 5}})
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"model\.num_layers"):
+        validate({"model": {"num_layers": 0}})
+    with pytest.raises(ConfigError, match=r"quant\.method"):
+        validate({"quant": {"method": "magic"}})
+
+
+def test_inconsistent_sizes_are_refused():
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        validate({"model": {"num_heads": 6, "num_kv_heads": 4, "model_dim": 96}})
+    with pytest.raises(ConfigError, match="batch_tokens"):
+        validate({"train": {"seq_len": 100, "batch_tokens": 150}})
+    with pytest.raises(ConfigError, match="data.paths"):
+        validate({"data": {"source": "local"}})
+
+
+def test_grad_accum_keeps_the_global_batch():
+    train = validate({"train": {"seq_len": 16, "batch_tokens": 16 * 8, "micro_batch_seqs": 2}})["train"]
+    assert [grad_accum_steps(train, w) for w in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ConfigError):
+        grad_accum_steps(train, 3)
+
+
+def test_files_merge_left_to_right(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"run": "a", "model": {"num_layers": 3, "model_dim": 64}}))
+    b.write_text(yaml.safe_dump({"model": {"num_layers": 5}}))
+    cfg = load(a, b)
+    assert (cfg["run"], cfg["model"]["num_layers"], cfg["model"]["model_dim"]) == ("a", 5, 64)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load(bad)
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "configs/smoke.yaml"])
+def test_shipped_configs_validate(preset):
+    load("config.yaml", preset)

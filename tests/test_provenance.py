@@ -1,0 +1,38 @@
+import pytest
+
+from pgolf import provenance
+
+
+@pytest.fixture
+def fake_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "pgolf"
+    (pkg / "report").mkdir(parents=True)
+    src = '"""doc"""\n\ndef f(x):\n    """doc"""\n    return x + 1  # comment\n'
+    (pkg / "report" / "aggregate.py").write_text(src)
+    monkeypatch.setattr(provenance, "PACKAGE", pkg)
+    return pkg / "report" / "aggregate.py"
+
+
+def test_comments_and_docstrings_do_not_change_the_version(fake_package):
+    before = provenance.code_version("aggregate")
+    fake_package.write_text('def f(x):\n    # another comment\n    return x + 1\n')
+    assert provenance.code_version("aggregate") == before
+
+
+def test_logic_changes_the_version(fake_package):
+    before = provenance.code_version("aggregate")
+    fake_package.write_text("def f(x):\n    return x + 2\n")
+    assert provenance.code_version("aggregate") != before
+
+
+def test_every_stage_has_modules():
+    for stage in provenance.STAGE_MODULES:
+        assert provenance.module_files(stage), stage
+    with pytest.raises(KeyError, match="unknown stage"):
+        provenance.code_version("nope")
+
+
+def test_code_files_are_the_package_sources():
+    files = provenance.code_files()
+    assert all(p.suffix == ".py" for p in files)
+    assert any(p.name == "provenance.py" for p in files)
