@@ -1,0 +1,88 @@
+"""The whole pipeline on the smoke preset, then what a config change makes Snakemake plan."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def snakemake(workdir: Path, *args: str, configs: tuple[str, ...] = ("run.yaml",)) -> subprocess.CompletedProcess:
+    """Run Snakemake on the repository's Snakefile in `workdir` with config.yaml plus `configs`."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    files = [str(REPO / "config.yaml"), *(str(workdir / c) for c in configs)]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--cores", "2", "--configfile", *files, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+
+
+def planned(workdir: Path, override: dict | None = None) -> dict[str, int]:
+    """Jobs a dry run would execute, per rule, with `override` merged into the run config."""
+    configs = ("run.yaml",)
+    if override:
+        (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+        configs += ("override.yaml",)
+    proc = snakemake(workdir, "-n", "--quiet", "rules", configs=configs)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["data"]["paths"] = [str(REPO / p) for p in cfg["data"]["paths"]]
+    (workdir / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(workdir)
+    if proc.returncode:
+        pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return workdir
+
+
+def test_pipeline_produces_a_summary(finished_run):
+    summary = json.loads((finished_run / "results/smoke/summary.json").read_text())
+    assert [r["seed"] for r in summary["seeds"]] == [1, 2]
+    for row in summary["seeds"]:
+        size = json.loads((finished_run / f"results/smoke/seed{row['seed']}/size.json").read_text())
+        ev = json.loads((finished_run / f"results/smoke/seed{row['seed']}/eval.json").read_text())
+        # A uniform guess over the 320-token vocab costs log2(320) bits per token; training must beat it.
+        uniform_bpb = 8.32 * ev["post_quant"]["tokens"] / ev["post_quant"]["bytes"]
+        assert 0 < row["post_quant_bpb"] < uniform_bpb
+        assert size["total_bytes"] == size["model_bytes"] + size["code_bytes"]
+    assert (finished_run / "results/smoke/summary.parquet").exists()
+    assert "mean" in (finished_run / "results/smoke/summary.md").read_text()
+
+
+def test_finished_run_plans_nothing(finished_run):
+    assert planned(finished_run) == {}
+
+
+def test_eval_change_reruns_only_evaluate_and_aggregate(finished_run):
+    assert planned(finished_run, {"eval": {"stride": 16}}) == {"evaluate": 2, "aggregate": 1, "all": 1}
+
+
+def test_quant_change_reruns_from_quantize(finished_run):
+    jobs = planned(finished_run, {"quant": {"clip_quantile": 0.999}})
+    assert jobs == {"quantize": 2, "compress": 2, "evaluate": 2, "aggregate": 1, "all": 1}
+
+
+def test_train_change_retrains_but_keeps_data(finished_run):
+    jobs = planned(finished_run, {"train": {"iterations": 30}})
+    assert jobs["train"] == 2 and "shards" not in jobs and "tokenizer" not in jobs
+
+
+def test_bad_config_fails_before_any_job(finished_run):
+    (finished_run / "bad.yaml").write_text(yaml.safe_dump({"train": {"iterationz": 3}}))
+    proc = snakemake(finished_run, "-n", configs=("run.yaml", "bad.yaml"))
+    assert proc.returncode != 0
+    assert "train: Additional properties are not allowed ('iterationz'" in proc.stdout + proc.stderr
