@@ -1,0 +1,77 @@
+"""Bits per byte exactly as the challenge counts it (train_gpt.py: build_sentencepiece_luts, eval_val).
+
+Each target token y after a token x is worth base_bytes[y] + (has_leading_space[y] & ~is_boundary[x])
+UTF-8 bytes: the "▁" of a word-initial piece is a real space except right after a document boundary.
+Sums are kept in float64 and all-reduced across processes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ByteLUTs:
+    base_bytes: torch.Tensor  # int32 (V,)
+    has_leading_space: torch.Tensor  # bool (V,)
+    is_boundary: torch.Tensor  # bool (V,)
+
+
+def build_byte_luts(tokenizer_path: str | Path, vocab_size: int | None = None) -> ByteLUTs:
+    """Per-token byte tables, padded to vocab_size (ids the tokenizer lacks count 0 bytes, like unused ones)."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    n = sp.get_piece_size()
+    size = max(vocab_size or n, n)
+    base = torch.zeros(size, dtype=torch.int32)
+    space = torch.zeros(size, dtype=torch.bool)
+    boundary = torch.ones(size, dtype=torch.bool)
+    for t in range(n):
+        if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
+            continue
+        boundary[t] = False
+        if sp.is_byte(t):
+            base[t] = 1
+            continue
+        piece = sp.id_to_piece(t)
+        if piece.startswith("▁"):
+            space[t] = True
+            piece = piece[1:]
+        base[t] = len(piece.encode("utf-8"))
+    return ByteLUTs(base, space, boundary)
+
+
+def target_bytes(luts: ByteLUTs, prev: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    prev, tgt = prev.long().cpu(), tgt.long().cpu()
+    return luts.base_bytes[tgt] + (luts.has_leading_space[tgt] & ~luts.is_boundary[prev]).int()
+
+
+class BPBMeter:
+    """Accumulates loss (nats), token and byte counts in float64."""
+
+    def __init__(self, luts: ByteLUTs) -> None:
+        self.luts = luts
+        self.sums = torch.zeros(3, dtype=torch.float64)  # loss, tokens, bytes
+
+    def update(self, losses: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor) -> None:
+        self.sums[0] += losses.detach().double().sum().cpu()
+        self.sums[1] += tgt.numel()
+        self.sums[2] += target_bytes(self.luts, prev, tgt).double().sum()
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            sums = self.sums.to(backend_device)
+            dist.all_reduce(sums)
+            self.sums = sums.cpu()
+
+    def result(self) -> dict:
+        loss, tokens, nbytes = self.sums.tolist()
+        val_loss = loss / tokens
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * tokens / nbytes,
+                "tokens": int(tokens), "bytes": int(nbytes)}
