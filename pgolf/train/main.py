@@ -1,0 +1,226 @@
+"""`pgolf train`: one seed of training under torchrun, resumable from its last checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pgolf import tensorfile
+from pgolf.config import grad_accum_steps
+from pgolf.io import atomic_path, write_json
+from pgolf.model import GPT, token_losses
+from pgolf.optim.muon import Muon
+from pgolf.train import checkpoint
+from pgolf.train.loader import DistributedLoader
+from pgolf.train.schedule import lr_scale, muon_momentum
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; a process group only when torchrun started several processes."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, dev
+
+
+def build_optimizers(model: GPT, cfg: dict) -> list[torch.optim.Optimizer]:
+    """Muon for the blocks' matrices, Adam for the tied embedding and for vectors and scalars."""
+    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2]
+    scalars = [p for n, p in model.named_parameters() if p.ndim < 2 or n == "skip_weights"]
+    adam = dict(betas=(cfg["adam_beta1"], cfg["adam_beta2"]), eps=cfg["adam_eps"])
+    opts = [
+        torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": cfg["embed_lr"]},
+                          {"params": scalars, "lr": cfg["scalar_lr"]}], **adam),
+        Muon(matrices, lr=cfg["matrix_lr"], momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"]),
+    ]
+    for opt in opts:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return opts
+
+
+def average_gradients(model: nn.Module, world: int) -> None:
+    """One flat all-reduce of every gradient: the mean over processes."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters()]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class EMA:
+    """fp32 exponential moving average of the weights, updated every step.
+
+    The decay is capped by (1 + step) / (10 + step) so that the random init does not dominate short runs.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            self.shadow[k].lerp_(v.float(), 1 - d)
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.cfg = args, json.loads(args.cfg)
+        self.model_cfg = json.loads(args.model_cfg)
+        self.rank, self.world, self.device = setup_distributed(args.device)
+        self.accum = grad_accum_steps(self.cfg, self.world)
+        self.micro_seqs = self.cfg["batch_tokens"] // self.cfg["seq_len"] // (self.world * self.accum)
+        torch.manual_seed(args.seed)
+        self.model = GPT(args.vocab_size, self.model_cfg).to(self.device)
+        self.opts = build_optimizers(self.model, self.cfg)
+        self.ema = EMA(self.model, self.cfg["ema_decay"])
+        self.loader = DistributedLoader(args.data, self.rank, self.world, self.device)
+        self.step, self.elapsed, self.rows = 0, 0.0, []
+        self.fp = checkpoint.fingerprint(self.model_cfg, self.cfg, args.seed, args.vocab_size, args.data)
+        self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext)
+
+    def resume(self) -> None:
+        state = checkpoint.load(self.args.ckpt_dir, self.fp)
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        for opt, s in zip(self.opts, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        self.ema.shadow = state["ema"]
+        self.loader.stream.load_state(state["loader"])
+        self.step, self.elapsed, self.rows = state["step"], state["elapsed"], state["rows"]
+        self.log(f"resumed from {self.args.ckpt_dir} at step {self.step}")
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            checkpoint.save(self.args.ckpt_dir, {
+                "fingerprint": self.fp, "model": self.model.state_dict(), "ema": self.ema.shadow,
+                "optimizers": [o.state_dict() for o in self.opts], "loader": self.loader.stream.state(),
+                "step": self.step, "elapsed": self.elapsed, "rows": self.rows})
+        if self.world > 1:
+            dist.barrier()
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def train_step(self) -> float:
+        cfg, scale = self.cfg, lr_scale(self.cfg, self.step, self.elapsed)
+        for opt in self.opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+        self.opts[1].param_groups[0]["momentum"] = muon_momentum(cfg, self.step)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            x, y = self.loader.next_batch(self.micro_seqs, cfg["seq_len"])
+            with self.autocast():
+                loss = token_losses(self.model, x, y).mean()
+            (loss / self.accum).backward()
+            total += loss.detach() / self.accum
+        average_gradients(self.model, self.world)
+        for opt in self.opts:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        self.ema.update(self.model, self.step)
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return total.item()
+
+    def out_of_time(self) -> bool:
+        budget = self.cfg["max_wallclock_seconds"]
+        return budget > 0 and self.elapsed >= budget
+
+    def run(self) -> None:
+        self.resume()
+        cfg, n = self.cfg, self.cfg["iterations"]
+        self.log(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {self.device} "
+                 f"x{self.world}, grad accum {self.accum}, {cfg['batch_tokens']:,} tokens/step")
+        while self.step < n and not self.out_of_time():
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            self.step += 1
+            self.record(loss, dt)
+            if self.step % cfg["checkpoint_every"] == 0 or self.step == n:
+                self.save_checkpoint()
+            if self.args.stop_after_step and self.step >= self.args.stop_after_step:
+                os._exit(3)  # test hook: die abruptly, as a killed job would
+        self.finish()
+
+    def record(self, loss: float, dt: float) -> None:
+        tps = self.cfg["batch_tokens"] / dt
+        self.rows.append({"step": self.step, "loss": loss, "lr_scale": lr_scale(self.cfg, self.step - 1, self.elapsed),
+                          "tokens": self.step * self.cfg["batch_tokens"], "elapsed_s": self.elapsed,
+                          "tokens_per_s": tps})
+        if self.step % self.cfg["log_every"] == 0 or self.step == 1:
+            n = self.cfg["iterations"]
+            eta = self.elapsed / self.step * (n - self.step)
+            if self.cfg["max_wallclock_seconds"] > 0:
+                eta = min(eta, self.cfg["max_wallclock_seconds"] - self.elapsed)
+            self.log(f"step {self.step}/{n} loss {loss:.4f} tok/s {tps:,.0f} elapsed {self.elapsed:.1f}s "
+                     f"eta {max(eta, 0):.1f}s mem {memory_mb(self.device):.0f}MB")
+
+    def finish(self) -> None:
+        if self.rank == 0:
+            self.write_outputs(Path(self.args.out_dir))
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def write_outputs(self, out: Path) -> None:
+        meta = {**self.model.meta(), "step": self.step, "seed": self.args.seed}
+        tensorfile.save(out / "ema.pgt", self.ema.shadow, meta)
+        tensorfile.save(out / "raw.pgt", {k: v.float() for k, v in self.model.state_dict().items()}, meta)
+        with atomic_path(out / "metrics.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(self.rows), tmp)
+        tokens = self.step * self.cfg["batch_tokens"]
+        write_json(out / "train.json", {
+            "steps": self.step, "tokens": tokens, "train_seconds": self.elapsed,
+            "tokens_per_s": tokens / max(self.elapsed, 1e-9), "final_loss": self.rows[-1]["loss"],
+            "parameters": sum(p.numel() for p in self.model.parameters()), "world_size": self.world,
+            "grad_accum": self.accum, "device": str(self.device), "peak_memory_mb": memory_mb(self.device)})
+        self.log(f"done: {self.step} steps, {tokens:,} tokens in {self.elapsed:.1f}s")
+
+
+def cli(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="pgolf train", description=__doc__)
+    ap.add_argument("--data", required=True, help="dataset folder with fineweb_train_*.bin")
+    ap.add_argument("--vocab-size", type=int, required=True)
+    ap.add_argument("--model-cfg", required=True, help="the model config section as JSON")
+    ap.add_argument("--cfg", required=True, help="the train config section as JSON")
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--ckpt-dir", required=True, help="resume checkpoints; keep it outside Snakemake's outputs")
+    ap.add_argument("--stop-after-step", type=int, default=0, help=argparse.SUPPRESS)
+    Trainer(ap.parse_args(argv)).run()
