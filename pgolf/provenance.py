@@ -20,10 +20,12 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "documents": ("data/documents.py",),
     "tokenizer": ("data/tokenizer.py",),
     "shards": ("data/encode.py", "data/shards.py"),
-    "train": ("model.py", "optim/*.py", "train/*.py", "data/shards.py", "tensorfile.py"),
+    "train": ("model.py", "optim/*.py", "train/*.py", "data/shards.py", "tensorfile.py", "distributed.py"),
     "quantize": ("quant/rtn.py", "quant/quantize.py", "tensorfile.py"),
     "compress": ("quant/artifact.py", "quant/compress.py"),
-    "evaluate": ("eval/*.py", "model.py", "quant/rtn.py", "quant/artifact.py", "data/shards.py"),
+    "size": ("quant/compress.py", "provenance.py"),
+    "evaluate": ("eval/*.py", "model.py", "quant/rtn.py", "quant/quantize.py", "quant/artifact.py", "data/shards.py",
+                 "tensorfile.py", "distributed.py"),
     "aggregate": ("report/*.py",),
 }
 
@@ -57,3 +59,7 @@ def code_version(stage: str) -> str:
 def code_files() -> list[Path]:
     """The Python sources that count as code in the artifact's size: the whole pgolf package."""
     return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def code_bytes() -> int:
+    return sum(p.stat().st_size for p in code_files())

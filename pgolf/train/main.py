@@ -18,24 +18,13 @@ from torch import nn
 
 from pgolf import tensorfile
 from pgolf.config import grad_accum_steps
+from pgolf.distributed import setup_distributed
 from pgolf.io import atomic_path, write_json
 from pgolf.model import GPT, token_losses
 from pgolf.optim.muon import Muon
 from pgolf.train import checkpoint
 from pgolf.train.loader import DistributedLoader
 from pgolf.train.schedule import lr_scale, muon_momentum
-
-
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """Rank, world size and device; a process group only when torchrun started several processes."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, dev
 
 
 def build_optimizers(model: GPT, cfg: dict) -> list[torch.optim.Optimizer]:
