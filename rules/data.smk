@@ -29,7 +29,7 @@ rule documents:
     log:
         f"data/logs/documents_{DATASET}.log",
     shell:
-        "pgolf documents --cfg {params.cfg:q} --raw {params.raw:q} --out {output} > {log} 2>&1"
+        "pgolf documents --cfg {params.cfg:q} --raw={params.raw:q} --out {output} > {log} 2>&1"
 
 
 rule tokenizer:

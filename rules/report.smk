@@ -1,4 +1,4 @@
-# All seeds' results -> summary.json, summary.parquet and a table printed at the end of the run.
+# All seeds' results -> summary.json, summary.parquet and summary.md (the Snakefile prints it on success).
 
 
 rule aggregate:
@@ -18,4 +18,4 @@ rule aggregate:
         f"{RUN}/logs/aggregate.log",
     shell:
         "pgolf aggregate --run {params.run} --seeds {params.seeds} --run-dir " + RUN + " "
-        "--out-json {output.json} --out-parquet {output.parquet} --out-table {output.table} 2>&1 | tee {log}"
+        "--out-json {output.json} --out-parquet {output.parquet} --out-table {output.table} > {log} 2>&1"

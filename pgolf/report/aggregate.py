@@ -61,7 +61,7 @@ def _fmt(col: str, v: float) -> str:
         return "nan"
     if col.endswith("_bpb") or col.endswith("_loss"):
         return f"{v:.4f}"
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+    return f"{v:,.0f}" if abs(v) >= 100 or v == int(v) else f"{v:.2f}"
 
 
 def render_table(run: str, rows: list[dict], mean: dict, std: dict) -> str:
