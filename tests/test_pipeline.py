@@ -73,7 +73,7 @@ def test_eval_change_reruns_only_evaluate_and_aggregate(finished_run):
 
 def test_quant_change_reruns_from_quantize(finished_run):
     jobs = planned(finished_run, {"quant": {"clip_quantile": 0.999}})
-    assert jobs == {"quantize": 2, "compress": 2, "evaluate": 2, "aggregate": 1, "all": 1}
+    assert jobs == {"quantize": 2, "compress": 2, "size": 2, "evaluate": 2, "aggregate": 1, "all": 1}
 
 
 def test_train_change_retrains_but_keeps_data(finished_run):

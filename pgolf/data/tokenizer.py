@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
-import tempfile
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
 from pgolf.data.documents import read_documents
-from pgolf.io import atomic_path
+from pgolf.io import write_bytes
 
 # data/download_hf_docs_and_tokenize.py in openai/parameter-golf.
 CHALLENGE_SETTINGS = dict(
@@ -36,6 +35,9 @@ def pieces(text: str, max_bytes: int) -> Iterator[str]:
     buf, size = [], 0
     for word in re.findall(r"\S+\s*", text):
         n = len(word.encode())
+        if n > max_bytes and buf:
+            yield "".join(buf)
+            buf, size = [], 0
         while n > max_bytes:  # a single huge "word": hard-cut it on character boundaries
             head = word.encode()[:max_bytes].decode(errors="ignore")
             yield head
@@ -56,29 +58,28 @@ def train(docs_path: str | Path, cfg: dict, out: str | Path) -> int:
         docs = docs[: cfg["train_docs"]]
     sentences = [p for d in docs for line in d.splitlines() for p in pieces(line, cfg["max_sentence_bytes"])]
     print(f"tokenizer: {len(docs)} train documents cut into {len(sentences)} pieces", flush=True)
-    out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = Path(tmp) / "sp"
-        # One thread and no shuffling keep the model byte-identical for the same documents.
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_prefix=str(prefix), vocab_size=cfg["vocab_size"],
-            max_sentence_length=cfg["max_sentence_bytes"], num_threads=1, shuffle_input_sentence=False,
-            input_sentence_size=0, minloglevel=2, **CHALLENGE_SETTINGS,
-        )
-        check(prefix.with_suffix(".model"))
-        with atomic_path(out.with_suffix(".vocab")) as tmp_vocab:
-            shutil.copy(prefix.with_suffix(".vocab"), tmp_vocab)
-        with atomic_path(out) as tmp_model:
-            shutil.copy(prefix.with_suffix(".model"), tmp_model)
+    model = io.BytesIO()
+    # One thread, no shuffling and no model_prefix (its temp path would be stored in the model) keep
+    # the model byte-identical for the same documents.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=cfg["vocab_size"],
+        max_sentence_length=cfg["max_sentence_bytes"], num_threads=1, shuffle_input_sentence=False,
+        input_sentence_size=0, minloglevel=2, **CHALLENGE_SETTINGS,
+    )
+    sp = check(model.getvalue(), out)
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    write_bytes(Path(out).with_suffix(".vocab"), vocab.encode())
+    write_bytes(out, model.getvalue())
     return len(sentences)
 
 
-def check(model_path: Path) -> None:
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+def check(model: bytes, name: str | Path) -> spm.SentencePieceProcessor:
+    sp = spm.SentencePieceProcessor(model_proto=model)
     # Without "▁" as its own piece BPB is underestimated by about 20% (parameter-golf issue #897).
     if sp.piece_to_id("▁") == sp.unk_id():
-        raise TokenizerError(f"{model_path}: '▁' is not a token of its own; BPB would be miscounted")
+        raise TokenizerError(f"{name}: '▁' is not a token of its own; BPB would be miscounted")
     print(f"tokenizer: {sp.get_piece_size()} pieces", flush=True)
+    return sp
 
 
 def cli(argv: list[str]) -> None:
