@@ -1,0 +1,89 @@
+"""Training: learning, one process versus two, and resume after a kill."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pgolf import tensorfile
+from pgolf.config import validate
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def configs(**train):
+    cfg = validate({"model": {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1},
+                    "train": {"seq_len": 32, "batch_tokens": 32 * 8, "micro_batch_seqs": 2, "iterations": 12,
+                              "warmup_steps": 2, "warmdown_steps": 4, "checkpoint_every": 4, "log_every": 4,
+                              **train}})
+    return cfg["model"], cfg["train"]
+
+
+def train(ds, out: Path, nproc: int = 1, stop_after: int = 0, seed: int = 7, **over) -> subprocess.CompletedProcess:
+    model, tr = configs(**over)
+    cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", "-m", "pgolf", "train", "--data", str(ds.dataset_dir),
+           "--vocab-size", str(ds.vocab_size), "--model-cfg", json.dumps(model), "--cfg", json.dumps(tr),
+           "--seed", str(seed), "--device", "cpu", "--out-dir", str(out), "--ckpt-dir", str(out / "ckpt")]
+    if stop_after:
+        cmd += ["--stop-after-step", str(stop_after)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if not stop_after and proc.returncode:
+        pytest.fail(f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(out: Path) -> list[float]:
+    return pq.read_table(out / "metrics.parquet").column("loss").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    train(tiny_dataset, out)
+    return out
+
+
+def test_training_lowers_the_loss_and_writes_outputs(baseline):
+    ls = losses(baseline)
+    assert len(ls) == 12 and ls[-1] < ls[0] - 0.5
+    summary = json.loads((baseline / "train.json").read_text())
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 256 and summary["grad_accum"] == 4
+    ema, meta = tensorfile.load(baseline / "ema.pgt")
+    raw, _ = tensorfile.load(baseline / "raw.pgt")
+    assert meta["step"] == 12 and meta["vocab_size"] == 320
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+def test_two_processes_match_one(baseline, tiny_dataset, tmp_path):
+    """Same global batch and seed: 2 gloo processes with 2 micro-steps each == 1 process with 4."""
+    train(tiny_dataset, tmp_path, nproc=2)
+    assert json.loads((tmp_path / "train.json").read_text())["world_size"] == 2
+    torch.testing.assert_close(losses(tmp_path), losses(baseline), rtol=1e-4, atol=1e-5)
+    a, _ = tensorfile.load(tmp_path / "ema.pgt")
+    b, _ = tensorfile.load(baseline / "ema.pgt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def test_killed_training_resumes_to_the_same_result(baseline, tiny_dataset, tmp_path):
+    proc = train(tiny_dataset, tmp_path, stop_after=6)  # dies after step 6; last checkpoint at step 4
+    assert proc.returncode != 0 and not (tmp_path / "ema.pgt").exists()
+    proc = train(tiny_dataset, tmp_path)
+    assert "resumed" in proc.stdout and "at step 4" in proc.stdout
+    assert losses(tmp_path) == losses(baseline)
+    a, _ = tensorfile.load(tmp_path / "ema.pgt")
+    b, _ = tensorfile.load(baseline / "ema.pgt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tiny_dataset, tmp_path):
+    train(tiny_dataset, tmp_path, stop_after=5)
+    proc = train(tiny_dataset, tmp_path, matrix_lr=0.02)
+    assert "starting fresh" in proc.stdout and "resumed" not in proc.stdout
+    assert len(losses(tmp_path)) == 12
