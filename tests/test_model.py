@@ -58,3 +58,16 @@ def test_muon_step_matches_a_hand_written_loop():
         buf = 0.9 * buf + g
         ref -= 0.1 * (8 / 4) ** 0.5 * newton_schulz(g + 0.9 * buf, 5)
     torch.testing.assert_close(w.detach(), ref)
+
+
+def test_optimizer_groups_cover_every_parameter_once():
+    from pgolf.train.main import build_optimizers
+
+    model = tiny()
+    cfg = validate({})["train"]
+    adam, muon = build_optimizers(model, cfg)
+    groups = [g["params"] for g in adam.param_groups] + [muon.param_groups[0]["params"]]
+    ids = [id(p) for g in groups for p in g]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert all(p.ndim == 2 for p in muon.param_groups[0]["params"])
+    assert not any(p is b.resid_mix for b in model.blocks for p in muon.param_groups[0]["params"])

@@ -28,9 +28,11 @@ from pgolf.train.schedule import lr_scale, muon_momentum
 
 
 def build_optimizers(model: GPT, cfg: dict) -> list[torch.optim.Optimizer]:
-    """Muon for the blocks' matrices, Adam for the tied embedding and for vectors and scalars."""
-    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2]
-    scalars = [p for n, p in model.named_parameters() if p.ndim < 2 or n == "skip_weights"]
+    """Muon for the Linear weights, Adam for the tied embedding and the control tensors (gains, scales,
+    resid_mix, skip weights), which are not matrices in Muon's sense even when they are 2-D."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    taken = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = dict(betas=(cfg["adam_beta1"], cfg["adam_beta2"]), eps=cfg["adam_eps"])
     opts = [
         torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": cfg["embed_lr"]},
