@@ -14,20 +14,40 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 
-# Modules (globs relative to pgolf/) whose code decides each stage's output.
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "fetch_corpus": ("data/corpus.py",),
-    "documents": ("data/documents.py",),
-    "tokenizer": ("data/tokenizer.py",),
-    "shards": ("data/encode.py", "data/shards.py"),
-    "train": ("model.py", "optim/*.py", "train/*.py", "data/shards.py", "tensorfile.py", "distributed.py"),
-    "quantize": ("quant/rtn.py", "quant/quantize.py", "tensorfile.py"),
-    "compress": ("quant/artifact.py", "quant/compress.py"),
-    "size": ("quant/compress.py", "provenance.py"),
-    "evaluate": ("eval/*.py", "model.py", "quant/rtn.py", "quant/quantize.py", "quant/artifact.py", "data/shards.py",
-                 "tensorfile.py", "distributed.py"),
-    "aggregate": ("report/*.py",),
+# Each stage's entry module; the modules it runs are found by following its pgolf imports.
+STAGE_ENTRIES: dict[str, str] = {
+    "fetch_corpus": "pgolf.data.corpus",
+    "documents": "pgolf.data.documents",
+    "tokenizer": "pgolf.data.tokenizer",
+    "shards": "pgolf.data.encode",
+    "train": "pgolf.train.main",
+    "quantize": "pgolf.quant.quantize",
+    "compress": "pgolf.quant.compress",
+    "size": "pgolf.quant.compress",
+    "evaluate": "pgolf.eval.evaluate",
+    "aggregate": "pgolf.report.aggregate",
 }
+
+
+def _module_path(name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    if not parts:  # `import pgolf` itself
+        return PACKAGE / "__init__.py"
+    rel = Path(*parts)
+    for candidate in (PACKAGE / rel.with_suffix(".py"), PACKAGE / rel / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _pgolf_imports(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n == "pgolf" or n.startswith("pgolf.")}
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -40,10 +60,17 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 
 def module_files(stage: str) -> list[Path]:
-    if stage not in STAGE_MODULES:
-        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGE_MODULES)}")
-    files = {p for pattern in STAGE_MODULES[stage] for p in PACKAGE.glob(pattern)}
-    return sorted(files)
+    """The stage's entry module and every pgolf module it imports, transitively."""
+    if stage not in STAGE_ENTRIES:
+        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGE_ENTRIES)}")
+    todo, seen = [STAGE_ENTRIES[stage]], set()
+    while todo:
+        path = _module_path(todo.pop())
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo += _pgolf_imports(ast.parse(path.read_text(), filename=str(path)))
+    return sorted(seen)
 
 
 def code_version(stage: str) -> str:

@@ -1,6 +1,6 @@
 """A plain tensor container: magic, JSON header, raw little-endian tensor bytes. Never pickle.
 
-Layout: b"PGOLFTEN" | u32 version | u64 header length | JSON header | tensor bytes.
+Layout (pgolf.container): b"PGOLFTEN" | u32 version | u64 header length | JSON header | tensor bytes.
 The header lists each tensor's dtype, shape and byte offset into the body, plus free-form `meta`
 (model config, step, ...). Reading checks every offset against the real body size first, so a
 corrupt header can never make us allocate or read more than the file holds.
@@ -8,19 +8,17 @@ corrupt header can never make us allocate or read more than the file holds.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pgolf.container import frame, unframe
 from pgolf.io import write_bytes
 
 MAGIC = b"PGOLFTEN"
 VERSION = 1
-_PREFIX = struct.Struct("<8sIQ")
 MAX_HEADER_BYTES = 1 << 24
 
 # bf16 has no numpy dtype: it is stored as its raw 16 bits.
@@ -51,25 +49,11 @@ def dumps(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) 
         entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(raw)}
         chunks.append(raw)
         offset += len(raw)
-    header = json.dumps({"tensors": entries, "meta": meta or {}}, sort_keys=True).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(chunks)
+    return frame(MAGIC, VERSION, {"tensors": entries, "meta": meta or {}}) + b"".join(chunks)
 
 
 def loads(data: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if len(data) < _PREFIX.size:
-        raise TensorFileError(f"{source}: truncated ({len(data)} bytes)")
-    magic, version, hlen = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise TensorFileError(f"{source}: bad magic {magic!r}; not a pgolf tensor file")
-    if version != VERSION:
-        raise TensorFileError(f"{source}: unsupported version {version}")
-    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(data):
-        raise TensorFileError(f"{source}: header length {hlen} exceeds the file")
-    try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TensorFileError(f"{source}: unreadable header ({e})") from None
-    body = memoryview(data)[_PREFIX.size + hlen :]
+    header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, TensorFileError, "tensor file")
     out = {}
     for name, e in header["tensors"].items():
         out[name] = _decode(name, e, body, source)

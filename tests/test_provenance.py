@@ -7,6 +7,7 @@ from pgolf import provenance
 def fake_package(tmp_path, monkeypatch):
     pkg = tmp_path / "pgolf"
     (pkg / "report").mkdir(parents=True)
+    (pkg / "report" / "__init__.py").write_text("")
     src = '"""doc"""\n\ndef f(x):\n    """doc"""\n    return x + 1  # comment\n'
     (pkg / "report" / "aggregate.py").write_text(src)
     monkeypatch.setattr(provenance, "PACKAGE", pkg)
@@ -25,9 +26,11 @@ def test_logic_changes_the_version(fake_package):
     assert provenance.code_version("aggregate") != before
 
 
-def test_every_stage_has_modules():
-    for stage in provenance.STAGE_MODULES:
-        assert provenance.module_files(stage), stage
+def test_stage_modules_follow_imports():
+    names = {stage: {p.name for p in provenance.module_files(stage)} for stage in provenance.STAGE_ENTRIES}
+    assert {"main.py", "model.py", "muon.py", "loader.py", "shards.py", "tensorfile.py"} <= names["train"]
+    assert {"evaluate.py", "bpb.py", "artifact.py", "rtn.py", "model.py"} <= names["evaluate"]
+    assert "model.py" not in names["quantize"] and "muon.py" not in names["evaluate"]
     with pytest.raises(KeyError, match="unknown stage"):
         provenance.code_version("nope")
 

@@ -78,11 +78,11 @@ def test_bit_flip_fails_cleanly(good_artifact):
 
 def test_lying_header_cannot_force_a_large_allocation(good_artifact):
     path, data = good_artifact
-    hlen = int.from_bytes(data[12:16], "little")
-    header = json.loads(data[16 : 16 + hlen])
+    hlen = int.from_bytes(data[12:20], "little")
+    header = json.loads(data[20 : 20 + hlen])
     for promise in (artifact.MAX_RAW_BYTES + 1, 10):
         fake = json.dumps({**header, "raw_bytes": promise}).encode()
-        path.write_bytes(bytes(data[:12]) + len(fake).to_bytes(4, "little") + fake + bytes(data[16 + hlen :]))
+        path.write_bytes(bytes(data[:12]) + len(fake).to_bytes(8, "little") + fake + bytes(data[20 + hlen :]))
         with pytest.raises(artifact.ArtifactError, match=r"a\.pgz: (header promises|decompressed to)"):
             artifact.read_artifact(path)
     path.write_bytes(b"NOTOURS!" + bytes(data[8:]))

@@ -1,6 +1,6 @@
 """The artifact: a plain header, then the compressed quantized tensor file. Never pickle.
 
-Layout: b"PGOLFART" | u32 format version | u32 header length | JSON header | compressed bytes.
+Layout (pgolf.container): b"PGOLFART" | u32 version | u64 header length | JSON header | compressed bytes.
 The header names the codec and level, the raw length and the raw bytes' sha256. Reading checks the
 magic, refuses a raw length above MAX_RAW_BYTES, decompresses at most the promised length, and
 checks length and checksum, so a corrupt or hostile file fails with its name and the problem.
@@ -9,17 +9,15 @@ checks length and checksum, so a corrupt or hostile file fails with its name and
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from pathlib import Path
 
 import zstandard
 
+from pgolf.container import frame, unframe
 from pgolf.io import write_bytes
 
 MAGIC = b"PGOLFART"
 VERSION = 1
-_PREFIX = struct.Struct("<8sII")
 MAX_HEADER_BYTES = 1 << 16
 MAX_RAW_BYTES = 1 << 30  # far above any 16 MB artifact's decompressed size
 
@@ -32,13 +30,12 @@ def pack(raw: bytes, codec: str, level: int) -> bytes:
     if codec != "zstd":
         raise ArtifactError(f"unknown codec {codec!r}")
     body = zstandard.ZstdCompressor(level=level).compress(raw)
-    header = json.dumps({"codec": codec, "level": level, "raw_bytes": len(raw),
-                         "sha256": hashlib.sha256(raw).hexdigest()}, sort_keys=True).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + body
+    header = {"codec": codec, "level": level, "raw_bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    return frame(MAGIC, VERSION, header) + body
 
 
 def unpack(data: bytes, source: str = "<bytes>") -> bytes:
-    header, body = _read_header(data, source)
+    header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, ArtifactError, "artifact")
     n = header.get("raw_bytes")
     if not isinstance(n, int) or not 0 <= n <= MAX_RAW_BYTES:
         raise ArtifactError(f"{source}: header promises {n!r} raw bytes (limit {MAX_RAW_BYTES})")
@@ -46,7 +43,7 @@ def unpack(data: bytes, source: str = "<bytes>") -> bytes:
         raise ArtifactError(f"{source}: unknown codec {header.get('codec')!r}")
     try:
         # A streaming read bounded by n: a lying header can never make us allocate more.
-        raw = zstandard.ZstdDecompressor().stream_reader(body).read(n + 1)
+        raw = zstandard.ZstdDecompressor().stream_reader(bytes(body)).read(n + 1)
     except zstandard.ZstdError as e:
         raise ArtifactError(f"{source}: compressed data is corrupt ({e})") from None
     if len(raw) != n:
@@ -54,25 +51,6 @@ def unpack(data: bytes, source: str = "<bytes>") -> bytes:
     if hashlib.sha256(raw).hexdigest() != header.get("sha256"):
         raise ArtifactError(f"{source}: checksum mismatch; the artifact is corrupt")
     return raw
-
-
-def _read_header(data: bytes, source: str) -> tuple[dict, bytes]:
-    if len(data) < _PREFIX.size:
-        raise ArtifactError(f"{source}: truncated ({len(data)} bytes)")
-    magic, version, hlen = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise ArtifactError(f"{source}: bad magic {magic!r}; not a pgolf artifact")
-    if version != VERSION:
-        raise ArtifactError(f"{source}: unsupported artifact version {version}")
-    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(data):
-        raise ArtifactError(f"{source}: header length {hlen} exceeds the file (truncated?)")
-    try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{source}: unreadable header ({e})") from None
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{source}: header is not a JSON object")
-    return header, data[_PREFIX.size + hlen :]
 
 
 def write_artifact(path: str | Path, raw: bytes, codec: str, level: int) -> int:

@@ -1,0 +1,39 @@
+"""The framing shared by pgolf's binary files: magic, version, JSON header length, JSON header, body.
+
+Parsing checks every length against the real data before reading, so a corrupt or hostile file
+fails with its name and the problem instead of a huge allocation or a confusing traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+_PREFIX = struct.Struct("<8sIQ")
+
+
+def frame(magic: bytes, version: int, header: dict) -> bytes:
+    """Everything before the body."""
+    blob = json.dumps(header, sort_keys=True).encode()
+    return _PREFIX.pack(magic, version, len(blob)) + blob
+
+
+def unframe(data: bytes, magic: bytes, version: int, max_header: int, source: str,
+            error: type[ValueError], what: str) -> tuple[dict, memoryview]:
+    """(header, body) of `data`; raise `error` naming `source` and the problem."""
+    if len(data) < _PREFIX.size:
+        raise error(f"{source}: truncated ({len(data)} bytes)")
+    got_magic, got_version, hlen = _PREFIX.unpack_from(data)
+    if got_magic != magic:
+        raise error(f"{source}: bad magic {got_magic!r}; not a pgolf {what}")
+    if got_version != version:
+        raise error(f"{source}: unsupported {what} version {got_version}")
+    if hlen > max_header or _PREFIX.size + hlen > len(data):
+        raise error(f"{source}: header length {hlen} exceeds the file (truncated?)")
+    try:
+        header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{source}: unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise error(f"{source}: header is not a JSON object")
+    return header, memoryview(data)[_PREFIX.size + hlen :]
