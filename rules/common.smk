@@ -25,9 +25,10 @@ NPROC = config["train"]["nproc"]
 TORCHRUN = "torchrun --standalone --nproc-per-node {resources.nproc} -m pgolf"
 
 
-def section(*keys):
-    """A config section as canonical JSON: a plain string param that Snakemake tracks."""
-    return json.dumps({k: config[k] for k in keys} if len(keys) > 1 else config[keys[0]], sort_keys=True)
+def section(name, keys=None):
+    """A config section (or some of its keys) as canonical JSON: a plain string param Snakemake tracks."""
+    sec = config[name]
+    return json.dumps(sec if keys is None else {k: sec[k] for k in keys}, sort_keys=True)
 
 
 def code(stage):

@@ -23,7 +23,7 @@ rule documents:
     output:
         DOCS,
     params:
-        cfg=section("data"),
+        cfg=section("data", ["source", "paths", "val_fraction", "split_seed"]),
         raw=RAW_DIR if config["data"]["source"] == "embedded" else "",
         code=code("documents"),
     log:
@@ -54,7 +54,7 @@ rule shards:
     output:
         directory(DATASET_DIR),
     params:
-        cfg=section("data"),
+        cfg=section("data", ["shard_tokens"]),
         code=code("shards"),
     threads: workflow.cores
     log:

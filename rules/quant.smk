@@ -21,7 +21,7 @@ rule compress:
     output:
         f"{SEED_DIR}/artifact.pgz",
     params:
-        cfg=section("compress"),
+        cfg=section("compress", ["codec", "level"]),  # the budget is the size rule's business
         code=code("compress"),
     log:
         f"{RUN}/logs/compress_seed{{seed}}.log",
