@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,24 @@ def test_checkpoint_of_another_config_is_not_resumed(tiny_dataset, tmp_path):
     proc = train(tiny_dataset, tmp_path, matrix_lr=0.02)
     assert "starting fresh" in proc.stdout and "resumed" not in proc.stdout
     assert len(losses(tmp_path)) == 12
+
+
+def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes(tiny_dataset, tmp_path):
+    """A scheduler's preemption: SIGTERM mid-run, then the resubmitted job finishes the same run."""
+    over = {"iterations": 40, "checkpoint_every": 1000}  # no periodic checkpoint: only SIGTERM writes one
+    model, tr = configs(**over)
+    cmd = [sys.executable, "-m", "pgolf", "train", "--data", str(tiny_dataset.dataset_dir), "--vocab-size", "320",
+           "--model-cfg", json.dumps(model), "--cfg", json.dumps(tr), "--seed", "7", "--device", "cpu",
+           "--out-dir", str(tmp_path / "a"), "--ckpt-dir", str(tmp_path / "a" / "ckpt")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 4/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "SIGTERM: checkpoint written" in out
+    assert not (tmp_path / "a" / "ema.pgt").exists()
+    rerun = train(tiny_dataset, tmp_path / "a", **over)
+    assert "resumed" in rerun.stdout
+    train(tiny_dataset, tmp_path / "b", **over)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")

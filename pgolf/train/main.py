@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -146,11 +147,20 @@ class Trainer:
             total /= self.world
         return total.item()
 
+    def preempted(self) -> bool:
+        """True once any process got SIGTERM (a scheduler's preemption); agreed on by all processes."""
+        flag = torch.tensor(float(self.sigterm), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def out_of_time(self) -> bool:
         budget = self.cfg["max_wallclock_seconds"]
         return budget > 0 and self.elapsed >= budget
 
     def run(self) -> None:
+        self.sigterm = False
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "sigterm", True))
         self.resume()
         cfg, n = self.cfg, self.cfg["iterations"]
         self.log(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {self.device} "
@@ -166,6 +176,10 @@ class Trainer:
                 self.save_checkpoint()
             if self.args.stop_after_step and self.step >= self.args.stop_after_step:
                 os._exit(3)  # test hook: die abruptly, as a killed job would
+            if self.preempted():
+                self.save_checkpoint()
+                self.log(f"SIGTERM: checkpoint written at step {self.step}; run again to resume")
+                raise SystemExit(143)
         self.finish()
 
     def record(self, loss: float, dt: float) -> None:
