@@ -1,0 +1,41 @@
+"""Each profile resolves: a dry run shows the resources and commands it would submit."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def dry_run(profile: str, tmp_path: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "-p",
+           "--profile", str(REPO / "profiles" / profile), "--configfile", str(REPO / "config.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def train_command(out: str) -> str:
+    return next(line for line in out.splitlines() if "-m pgolf train" in line)
+
+
+def test_local_profile_trains_on_cpu(tmp_path):
+    cmd = train_command(dry_run("local", tmp_path))
+    assert "--nproc-per-node 1" in cmd and "--device cpu" in cmd
+
+
+def test_gpu_profile_runs_one_process_per_gpu(tmp_path):
+    out = dry_run("gpu", tmp_path)
+    assert "--nproc-per-node 8" in train_command(out) and "--device cuda" in train_command(out)
+    assert "nproc=8, gpu=8" in out
+
+
+def test_slurm_profile_maps_resources(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    out = dry_run("slurm", tmp_path)
+    assert "slurm_partition=gpu" in out and "gpu=8" in out and "cpus_per_gpu=8" in out
+    assert "--nproc-per-node 8" in train_command(out)
