@@ -56,6 +56,11 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if t["batch_tokens"] % t["seq_len"]:
         raise ConfigError(f"train.batch_tokens ({t['batch_tokens']}) must be a multiple of seq_len ({t['seq_len']})")
     grad_accum_steps(t, t["nproc"])
+    c = cfg["compare"]
+    if c["baseline_run"] and c["baseline_mean"] is not None:
+        raise ConfigError("compare: give either baseline_run or baseline_mean/baseline_std, not both")
+    if (c["baseline_mean"] is None) != (c["baseline_std"] is None):
+        raise ConfigError("compare: baseline_mean and baseline_std go together")
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
 

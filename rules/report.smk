@@ -13,9 +13,11 @@ rule aggregate:
     params:
         run=config["run"],
         seeds=config["seeds"],
+        compare=section("compare"),
         code=code("aggregate"),
     log:
         f"{RUN}/logs/aggregate.log",
     shell:
         "pgolf aggregate --run {params.run} --seeds {params.seeds} --run-dir " + RUN + " "
-        "--out-json {output.json} --out-parquet {output.parquet} --out-table {output.table} > {log} 2>&1"
+        "--out-json {output.json} --out-parquet {output.parquet} --out-table {output.table} "
+        "--compare {params.compare:q} > {log} 2>&1"

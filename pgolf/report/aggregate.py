@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from pathlib import Path
@@ -12,12 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pgolf.io import atomic_path, read_json, write_bytes, write_json
+from pgolf.report import stats
 
 # Column -> (file, path of keys inside it). The order is the table's order.
 COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pre_quant_bpb": ("eval", ("pre_quant", "val_bpb")),
     "post_quant_bpb": ("eval", ("post_quant", "val_bpb")),
     "sliding_bpb": ("eval", ("sliding", "val_bpb")),
+    "eval_tokens": ("eval", ("sliding", "tokens")),
+    "eval_bytes": ("eval", ("sliding", "bytes")),
     "quant_gap_bpb": ("eval", ("quant_gap_bpb",)),
     "post_quant_loss": ("eval", ("post_quant", "val_loss")),
     "model_bytes": ("size", ("model_bytes",)),
@@ -65,9 +69,10 @@ def _fmt(col: str, v: float) -> str:
 
 
 def render_table(run: str, rows: list[dict], mean: dict, std: dict) -> str:
-    header = ["seed", *COLUMNS]
-    body = [[str(r["seed"]), *(_fmt(c, r[c]) for c in COLUMNS)] for r in rows]
-    body += [["mean", *(_fmt(c, mean[c]) for c in COLUMNS)], ["std", *(_fmt(c, std[c]) for c in COLUMNS)]]
+    cols = [c for c in COLUMNS if not c.startswith("eval_")]  # the val set's size is the same for every seed
+    header = ["seed", *cols]
+    body = [[str(r["seed"]), *(_fmt(c, r[c]) for c in cols)] for r in rows]
+    body += [["mean", *(_fmt(c, mean[c]) for c in cols)], ["std", *(_fmt(c, std[c]) for c in cols)]]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
@@ -82,10 +87,38 @@ def write_parquet(path: Path, rows: list[dict], mean: dict, std: dict) -> None:
         pq.write_table(table, tmp)
 
 
-def aggregate(run: str, run_dir: Path, seeds: list[int]) -> dict[str, Any]:
+def baseline_of(cfg: dict) -> dict | None:
+    """The baseline's mean, std and n of cfg['metric'], from another run's summary or as stated."""
+    if cfg["baseline_run"]:
+        other = read_json(Path("results") / cfg["baseline_run"] / "summary.json")
+        return {"source": cfg["baseline_run"], "mean": other["mean"][cfg["metric"]],
+                "std": other["std"][cfg["metric"]], "n": other["n_seeds"]}
+    if cfg["baseline_mean"] is not None:
+        return {"source": "stated", "mean": cfg["baseline_mean"], "std": cfg["baseline_std"], "n": cfg["baseline_n"]}
+    return None
+
+
+def aggregate(run: str, run_dir: Path, seeds: list[int], compare_cfg: dict | None = None) -> dict[str, Any]:
     rows = [seed_row(run_dir, s) for s in seeds]
     mean, std = summarize(rows)
-    return {"run": run, "n_seeds": len(rows), "seeds": rows, "mean": mean, "std": std}
+    summary = {"run": run, "n_seeds": len(rows), "seeds": rows, "mean": mean, "std": std}
+    base = baseline_of(compare_cfg) if compare_cfg else None
+    if base is not None:
+        c = compare_cfg
+        # The val set is the same for every seed, so its token and byte counts are too.
+        summary["compare"] = {"metric": c["metric"], **stats.compare(
+            [r[c["metric"]] for r in rows], int(rows[0]["eval_tokens"]), int(rows[0]["eval_bytes"]),
+            base, c["min_gain_nats"], c["alpha"])}
+    return summary
+
+
+def render_compare(c: dict) -> str:
+    verdict = "a record" if c["is_record"] else "not a record"
+    return (f"vs {c['baseline']['source']} ({c['metric']} {c['baseline']['mean']:.4f} ± {c['baseline']['std']:.4f}, "
+            f"n={c['baseline']['n']}): gain {c['gain_bpb']:.4f} BPB = {c['gain_nats']:.4f} nats/token, "
+            f"Welch t={c['welch_t']:.2f} df={c['welch_df']:.1f} p={c['p_value']:.3g}; "
+            f"bar {c['bar_nats']} nats ({c['bar_bpb']:.4f} BPB) at p<{c['alpha']}: p={c['p_value_vs_bar']:.3g}, "
+            f"{verdict}\n")
 
 
 def cli(argv: list[str]) -> None:
@@ -96,12 +129,15 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--out-json", type=Path, required=True)
     ap.add_argument("--out-parquet", type=Path, required=True)
     ap.add_argument("--out-table", type=Path, required=True)
+    ap.add_argument("--compare", default="", help="the compare config section as JSON")
     args = ap.parse_args(argv)
     try:
-        summary = aggregate(args.run, args.run_dir, args.seeds)
+        summary = aggregate(args.run, args.run_dir, args.seeds, json.loads(args.compare) if args.compare else None)
     except (KeyError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"pgolf aggregate: {e}") from None
     table = render_table(args.run, summary["seeds"], summary["mean"], summary["std"])
+    if "compare" in summary:
+        table += "\n" + render_compare(summary["compare"])
     write_parquet(args.out_parquet, summary["seeds"], summary["mean"], summary["std"])
     write_bytes(args.out_table, table.encode())
     write_json(args.out_json, summary)
