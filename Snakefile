@@ -21,6 +21,7 @@ rule all:
     default_target: True
     input:
         f"{RUN}/summary.json",
+        f"{RUN}/record",
 
 
 onsuccess:

@@ -26,6 +26,7 @@ STAGE_ENTRIES: dict[str, str] = {
     "size": "pgolf.quant.compress",
     "evaluate": "pgolf.eval.evaluate",
     "aggregate": "pgolf.report.aggregate",
+    "record": "pgolf.report.record",
 }
 
 

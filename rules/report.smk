@@ -21,3 +21,21 @@ rule aggregate:
         "pgolf aggregate --run {params.run} --seeds {params.seeds} --run-dir " + RUN + " "
         "--out-json {output.json} --out-parquet {output.parquet} --out-table {output.table} "
         "--compare {params.compare:q} > {log} 2>&1"
+
+
+rule record:
+    input:
+        summary=f"{RUN}/summary.json",
+        logs=expand(f"{RUN}/logs/train_seed{{seed}}.log", seed=config["seeds"]),
+    output:
+        directory(f"{RUN}/record"),
+    params:
+        seeds=config["seeds"],
+        config=json.dumps(config, sort_keys=True),
+        code_bytes=pgolf.provenance.code_bytes(),
+        code=code("record"),
+    log:
+        f"{RUN}/logs/record.log",
+    shell:
+        "pgolf record --run-dir " + RUN + " --seeds {params.seeds} --config {params.config:q} --out {output} "
+        "> {log} 2>&1"

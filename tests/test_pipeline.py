@@ -63,17 +63,38 @@ def test_pipeline_produces_a_summary(finished_run):
     assert "mean" in (finished_run / "results/smoke/summary.md").read_text()
 
 
+def test_record_folder_is_a_self_contained_submission(finished_run):
+    record = finished_run / "results/smoke/record"
+    sub = json.loads((record / "submission.json").read_text())
+    size = json.loads((finished_run / "results/smoke/seed1/size.json").read_text())
+    counted = sum(p.stat().st_size for p in (record / "pgolf").rglob("*.py"))
+    assert sub["bytes_code"] == counted == size["code_bytes"]
+    assert sub["seeds"] == [1, 2] and set(sub["seed_results"]) == {"1", "2"}
+    assert sub["bytes_total"] == max(r["artifact_bytes"] for r in sub["seed_results"].values()) + counted
+    summary = json.loads((finished_run / "results/smoke/summary.json").read_text())
+    assert sub["val_bpb"] == summary["mean"]["sliding_bpb"]
+    assert (record / "train_seed1.log").read_text().startswith("training")
+    assert "val_bpb" in (record / "README.md").read_text()
+    # The folder's own code, config and pipeline plan the run from inside it.
+    env = {**os.environ, "PYTHONPATH": str(record)}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "config.yaml"],
+                          cwd=record, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "train" in proc.stdout
+
+
 def test_finished_run_plans_nothing(finished_run):
     assert planned(finished_run) == {}
 
 
 def test_eval_change_reruns_only_evaluate_and_aggregate(finished_run):
-    assert planned(finished_run, {"eval": {"stride": 16}}) == {"evaluate": 2, "aggregate": 1, "all": 1}
+    assert planned(finished_run, {"eval": {"stride": 16}}) == {"evaluate": 2, "aggregate": 1, "record": 1, "all": 1}
 
 
 def test_quant_change_reruns_from_quantize(finished_run):
     jobs = planned(finished_run, {"quant": {"clip_quantile": 0.999}})
-    assert jobs == {"quantize": 2, "compress": 2, "size": 2, "evaluate": 2, "aggregate": 1, "all": 1}
+    assert jobs == {"quantize": 2, "compress": 2, "size": 2, "evaluate": 2, "aggregate": 1, "record": 1,
+                    "all": 1}
 
 
 def test_train_change_retrains_but_keeps_data(finished_run):

@@ -1,0 +1,131 @@
+"""`pgolf record`: a submission folder in the challenge's format (records/track_10min_16mb/<name>/).
+
+It holds README.md, submission.json, each seed's training log, and the code that reproduces the run
+from inside the folder: the pgolf package (the counted code: bytes_code is measured on these very
+copies, as size.json measures them in the package), plus the pipeline definition and the resolved
+config, which only orchestrate and are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from pgolf.io import atomic_dir, read_json, write_bytes, write_json
+from pgolf.provenance import PACKAGE, code_files
+
+PIPELINE_FILES = ("Snakefile", "pyproject.toml", "rules", "schemas", "profiles")
+
+
+def copy_code(dest: Path) -> int:
+    """Copy the package and the pipeline definition into dest; return the counted code bytes."""
+    root = PACKAGE.parent
+    counted = 0
+    for src in code_files():
+        target = dest / src.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+        counted += target.stat().st_size
+    for name in PIPELINE_FILES:
+        src = root / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copyfile(src, dest / name)
+    return counted
+
+
+def seed_results(run_dir: Path, seeds: list[int], metric: str, code_bytes: int) -> dict:
+    out = {}
+    for s in seeds:
+        d = run_dir / f"seed{s}"
+        ev, size, tr = read_json(d / "eval.json"), read_json(d / "size.json"), read_json(d / "train.json")
+        part = ev["sliding" if metric == "sliding_bpb" else "post_quant"]
+        out[str(s)] = {"val_bpb": part["val_bpb"], "val_loss": part["val_loss"],
+                       "artifact_bytes": size["model_bytes"], "bytes_total": size["model_bytes"] + code_bytes,
+                       "steps": tr["steps"], "train_seconds": tr["train_seconds"],
+                       "step_avg_ms": 1000 * tr["train_seconds"] / max(tr["steps"], 1)}
+    return out
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("pgolf", "torch", "numpy", "sentencepiece", "zstandard", "snakemake"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def submission(cfg: dict, summary: dict, results: dict, code_bytes: int) -> dict:
+    metric, rec = cfg["compare"]["metric"], cfg["record"]
+    sub = {
+        "name": rec["name"], "author": rec["author"], "github_id": rec["github_id"], "blurb": rec["blurb"],
+        "date": dt.date.today().isoformat(), "track": rec["track"], "metric": metric,
+        "val_bpb": summary["mean"][metric], "val_bpb_std": summary["std"][metric],
+        "val_loss": sum(r["val_loss"] for r in results.values()) / len(results),
+        "seeds": [int(s) for s in results], "seed_results": results,
+        "bytes_total": max(r["bytes_total"] for r in results.values()), "bytes_code": code_bytes,
+        "hardware": rec["hardware"], "versions": versions(), "pytorch_version": versions()["torch"],
+    }
+    if "compare" in summary:
+        c = summary["compare"]
+        sub.update(t_statistic=c["welch_t"], welch_df=c["welch_df"], p_value=c["p_value"])
+    return sub
+
+
+def readme(cfg: dict, sub: dict, table: str) -> str:
+    m, t, q = cfg["model"], cfg["train"], cfg["quant"]
+    techniques = [
+        f"GPT {m['num_layers']}x{m['model_dim']}, {m['num_heads']} heads / {m['num_kv_heads']} KV heads (GQA), "
+        f"relu^2 MLP x{m['mlp_mult']}, U-Net skips, tied embeddings, logit softcap {m['logit_softcap']}",
+        f"Muon (lr {t['matrix_lr']}, momentum {t['muon_momentum']}) + Adam; EMA {t['ema_decay']}",
+        f"{t['iterations']} steps of {t['batch_tokens']:,} tokens at seq {t['seq_len']}",
+        f"{q['method']} int{q['bits']} per-row quantization, "
+        f"{cfg['compress']['codec']} level {cfg['compress']['level']}",
+    ]
+    return "\n".join([
+        f"# {sub['name']}", "", sub["blurb"] or "Trained with pgolf.", "",
+        f"**val_bpb {sub['val_bpb']:.4f}** ({sub['metric']}, mean of {len(sub['seeds'])} seeds, "
+        f"std {sub['val_bpb_std']:.4f}); at most {sub['bytes_total']:,} bytes "
+        f"(code {sub['bytes_code']:,}: the `pgolf/` package here).", "",
+        table, "## Techniques", "", *[f"- {x}" for x in techniques], "",
+        "## Reproduce", "", "From inside this folder:", "", "```bash",
+        "pip install torch==2.13.0 && pip install -e . && snakemake --cores all --configfile config.yaml",
+        "```", "", "`config.yaml` is the resolved config of the run; `Snakefile`, `rules/` and `schemas/` only",
+        "orchestrate and are not counted as code.", ""])
+
+
+def build(run_dir: Path, seeds: list[int], cfg: dict, out: Path) -> dict:
+    summary = read_json(run_dir / "summary.json")
+    table = (run_dir / "summary.md").read_text()
+    with atomic_dir(out) as staging:
+        code_bytes = copy_code(staging)
+        results = seed_results(run_dir, seeds, cfg["compare"]["metric"], code_bytes)
+        sub = submission(cfg, summary, results, code_bytes)
+        write_json(staging / "submission.json", sub)
+        write_bytes(staging / "README.md", readme(cfg, sub, table).encode())
+        write_bytes(staging / "config.yaml", json.dumps(cfg, indent=2).encode())  # JSON is valid YAML
+        for s in seeds:
+            shutil.copyfile(run_dir / "logs" / f"train_seed{s}.log", staging / f"train_seed{s}.log")
+    print(f"{out}: val_bpb {sub['val_bpb']:.4f}, bytes_total {sub['bytes_total']:,}", flush=True)
+    return sub
+
+
+def cli(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="pgolf record", description=__doc__)
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", required=True)
+    ap.add_argument("--config", required=True, help="the whole resolved config as JSON")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    try:
+        build(args.run_dir, args.seeds, json.loads(args.config), args.out)
+    except (KeyError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"pgolf record: {e}") from None
