@@ -9,6 +9,9 @@ min_version("9.19")
 configfile: "config.yaml"
 
 
+report: "rules/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
@@ -22,6 +25,7 @@ rule all:
     input:
         f"{RUN}/summary.json",
         f"{RUN}/record",
+        f"{RUN}/plots/loss.png",
 
 
 onsuccess:

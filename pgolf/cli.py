@@ -17,6 +17,7 @@ STAGES = {
     "size": ("pgolf.quant.compress:size_cli", "code plus model bytes against the 16,000,000-byte cap: size.json"),
     "evaluate": ("pgolf.eval.evaluate", "val BPB: pre-quant, post-quant from the artifact, sliding window"),
     "aggregate": ("pgolf.report.aggregate", "per-seed results, mean and std: summary.json/.parquet"),
+    "plots": ("pgolf.report.plots", "figures for snakemake --report: loss, BPB per stage, bytes"),
     "record": ("pgolf.report.record", "a submission folder in the challenge's format"),
     "config": ("pgolf.config_cli", "validate config files and print the resolved config"),
 }

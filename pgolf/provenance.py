@@ -27,6 +27,7 @@ STAGE_ENTRIES: dict[str, str] = {
     "evaluate": "pgolf.eval.evaluate",
     "aggregate": "pgolf.report.aggregate",
     "record": "pgolf.report.record",
+    "plots": "pgolf.report.plots",
 }
 
 

@@ -39,3 +39,22 @@ rule record:
     shell:
         "pgolf record --run-dir " + RUN + " --seeds {params.seeds} --config {params.config:q} --out {output} "
         "> {log} 2>&1"
+
+
+rule plots:
+    input:
+        evals=expand(f"{RUN}/seed{{seed}}/eval.json", seed=config["seeds"]),
+        sizes=expand(f"{RUN}/seed{{seed}}/size.json", seed=config["seeds"]),
+        metrics=expand(f"{RUN}/seed{{seed}}/metrics.parquet", seed=config["seeds"]),
+        quant=expand(f"{RUN}/seed{{seed}}/quant.pgt", seed=config["seeds"]),
+    output:
+        loss=report(f"{RUN}/plots/loss.png", caption="report/loss.rst", category="Training"),
+        bpb=report(f"{RUN}/plots/bpb.png", caption="report/bpb.rst", category="Evaluation"),
+        bytes=report(f"{RUN}/plots/bytes.png", caption="report/bytes.rst", category="Artifact"),
+    params:
+        seeds=config["seeds"],
+        code=code("plots"),
+    log:
+        f"{RUN}/logs/plots.log",
+    shell:
+        "pgolf plots --run-dir " + RUN + " --seeds {params.seeds} --out-dir " + RUN + "/plots > {log} 2>&1"

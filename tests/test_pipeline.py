@@ -83,18 +83,28 @@ def test_record_folder_is_a_self_contained_submission(finished_run):
     assert "train" in proc.stdout
 
 
+def test_report_has_the_figures(finished_run):
+    for name in ("loss", "bpb", "bytes"):
+        assert (finished_run / f"results/smoke/plots/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = snakemake(finished_run, "--report", "report.html")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    html = (finished_run / "report.html").read_text(errors="replace")
+    assert all(name in html for name in ("loss.png", "bpb.png", "bytes.png"))
+
+
 def test_finished_run_plans_nothing(finished_run):
     assert planned(finished_run) == {}
 
 
-def test_eval_change_reruns_only_evaluate_and_aggregate(finished_run):
-    assert planned(finished_run, {"eval": {"stride": 16}}) == {"evaluate": 2, "aggregate": 1, "record": 1, "all": 1}
+def test_eval_change_reruns_only_evaluate_and_what_reports_it(finished_run):
+    jobs = planned(finished_run, {"eval": {"stride": 16}})
+    assert jobs == {"evaluate": 2, "aggregate": 1, "record": 1, "plots": 1, "all": 1}
 
 
 def test_quant_change_reruns_from_quantize(finished_run):
     jobs = planned(finished_run, {"quant": {"clip_quantile": 0.999}})
     assert jobs == {"quantize": 2, "compress": 2, "size": 2, "evaluate": 2, "aggregate": 1, "record": 1,
-                    "all": 1}
+                    "plots": 1, "all": 1}
 
 
 def test_train_change_retrains_but_keeps_data(finished_run):
