@@ -34,6 +34,11 @@ def test_gpu_profile_runs_one_process_per_gpu(tmp_path):
     assert "nproc=8, gpu=8" in out
 
 
+def test_one_gpu_profile(tmp_path):
+    cmd = train_command(dry_run("gpu1", tmp_path))
+    assert "--nproc-per-node 1" in cmd and "--device cuda" in cmd
+
+
 def test_slurm_profile_maps_resources(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm")
     out = dry_run("slurm", tmp_path)
