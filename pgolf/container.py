@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 _PREFIX = struct.Struct("<8sIQ")
 
@@ -37,3 +38,10 @@ def unframe(data: bytes, magic: bytes, version: int, max_header: int, source: st
     if not isinstance(header, dict):
         raise error(f"{source}: header is not a JSON object")
     return header, memoryview(data)[_PREFIX.size + hlen :]
+
+
+def read_file(path: str | Path, error: type[ValueError]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgolf.container import frame, unframe
+from pgolf.container import frame, read_file, unframe
 from pgolf.io import write_bytes
 
 MAGIC = b"PGOLFTEN"
@@ -79,9 +79,4 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TensorFileError(f"{path}: file not found") from None
-    return loads(data, str(path))
+    return loads(read_file(path, TensorFileError), str(path))

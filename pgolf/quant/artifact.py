@@ -13,7 +13,7 @@ from pathlib import Path
 
 import zstandard
 
-from pgolf.container import frame, unframe
+from pgolf.container import frame, read_file, unframe
 from pgolf.io import write_bytes
 
 MAGIC = b"PGOLFART"
@@ -60,9 +60,4 @@ def write_artifact(path: str | Path, raw: bytes, codec: str, level: int) -> int:
 
 
 def read_artifact(path: str | Path) -> bytes:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: file not found") from None
-    return unpack(data, str(path))
+    return unpack(read_file(path, ArtifactError), str(path))
