@@ -17,7 +17,8 @@ def quantize_rows(w: Tensor, bits: int, clip_quantile: float) -> tuple[Tensor, T
     w = w.float()
     absw = w.abs()
     clip = torch.quantile(absw, clip_quantile, dim=1) if clip_quantile < 1 else absw.amax(dim=1)
-    scale = (clip / qmax).clamp_min(1e-12).half()  # zero rows get a tiny scale and all-zero codes
+    # Clamp after the cast: 1e-12 would round to 0 in fp16 and a zero row would divide by zero.
+    scale = (clip / qmax).half().clamp_min(2.0**-24)
     s = scale.float()[:, None]
     codes = torch.clamp(torch.round(w / s), -qmax, qmax).to(torch.int8)
     return codes, scale
