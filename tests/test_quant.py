@@ -100,3 +100,11 @@ def test_size_counts_code_and_fails_over_budget(good_artifact, tmp_path):
     with pytest.raises(BudgetError, match="123 over the"):
         check_size(path, tight, tmp_path / "size2.json")
     assert not (tmp_path / "size2.json").exists()
+
+
+def test_all_zero_rows_stay_zero_and_finite():
+    w = torch.randn(3, 64)
+    w[1] = 0.0
+    codes, scale = quantize_rows(w, 8, 0.99)
+    back = dequantize_rows(codes, scale)
+    assert bool(torch.isfinite(back).all()) and not back[1].any()
