@@ -19,7 +19,7 @@ from pgolf.eval.bpb import BPBMeter, build_byte_luts
 from pgolf.io import write_json
 from pgolf.model import GPT, load_weights, token_losses
 from pgolf.quant.artifact import read_artifact
-from pgolf.quant.quantize import load_quantized
+from pgolf.quant.quantize import dequantize
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -32,6 +32,8 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     n_targets = n_tokens - 1
     if n_targets < seq_len:
         raise ValueError(f"{n_tokens} val tokens are fewer than one window of {seq_len}")
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"eval.stride={stride} must lie in 1..eval.seq_len={seq_len}")
     out, scored = [(0, 0)], seq_len
     while scored < n_targets:
         end = min(scored + stride, n_targets)
@@ -47,43 +49,62 @@ def plain_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
     return [(s, 0) for s in range(0, usable, seq_len)]
 
 
+def val_tokens(data: str | Path, max_tokens: int, seq_len: int) -> torch.Tensor:
+    """All val shards in order, cut to max_tokens targets when max_tokens > 0."""
+    tokens = torch.from_numpy(load_split(data, "val").astype(np.int64))
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    if len(tokens) - 1 < seq_len:
+        raise ValueError(f"{data}: {len(tokens)} val tokens are fewer than one window "
+                         f"of eval.seq_len={seq_len} + 1")
+    return tokens
+
+
+def _scored_mask(chunk: list[tuple[int, int]], seq_len: int) -> torch.Tensor:
+    firsts = torch.tensor([first for _, first in chunk])
+    return torch.arange(seq_len)[None, :] >= firsts[:, None]
+
+
 @torch.inference_mode()
 def score(model: GPT, tokens: torch.Tensor, wins: list[tuple[int, int]], seq_len: int, batch: int,
-          meter: BPBMeter, rank: int = 0, world: int = 1) -> dict:
+          meter: BPBMeter, rank: int = 0, world: int = 1, label: str = "") -> dict:
+    """BPB over windows `wins` (this process takes every world-th one), summed over all processes."""
     device = next(model.parameters()).device
     mine = wins[rank::world]
-    for i in range(0, len(mine), batch):
+    n_batches = -(-len(mine) // batch)
+    for b, i in enumerate(range(0, len(mine), batch)):
         chunk = mine[i : i + batch]
         idx = torch.stack([tokens[s : s + seq_len + 1] for s, _ in chunk]).to(device)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             losses = token_losses(model, idx[:, :-1], idx[:, 1:]).float().cpu()
-        idx = idx.cpu()
-        for j, (_, first) in enumerate(chunk):
-            meter.update(losses[j, first:], idx[j, first:-1], idx[j, first + 1 :])
+        idx, keep = idx.cpu(), _scored_mask(chunk, seq_len)
+        meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep])
+        if label and rank == 0 and (b + 1) % max(1, n_batches // 10) == 0:
+            print(f"{label}: batch {b + 1}/{n_batches}", flush=True)
     meter.all_reduce()
     return meter.result()
 
 
 def artifact_model(path: str | Path) -> GPT:
-    tensors, meta = tensorfile.loads(read_artifact(path), str(path))
+    """The model as the artifact holds it: read, checked, decompressed and dequantized."""
+    state, meta = dequantize(*tensorfile.loads(read_artifact(path), str(path)))
     model = GPT.from_meta(meta)
-    model.load_state_dict(load_quantized(tensors, meta))
+    model.load_state_dict(state)
     return model
 
 
 def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device: torch.device) -> dict:
-    tokens = torch.from_numpy(load_split(args.data, "val").astype(np.int64))
-    if cfg["max_tokens"]:
-        tokens = tokens[: cfg["max_tokens"] + 1]
     T, B = cfg["seq_len"], cfg["batch_seqs"]
+    tokens = val_tokens(args.data, cfg["max_tokens"], T)
     ema, art = load_weights(args.ema).to(device).eval(), artifact_model(args.artifact).to(device).eval()
     luts = build_byte_luts(args.tokenizer, ema.vocab_size)
-    parts = {"pre_quant": (ema, plain_windows(len(tokens), T)), "post_quant": (art, plain_windows(len(tokens), T)),
+    plain = plain_windows(len(tokens), T)
+    parts = {"pre_quant": (ema, plain), "post_quant": (art, plain),
              "sliding": (art, windows(len(tokens), T, cfg["stride"]))}
     result, seconds = {}, {}
     for name, (model, wins) in parts.items():
         t0 = time.perf_counter()
-        result[name] = score(model, tokens, wins, T, B, BPBMeter(luts), rank, world)
+        result[name] = score(model, tokens, wins, T, B, BPBMeter(luts), rank, world, label=name)
         seconds[name] = time.perf_counter() - t0
         if rank == 0:
             print(f"{name}: bpb {result[name]['val_bpb']:.4f} loss {result[name]['val_loss']:.4f} "

@@ -26,28 +26,46 @@ class ArtifactError(ValueError):
     """An artifact that is corrupt, truncated or not ours."""
 
 
+def _zstd_compress(raw: bytes, level: int) -> bytes:
+    return zstandard.ZstdCompressor(level=level).compress(raw)
+
+
+def _zstd_decompress(body: bytes, limit: int) -> bytes:
+    # A streaming read bounded by `limit`: a lying header can never make us allocate more.
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(body).read(limit)
+    except zstandard.ZstdError as e:
+        raise ArtifactError(f"compressed data is corrupt ({e})") from None
+
+
+# codec -> (compress(raw, level), decompress(body, at most this many bytes)); later codecs go here.
+CODECS = {"zstd": (_zstd_compress, _zstd_decompress)}
+
+
 def pack(raw: bytes, codec: str, level: int) -> bytes:
-    if codec != "zstd":
-        raise ArtifactError(f"unknown codec {codec!r}")
-    body = zstandard.ZstdCompressor(level=level).compress(raw)
-    header = {"codec": codec, "level": level, "raw_bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    if codec not in CODECS:
+        raise ArtifactError(f"compress.codec: unknown codec {codec!r}; known: {', '.join(CODECS)}")
+    body = CODECS[codec][0](raw, level)
+    sha = hashlib.sha256(raw).hexdigest()
+    header = {"codec": codec, "level": level, "raw_bytes": len(raw), "sha256": sha}
     return frame(MAGIC, VERSION, header) + body
 
 
 def unpack(data: bytes, source: str = "<bytes>") -> bytes:
+    """The raw bytes; raise ArtifactError naming `source` unless they are exactly what the header promises."""
     header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, ArtifactError, "artifact")
     n = header.get("raw_bytes")
     if not isinstance(n, int) or not 0 <= n <= MAX_RAW_BYTES:
         raise ArtifactError(f"{source}: header promises {n!r} raw bytes (limit {MAX_RAW_BYTES})")
-    if header.get("codec") != "zstd":
+    if header.get("codec") not in CODECS:
         raise ArtifactError(f"{source}: unknown codec {header.get('codec')!r}")
     try:
-        # A streaming read bounded by n: a lying header can never make us allocate more.
-        raw = zstandard.ZstdDecompressor().stream_reader(bytes(body)).read(n + 1)
-    except zstandard.ZstdError as e:
-        raise ArtifactError(f"{source}: compressed data is corrupt ({e})") from None
+        raw = CODECS[header["codec"]][1](bytes(body), n + 1)  # one byte more shows a lying length
+    except ArtifactError as e:
+        raise ArtifactError(f"{source}: {e}") from None
     if len(raw) != n:
-        raise ArtifactError(f"{source}: decompressed to {len(raw)} bytes, header promises {n} (truncated or corrupt)")
+        raise ArtifactError(f"{source}: decompressed to {len(raw)} bytes, header promises {n} "
+                            "(truncated or corrupt)")
     if hashlib.sha256(raw).hexdigest() != header.get("sha256"):
         raise ArtifactError(f"{source}: checksum mismatch; the artifact is corrupt")
     return raw

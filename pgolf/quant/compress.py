@@ -32,13 +32,14 @@ def size_report(artifact: str | Path, cfg: dict) -> dict:
     model, code = Path(artifact).stat().st_size, sum(files.values())
     total, budget = model + code, cfg["budget_bytes"]
     return {"model_bytes": model, "code_bytes": code, "total_bytes": total, "budget_bytes": budget,
-            "fits": total <= budget, "headroom_bytes": budget - total, "codec": cfg["codec"], "code_files": files}
+            "fits": total <= budget, "headroom_bytes": budget - total, "codec": cfg["codec"],
+            "code_files": files}
 
 
 def check_size(artifact: str | Path, cfg: dict, out: str | Path) -> dict:
     report = size_report(artifact, cfg)
-    print(f"model {report['model_bytes']:,} + code {report['code_bytes']:,} = {report['total_bytes']:,} bytes "
-          f"of {report['budget_bytes']:,}", flush=True)
+    print(f"model {report['model_bytes']:,} + code {report['code_bytes']:,} = "
+          f"{report['total_bytes']:,} bytes of {report['budget_bytes']:,}", flush=True)
     if not report["fits"]:
         raise BudgetError(f"{artifact}: code plus model is {report['total_bytes']:,} bytes, "
                           f"{-report['headroom_bytes']:,} over the {report['budget_bytes']:,}-byte budget")
@@ -52,7 +53,10 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--cfg", required=True, help="the compress config section as JSON")
     ap.add_argument("--out", required=True, help="artifact to write")
     args = ap.parse_args(argv)
-    compress(args.quant, json.loads(args.cfg), args.out)
+    try:
+        compress(args.quant, json.loads(args.cfg), args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"pgolf compress: {e}") from None
 
 
 def size_cli(argv: list[str]) -> None:
@@ -63,5 +67,5 @@ def size_cli(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     try:
         check_size(args.artifact, json.loads(args.cfg), args.out)
-    except BudgetError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"pgolf size: {e}") from None
