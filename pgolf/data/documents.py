@@ -41,11 +41,18 @@ def expand_paths(paths: list[str]) -> list[tuple[Path, Path]]:
     return found
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DocumentError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def read_file(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
     if path.suffix == ".txt":
-        yield doc_id, path.read_text(encoding="utf-8")
+        yield doc_id, read_text(path)
     elif path.suffix == ".jsonl":
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -68,9 +75,13 @@ def split_of(doc_id: str, seed: int) -> float:
 
 
 def collect(paths: list[str]) -> tuple[list[tuple[str, str]], int]:
-    docs, empty = {}, 0
+    docs, origin, empty = {}, {}, 0
     for f, base in expand_paths(paths):
         for doc_id, text in read_file(f, f.relative_to(base).as_posix()):
+            # Two data.paths entries holding the same relative name would silently overwrite each other.
+            if origin.setdefault(doc_id, f) != f:
+                raise DocumentError(f"{f} and {origin[doc_id]} both give document id {doc_id!r}; "
+                                    "list their common parent folder in data.paths instead")
             if not text.strip():
                 empty += 1
                 continue
@@ -119,5 +130,5 @@ def cli(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     try:
         build(json.loads(args.cfg), args.raw or None, args.out)
-    except (DocumentError, UnicodeDecodeError) as e:
+    except DocumentError as e:
         raise SystemExit(f"pgolf documents: {e}") from None

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
-import io
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -47,8 +47,11 @@ def build_byte_luts(tokenizer_path: str | Path, vocab_size: int | None = None) -
 
 
 def target_bytes(luts: ByteLUTs, prev: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    prev, tgt = prev.long().cpu(), tgt.long().cpu()
-    return luts.base_bytes[tgt] + (luts.has_leading_space[tgt] & ~luts.is_boundary[prev]).int()
+    """UTF-8 bytes each target adds to the text, on the targets' device."""
+    dev = tgt.device
+    prev, tgt = prev.long().to(dev), tgt.long()
+    space = luts.has_leading_space.to(dev)[tgt] & ~luts.is_boundary.to(dev)[prev]
+    return luts.base_bytes.to(dev)[tgt] + space.int()
 
 
 class BPBMeter:
@@ -61,7 +64,7 @@ class BPBMeter:
     def update(self, losses: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor) -> None:
         self.sums[0] += losses.detach().double().sum().cpu()
         self.sums[1] += tgt.numel()
-        self.sums[2] += target_bytes(self.luts, prev, tgt).double().sum()
+        self.sums[2] += target_bytes(self.luts, prev, tgt).double().sum().cpu()
 
     def all_reduce(self) -> None:
         if dist.is_available() and dist.is_initialized():
