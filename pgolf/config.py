@@ -53,6 +53,7 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError("model.model_dim / model.num_heads must be even (rotary embeddings rotate pairs)")
     if m["num_heads"] % m["num_kv_heads"]:
         raise ConfigError(f"model.num_heads ({m['num_heads']}) is not a multiple of num_kv_heads ({m['num_kv_heads']})")
+    _check_model_switches(m, t)
     if t["batch_tokens"] % t["seq_len"]:
         raise ConfigError(f"train.batch_tokens ({t['batch_tokens']}) must be a multiple of seq_len ({t['seq_len']})")
     grad_accum_steps(t, t["nproc"])
@@ -63,6 +64,28 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError("compare: baseline_mean and baseline_std go together")
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
+
+
+def _check_model_switches(m: dict[str, Any], t: dict[str, Any]) -> None:
+    n, head_dim = m["num_layers"], m["model_dim"] // m["num_heads"]
+    rd = m["rope_dims"] or head_dim
+    if rd > head_dim or rd % 2 or (rd <= 2 and m["rope_ntk_train_len"]):
+        raise ConfigError(f"model.rope_dims ({m['rope_dims']}) must be even, at most the head dim ({head_dim}), "
+                          "and above 2 with NTK scaling")
+    for key in ("ve_layers", "recur_layers"):
+        if any(i >= n for i in m[key]):
+            raise ConfigError(f"model.{key}: {m[key]} names a block beyond num_layers={n}")
+    span = sorted(m["recur_layers"])
+    if span and span != list(range(span[0], span[-1] + 1)):
+        raise ConfigError(f"model.recur_layers: {m['recur_layers']} is not a contiguous span of blocks")
+    if m["parallel_from"] >= n:
+        raise ConfigError(f"model.parallel_from ({m['parallel_from']}) must be below num_layers={n} (-1 = off)")
+    if m["recur_start_step"] and m["recur_start_frac"]:
+        raise ConfigError("model: give recur_start_step or recur_start_frac, not both")
+    if t["qat_below"] and not m["qat_bits"]:
+        raise ConfigError("train.qat_below switches late QAT on, but model.qat_bits is 0 (no fake quantization)")
+    if t["warmdown_frac"] >= 1:
+        raise ConfigError("train.warmdown_frac must be below 1 (the fraction of training spent in warmdown)")
 
 
 def deep_merge(base: dict, override: dict) -> dict:

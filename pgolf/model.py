@@ -1,8 +1,13 @@
-"""The challenge's baseline GPT (openai/parameter-golf train_gpt.py), every size from config.
+"""The challenge's GPT with every record technique as a config switch (schemas: the `model` section).
 
-GQA attention with QK RMSNorm, RoPE and a learnable per-head query gain; relu^2 MLP; resid_mix
-with the post-embedding input x0; U-Net skips from the first half of the blocks to the second;
-tied embeddings; logits softcapped by c*tanh(z/c).
+At the defaults it is the baseline train_gpt.py: GQA attention with QK RMSNorm, RoPE and a learnable
+per-head query gain; relu^2 MLP; resid_mix with the post-embedding input x0; U-Net skips; tied
+embeddings; logits softcapped by c*tanh(z/c). The switches add the records' ideas on top: LeakyReLU^2,
+partial RoPE with NTK scaling, LN scale, XSA, BigramHash, SmearGate, value embeddings, sigmoid skip
+gates, depth recurrence and parallel residuals; `pgolf/layers.py` holds the small modules.
+
+Naming rule the quantizer relies on: every matrix is an nn.Linear or nn.Embedding (its name ends in
+".weight"); every control tensor (gains, scales, mixes, gates) is a bare parameter with another name.
 """
 
 from __future__ import annotations
@@ -14,76 +19,118 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf import tensorfile
+from pgolf.layers import BigramHash, Rotary, SmearGate, ValueEmbedding, attend, exclusive, fake_quant, rms_norm
 
 
-def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+class Linear(nn.Linear):
+    """nn.Linear without bias whose forward can fake-quantize its weight (late QAT, straight-through).
 
+    The switch is a tensor, not a Python flag, so torch.compile keeps it in the graph instead of
+    constant-folding it (the bug that made late QAT dead code in PR #414's lineage).
+    """
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float) -> None:
-        super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+    def __init__(self, fan_in: int, fan_out: int, qat_bits: int = 0) -> None:
+        super().__init__(fan_in, fan_out, bias=False)
+        self.qat_bits = qat_bits
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D)
-        t = torch.arange(x.size(2), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat_bits:
+            w = w + self.qat_on * (fake_quant(w, self.qat_bits) - w).detach()
+        return F.linear(x, w.to(x.dtype))
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, heads: int, kv_heads: int, rope_base: float, q_gain: float) -> None:
+    def __init__(self, cfg: dict, xsa: bool) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
-        kv_dim = kv_heads * self.head_dim
-        self.c_q = nn.Linear(d, d, bias=False)
-        self.c_k = nn.Linear(d, kv_dim, bias=False)
-        self.c_v = nn.Linear(d, kv_dim, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
+        d, q = cfg["model_dim"], cfg["qat_bits"]
+        self.heads, self.kv_heads = cfg["num_heads"], cfg["num_kv_heads"]
+        self.head_dim = d // self.heads
+        kv_dim = self.kv_heads * self.head_dim
+        self.c_q, self.c_k, self.c_v = Linear(d, d, q), Linear(d, kv_dim, q), Linear(d, kv_dim, q)
+        self.proj = Linear(d, d, q)
         nn.init.zeros_(self.proj.weight)  # each block starts as the identity
-        self.q_gain = nn.Parameter(torch.full((heads,), q_gain))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        self.q_gain = nn.Parameter(torch.full((self.heads,), float(cfg["qk_gain_init"])))
+        self.rotary = Rotary(self.head_dim, cfg["rope_dims"], cfg["rope_base"], cfg["rope_ntk_train_len"])
+        self.qk_norm, self.xsa, self.backend = cfg["qk_norm"], xsa, cfg["attention"]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, v_extra: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        q = self.c_q(x).view(B, T, self.heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if v_extra is not None:  # value embeddings feed token identity straight into V
+            v = v + v_extra
+        v = v.view(B, T, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        q, k = self.rotary(q), self.rotary(k)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = attend(q, k, v, self.backend)  # (B, T, H, D)
+        if self.xsa:
+            y = exclusive(y, v)
+        return self.proj(y.reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, d: int, hidden: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d, hidden, bias=False)
-        self.proj = nn.Linear(hidden, d, bias=False)
-        nn.init.zeros_(self.proj.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
-
-
-class Block(nn.Module):
     def __init__(self, cfg: dict) -> None:
         super().__init__()
-        d = cfg["model_dim"]
-        self.attn = Attention(d, cfg["num_heads"], cfg["num_kv_heads"], cfg["rope_base"], cfg["qk_gain_init"])
-        self.mlp = MLP(d, int(cfg["mlp_mult"] * d))
+        d, q = cfg["model_dim"], cfg["qat_bits"]
+        hidden = int(cfg["mlp_mult"] * d)
+        self.fc, self.proj = Linear(d, hidden, q), Linear(hidden, d, q)
+        nn.init.zeros_(self.proj.weight)
+        self.slope = cfg["leaky_slope"] if cfg["activation"] == "leaky_relu2" else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
+        return self.proj(h.square())
+
+
+class Controls(nn.Module):
+    """A looped block's control tensors for one extra pass (its own norms, PR #461)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
+
+class Block(nn.Module):
+    """Attention and MLP weights (the core, shared by every pass) and the first pass's controls;
+    `extra` holds the controls of later passes when a looped block has its own norms."""
+
+    def __init__(self, cfg: dict, index: int, passes: int) -> None:
+        super().__init__()
+        d, n = cfg["model_dim"], cfg["num_layers"]
+        self.attn = Attention(cfg, xsa=index >= n - cfg["xsa_last_n"])
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.extra = nn.ModuleList(Controls(d) for _ in range(passes - 1))
+        self.parallel = 0 <= cfg["parallel_from"] <= index
+
+    def forward(self, x: Tensor, x0: Tensor, ctl: int, norm_scale: float, v_extra: Tensor | None) -> Tensor:
+        c = self.extra[min(ctl, len(self.extra)) - 1] if ctl and len(self.extra) else self
+        mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        a = self.attn(rms_norm(x) * norm_scale, v_extra)
+        if self.parallel:  # GPT-J style: attention and MLP both read the block's input
+            return x + c.attn_scale.to(x.dtype) * a + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * norm_scale)
+        x = x + c.attn_scale.to(x.dtype) * a
+        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * norm_scale)
+
+
+def layer_order(cfg: dict, recur: bool = True) -> list[int]:
+    """Physical block index of each virtual layer: the recurrent span runs 1 + recur_extra_loops times."""
+    n, span = cfg["num_layers"], cfg["recur_layers"]
+    if not (recur and span):
+        return list(range(n))
+    a, b = min(span), max(span)
+    return list(range(b + 1)) + list(range(a, b + 1)) * cfg["recur_extra_loops"] + list(range(b + 1, n))
 
 
 class GPT(nn.Module):
@@ -93,21 +140,61 @@ class GPT(nn.Module):
         d, n = cfg["model_dim"], cfg["num_layers"]
         self.tok_emb = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=cfg["tied_embed_init_std"])
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(n))
-        self.num_encoder = n // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, n - self.num_encoder), d))
+        loops = 1 + cfg["recur_extra_loops"] if cfg["recur_own_norms"] else 1
+        self.blocks = nn.ModuleList(Block(cfg, i, loops if i in cfg["recur_layers"] else 1) for i in range(n))
+        self.recur_active = True  # the trainer switches recurrence off until its start step
+        virtual = len(layer_order(cfg))
+        n_skips = min(virtual // 2, virtual - virtual // 2) if cfg["skip"] != "none" else 0
+        self.skip_weights = nn.Parameter(torch.ones(n_skips, d))
+        if cfg["skip"] == "gated":
+            self.skip_gates = nn.Parameter(torch.zeros(n_skips, d))
+        self.bigram = BigramHash(vocab_size, cfg, d) if cfg["bigram_buckets"] else None
+        self.smear = SmearGate(d, cfg["bos_id"] if cfg["smear_bos_fix"] else -1) if cfg["smear_gate"] else None
+        self.ve = ValueEmbedding(vocab_size, cfg, self.blocks[0].attn.kv_heads * self.blocks[0].attn.head_dim) \
+            if cfg["ve_layers"] else None
+        self.lm_head = None if cfg["tie_embeddings"] else Linear(d, vocab_size)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+
+    def set_qat(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.qat_on.fill_(float(on))
+
+    def embed(self, idx: Tensor) -> Tensor:
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        return self.smear(x, idx) if self.smear is not None else x
+
+    def head_input(self, idx: Tensor) -> Tensor:
+        """The normalized final hidden state that the output matrix multiplies (GPTQ calibrates on it)."""
+        x = x0 = self.embed(idx)
+        order = layer_order(self.cfg, self.recur_active)
+        n_enc, skips, passes = len(order) // 2, [], [0] * len(self.blocks)
+        ve = self.ve(idx) if self.ve is not None else None
+        for j, i in enumerate(order):
+            if j >= n_enc and skips and len(self.skip_weights):
+                x = self.merge_skip(x, skips.pop(), j - n_enc)
+            scale = (j + 1) ** -0.5 if self.cfg["ln_scale"] else 1.0
+            v_extra = self.ve.for_layer(ve, i) if ve is not None else None
+            x = self.blocks[i](x, x0, passes[i], scale, v_extra)
+            passes[i] += 1
+            if j < n_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def merge_skip(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
+        s = self.skip_weights[i].to(x.dtype) * skip
+        if self.cfg["skip"] == "gated":  # sigmoid gate between the skip and the stream
+            return torch.lerp(s, x, torch.sigmoid(self.skip_gates[i]).to(x.dtype))
+        return x + s
 
     def forward(self, idx: Tensor) -> Tensor:
-        x = x0 = rms_norm(self.tok_emb(idx))
-        skips = []
-        for block in self.blocks[: self.num_encoder]:
-            x = block(x, x0)
-            skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder :]):
-            if skips:  # U-Net: the last encoder output feeds the first decoder block, and so on
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        h = self.head_input(idx)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, w.to(h.dtype)).float()
         cap = self.cfg["logit_softcap"]
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -116,7 +203,19 @@ class GPT(nn.Module):
 
     @classmethod
     def from_meta(cls, meta: dict) -> GPT:
-        return cls(meta["vocab_size"], meta["model"])
+        from pgolf.config import validate  # fills keys that older files lack with their defaults
+
+        return cls(meta["vocab_size"], validate({"model": meta["model"]})["model"])
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters by top-level module ("blocks", "tok_emb", ...), plus "total"."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        counts[top] = counts.get(top, 0) + p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
 
 
 def token_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

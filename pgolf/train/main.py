@@ -24,21 +24,37 @@ from pgolf.io import atomic_path, write_json
 from pgolf.model import GPT, token_losses
 from pgolf.optim.muon import Muon
 from pgolf.train import checkpoint
+from pgolf.train.averaging import EMA, SWA
 from pgolf.train.loader import DistributedLoader
-from pgolf.train.schedule import lr_scale, muon_momentum
+from pgolf.train.schedule import lr_scale, muon_momentum, recurrence_on
 
 
-def build_optimizers(model: GPT, cfg: dict) -> list[torch.optim.Optimizer]:
-    """Muon for the Linear weights, Adam for the tied embedding and the control tensors (gains, scales,
-    resid_mix, skip weights), which are not matrices in Muon's sense even when they are 2-D."""
-    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    taken = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
-    scalars = [p for p in model.parameters() if id(p) not in taken]
-    adam = dict(betas=(cfg["adam_beta1"], cfg["adam_beta2"]), eps=cfg["adam_eps"])
+def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Muon takes the Linear weights; Adam the embedding tables, the untied head and the control
+    tensors (gains, scales, resid_mix, skip weights), which are not matrices in Muon's sense even
+    when they are 2-D."""
+    head = [model.lm_head.weight] if model.lm_head is not None else []
+    embeds = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
+    taken = {id(p) for p in matrices + embeds + head}
+    return {"muon": matrices, "embed": embeds, "head": head,
+            "scalar": [p for p in model.parameters() if id(p) not in taken]}
+
+
+def build_optimizers(model: GPT, cfg: dict, rank: int = 0, world: int = 1) -> list[torch.optim.Optimizer]:
+    """[AdamW, Muon]; Muon runs in parallel (sharded) mode when there is more than one process."""
+    groups = param_groups(model)
+    wd = cfg["adam_weight_decay"]
+    adam_groups = [{"params": groups["embed"], "lr": cfg["embed_lr"], "weight_decay": wd},
+                   {"params": groups["scalar"], "lr": cfg["scalar_lr"], "weight_decay": 0.0}]
+    if groups["head"]:
+        adam_groups.append({"params": groups["head"], "lr": cfg["head_lr"], "weight_decay": wd})
+    parallel = world > 1 and cfg["parallel_muon"]
     opts = [
-        torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": cfg["embed_lr"]},
-                          {"params": scalars, "lr": cfg["scalar_lr"]}], **adam),
-        Muon(matrices, lr=cfg["matrix_lr"], momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"]),
+        torch.optim.AdamW(adam_groups, betas=(cfg["adam_beta1"], cfg["adam_beta2"]), eps=cfg["adam_eps"]),
+        Muon(groups["muon"], lr=cfg["matrix_lr"], momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"],
+             ns=cfg["muon_ns"], row_norm=cfg["muon_row_norm"], weight_decay=cfg["muon_weight_decay"],
+             rank=rank if parallel else 0, world=world if parallel else 1),
     ]
     for opt in opts:
         for g in opt.param_groups:
@@ -46,11 +62,11 @@ def build_optimizers(model: GPT, cfg: dict) -> list[torch.optim.Optimizer]:
     return opts
 
 
-def average_gradients(model: nn.Module, world: int) -> None:
-    """One flat all-reduce of every gradient: the mean over processes."""
-    if world == 1:
+def average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """One flat all-reduce of the given gradients: the mean over processes."""
+    if world == 1 or not params:
         return
-    grads = [p.grad for p in model.parameters()]
+    grads = [p.grad for p in params]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
     flat /= world
@@ -60,21 +76,27 @@ def average_gradients(model: nn.Module, world: int) -> None:
         offset += g.numel()
 
 
-class EMA:
-    """fp32 exponential moving average of the weights, updated every step.
-
-    The decay is capped by (1 + step) / (10 + step) so that the random init does not dominate short runs.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            self.shadow[k].lerp_(v.float(), 1 - d)
+def sync_and_clip(model: nn.Module, muon: Muon, world: int, clip: float) -> float:
+    """Average the gradients over processes (Muon's own reduce-scatter in parallel mode), then clip
+    the global norm to `clip` when it is set. Returns the norm before clipping (0 when not clipping)."""
+    banked = {id(p) for bank in muon.banks for p in bank} if muon.parallel else set()
+    replicated = [p for p in model.parameters() if id(p) not in banked]
+    average_gradients(replicated, world)
+    sumsq = muon.reduce_grads() if muon.parallel else None
+    if clip <= 0:
+        return 0.0
+    total = sum(p.grad.float().square().sum() for p in replicated)
+    if sumsq is not None:  # each process holds a different shard of the banked gradients
+        dist.all_reduce(sumsq)
+        total = total + sumsq
+    norm = float(total.sqrt())
+    c = min(1.0, clip / (norm + 1e-6))
+    if c < 1.0:
+        for p in replicated:
+            p.grad.mul_(c)
+        if muon.parallel:
+            muon.scale_grads(c)
+    return norm
 
 
 def memory_mb(device: torch.device) -> float:
@@ -92,10 +114,12 @@ class Trainer:
         self.micro_seqs = self.cfg["batch_tokens"] // self.cfg["seq_len"] // (self.world * self.accum)
         torch.manual_seed(args.seed)
         self.model = GPT(args.vocab_size, self.model_cfg).to(self.device)
-        self.opts = build_optimizers(self.model, self.cfg)
+        self.opts = build_optimizers(self.model, self.cfg, self.rank, self.world)
         self.ema = EMA(self.model, self.cfg["ema_decay"])
+        self.swa = SWA(self.cfg["swa_every"], self.cfg["swa_below"]) if self.cfg["swa"] else None
+        self.forward = self.compiled_model()
         self.loader = DistributedLoader(args.data, self.rank, self.world, self.device)
-        self.step, self.elapsed, self.rows = 0, 0.0, []
+        self.step, self.elapsed, self.rows, self.qat = 0, 0.0, [], False
         self.fp = checkpoint.fingerprint(self.model_cfg, self.cfg, args.seed, args.vocab_size, args.data)
         self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext)
 
@@ -107,15 +131,25 @@ class Trainer:
         for opt, s in zip(self.opts, state["optimizers"], strict=True):
             opt.load_state_dict(s)
         self.ema.shadow = state["ema"]
+        if self.swa is not None:
+            self.swa.load_state(state["swa"])
         self.loader.stream.load_state(state["loader"])
         self.step, self.elapsed, self.rows = state["step"], state["elapsed"], state["rows"]
         self.log(f"resumed from {self.args.ckpt_dir} at step {self.step}")
 
+    def compiled_model(self) -> nn.Module:
+        on = self.cfg["compile"]
+        if on == "auto":
+            on = self.device.type == "cuda"
+        return torch.compile(self.model) if on else self.model
+
     def save_checkpoint(self) -> None:
+        optimizers = [o.state_dict() for o in self.opts]  # every process: Parallel Muon gathers its shards
         if self.rank == 0:
             checkpoint.save(self.args.ckpt_dir, {
                 "fingerprint": self.fp, "model": self.model.state_dict(), "ema": self.ema.shadow,
-                "optimizers": [o.state_dict() for o in self.opts], "loader": self.loader.stream.state(),
+                "swa": self.swa.state() if self.swa is not None else None,
+                "optimizers": optimizers, "loader": self.loader.stream.state(),
                 "step": self.step, "elapsed": self.elapsed, "rows": self.rows})
         if self.world > 1:
             dist.barrier()
@@ -126,6 +160,7 @@ class Trainer:
 
     def train_step(self) -> float:
         cfg, scale = self.cfg, lr_scale(self.cfg, self.step, self.elapsed)
+        self.set_phase(scale)
         for opt in self.opts:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
@@ -134,18 +169,33 @@ class Trainer:
         for _ in range(self.accum):
             x, y = self.loader.next_batch(self.micro_seqs, cfg["seq_len"])
             with self.autocast():
-                loss = token_losses(self.model, x, y).mean()
+                loss = token_losses(self.forward, x, y).mean()
             (loss / self.accum).backward()
             total += loss.detach() / self.accum
-        average_gradients(self.model, self.world)
+        sync_and_clip(self.model, self.opts[1], self.world, cfg["grad_clip"])
         for opt in self.opts:
             opt.step()
         self.model.zero_grad(set_to_none=True)
         self.ema.update(self.model, self.step)
+        if self.swa is not None:
+            self.swa.maybe_add(self.model, self.step, scale)
         if self.world > 1:
             dist.all_reduce(total)
             total /= self.world
         return total.item()
+
+    def set_phase(self, scale: float) -> None:
+        """Switch depth recurrence and late QAT on when their time comes; log each switch once."""
+        recur = bool(self.model_cfg["recur_layers"]) and recurrence_on(self.model_cfg, self.cfg, self.step,
+                                                                        self.elapsed)
+        if recur != self.model.recur_active and self.model_cfg["recur_layers"]:
+            self.model.recur_active = recur
+            self.log(f"step {self.step}: depth recurrence {'on' if recur else 'off'}")
+        qat = 0 < scale < self.cfg["qat_below"]
+        if qat != self.qat:
+            self.model.set_qat(qat)
+            self.qat = qat
+            self.log(f"step {self.step}: late QAT {'on' if qat else 'off'} (int{self.model_cfg['qat_bits']})")
 
     def preempted(self) -> bool:
         """True once any process got SIGTERM (a scheduler's preemption); agreed on by all processes."""
@@ -204,7 +254,12 @@ class Trainer:
 
     def write_outputs(self, out: Path) -> None:
         meta = {**self.model.meta(), "step": self.step, "seed": self.args.seed}
-        tensorfile.save(out / "ema.pgt", self.ema.shadow, meta)
+        export, source = self.ema.shadow, "ema"
+        if self.swa is not None and self.swa.count:
+            export, source = self.swa.average(), f"swa over {self.swa.count} snapshots"
+        elif self.swa is not None:
+            self.log("swa: no snapshot was taken (the LR scale never fell below swa_below); exporting the EMA")
+        tensorfile.save(out / "ema.pgt", export, {**meta, "weights": source})
         tensorfile.save(out / "raw.pgt", {k: v.float() for k, v in self.model.state_dict().items()}, meta)
         with atomic_path(out / "metrics.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(self.rows), tmp)
@@ -213,7 +268,8 @@ class Trainer:
             "steps": self.step, "tokens": tokens, "train_seconds": self.elapsed,
             "tokens_per_s": tokens / max(self.elapsed, 1e-9), "final_loss": self.rows[-1]["loss"],
             "parameters": sum(p.numel() for p in self.model.parameters()), "world_size": self.world,
-            "grad_accum": self.accum, "device": str(self.device), "peak_memory_mb": memory_mb(self.device)})
+            "grad_accum": self.accum, "device": str(self.device), "peak_memory_mb": memory_mb(self.device),
+            "exported_weights": source})
         self.log(f"done: {self.step} steps, {tokens:,} tokens in {self.elapsed:.1f}s")
 
 

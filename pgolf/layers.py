@@ -1,0 +1,141 @@
+"""Small modules and functions of the model: norms, rotary embeddings, the attention kernel, XSA,
+fake quantization, and the token-side extras (BigramHash, SmearGate, value embeddings).
+
+Tensors inside attention are laid out (batch, time, heads, head_dim), FlashAttention 3's layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # FlashAttention 3 (Hopper); SDPA otherwise
+    from flash_attn_interface import flash_attn_func as _fa3
+except ImportError:
+    _fa3 = None
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """RoPE on the first `dims` of each head (0 = all); the rest carry content without position.
+
+    With `ntk_train_len` set, sequences longer than it get the NTK-aware base
+    base * (T / train_len) ** (dims / (dims - 2)), which stretches the low frequencies instead of
+    extrapolating them.
+    """
+
+    def __init__(self, head_dim: int, dims: int, base: float, ntk_train_len: int = 0) -> None:
+        super().__init__()
+        self.dims, self.base, self.ntk_train_len = dims or head_dim, base, ntk_train_len
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, H, D)
+        T, rd = x.size(1), self.dims
+        base = self.base
+        if self.ntk_train_len and T > self.ntk_train_len:
+            base = base * (T / self.ntk_train_len) ** (rd / (rd - 2))
+        inv_freq = base ** -(torch.arange(0, rd, 2, device=x.device, dtype=torch.float32) / rd)
+        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+        cos, sin = freqs.cos()[None, :, None].to(x.dtype), freqs.sin()[None, :, None].to(x.dtype)
+        rot, rest = x[..., :rd], x[..., rd:]
+        x1, x2 = rot.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def fa3_available() -> bool:
+    return _fa3 is not None
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
+    """Causal attention with GQA; FlashAttention 3 on CUDA when asked for or importable, else SDPA."""
+    if backend == "fa3" and (_fa3 is None or not q.is_cuda):
+        raise RuntimeError("model.attention is 'fa3' but flash_attn_interface is not importable on CUDA here")
+    if backend != "sdpa" and _fa3 is not None and q.is_cuda:
+        out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+        return (out[0] if isinstance(out, tuple) else out).to(v.dtype)
+    q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)
+
+
+def exclusive(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along its own position's value direction."""
+    B, T, H, D = y.shape
+    g = y.view(B, T, v.size(2), H // v.size(2), D)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)
+    return (g - (g * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+
+
+def fake_quant(w: Tensor, bits: int) -> Tensor:
+    """Per-row symmetric round-to-nearest at `bits`, back in float: what QAT trains against."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-8)
+    return (w / scale).round().clamp(-qmax, qmax) * scale
+
+
+def shift_right(x: Tensor) -> Tensor:
+    """x[:, t-1] at position t (zeros at t = 0), along dim 1."""
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (1, 0))[:, :-1]
+
+
+class BigramHash(nn.Module):
+    """A hashed (previous, current) token pair embedding, projected to the model width and added to
+    the token embedding before its norm. Position 0 has no previous token and gets its own bucket."""
+
+    def __init__(self, vocab_size: int, cfg: dict, d: int) -> None:
+        super().__init__()
+        self.buckets = cfg["bigram_buckets"]
+        self.emb = nn.Embedding(self.buckets, cfg["bigram_dim"])
+        nn.init.normal_(self.emb.weight, std=0.02)
+        self.proj = nn.Linear(cfg["bigram_dim"], d, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.scale = nn.Parameter(torch.tensor(float(cfg["bigram_scale_init"])))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        prev = shift_right(idx.unsqueeze(-1)).squeeze(-1)
+        h = torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1)
+        h[:, 0] = self.buckets - 1
+        return self.scale.to(self.proj.weight.dtype) * self.proj(self.emb(h))
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) x_t + g x_{t-1} with a learned per-dim gate g. With `bos_id` >= 0 a document's
+    first token (BOS) takes nothing from the previous document's last token (the BOS fix)."""
+
+    def __init__(self, d: int, bos_id: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(d))
+        self.bos_id = bos_id
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype).expand_as(x).clone()
+        g[:, 0] = 0  # nothing before the first position
+        if self.bos_id >= 0:
+            g = g * (idx != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return torch.lerp(x, shift_right(x), g)
+
+
+class ValueEmbedding(nn.Module):
+    """One vocab x ve_dim table projected to the KV width, added to V on the chosen layers, each
+    with its own scale (VE128)."""
+
+    def __init__(self, vocab_size: int, cfg: dict, kv_dim: int) -> None:
+        super().__init__()
+        self.layers = list(cfg["ve_layers"])
+        self.emb = nn.Embedding(vocab_size, cfg["ve_dim"])
+        nn.init.normal_(self.emb.weight, std=0.02)
+        self.proj = nn.Linear(cfg["ve_dim"], kv_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.layer_scales = nn.Parameter(torch.ones(len(self.layers)))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.scale.to(self.proj.weight.dtype) * self.proj(self.emb(idx))
+
+    def for_layer(self, ve: Tensor, layer: int) -> Tensor | None:
+        if layer not in self.layers:
+            return None
+        return self.layer_scales[self.layers.index(layer)].to(ve.dtype) * ve
