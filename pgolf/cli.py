@@ -20,6 +20,8 @@ STAGES = {
     "plots": ("pgolf.report.plots", "figures for snakemake --report: loss, BPB per stage, bytes"),
     "record": ("pgolf.report.record", "a submission folder in the challenge's format"),
     "config": ("pgolf.config_cli", "validate config files and print the resolved config"),
+    "params": ("pgolf.config_cli:params_cli", "parameter count of a config (config.yaml plus presets)"),
+    "bench": ("pgolf.bench", "ms/step, tokens/s, MFU and peak memory of a config's training step"),
 }
 
 

@@ -1,4 +1,5 @@
-"""`pgolf config FILE...`: merge and validate config files, print the resolved config."""
+"""`pgolf config FILE...`: merge and validate config files, print the resolved config;
+`pgolf params FILE...`: the parameter count of the model they describe."""
 
 from __future__ import annotations
 
@@ -18,3 +19,21 @@ def cli(argv: list[str]) -> None:
     except ConfigError as e:
         raise SystemExit(f"pgolf config: {e}") from None
     print(yaml.safe_dump(cfg, sort_keys=False), end="")
+
+
+def params_cli(argv: list[str]) -> None:
+    from pgolf.model import GPT, count_parameters, layer_order
+
+    ap = argparse.ArgumentParser(prog="pgolf params", description="Parameter count of a config's model.")
+    ap.add_argument("files", nargs="+", help="config.yaml, then presets (later files win)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(*args.files)
+    except ConfigError as e:
+        raise SystemExit(f"pgolf params: {e}") from None
+    counts = count_parameters(GPT(cfg["tokenizer"]["vocab_size"], cfg["model"]))
+    total = counts.pop("total")
+    for name, n in counts.items():
+        print(f"  {name:<14}{n:>14,}")
+    layers = f"{cfg['model']['num_layers']} blocks, {len(layer_order(cfg['model']))} virtual layers"
+    print(f"{cfg['run']}: {total:,} parameters ({layers}, vocab {cfg['tokenizer']['vocab_size']})")

@@ -17,16 +17,17 @@ from pgolf.config import validate
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
-def configs(**train):
-    cfg = validate({"model": {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1},
+def configs(model: dict | None = None, **train):
+    cfg = validate({"model": {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1, **(model or {})},
                     "train": {"seq_len": 32, "batch_tokens": 32 * 8, "micro_batch_seqs": 2, "iterations": 12,
                               "warmup_steps": 2, "warmdown_steps": 4, "checkpoint_every": 4, "log_every": 4,
                               **train}})
     return cfg["model"], cfg["train"]
 
 
-def train(ds, out: Path, nproc: int = 1, stop_after: int = 0, seed: int = 7, **over) -> subprocess.CompletedProcess:
-    model, tr = configs(**over)
+def train(ds, out: Path, nproc: int = 1, stop_after: int = 0, seed: int = 7, model: dict | None = None,
+          **over) -> subprocess.CompletedProcess:
+    model, tr = configs(model, **over)
     cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", "-m", "pgolf", "train", "--data", str(ds.dataset_dir),
            "--vocab-size", str(ds.vocab_size), "--model-cfg", json.dumps(model), "--cfg", json.dumps(tr),
            "--seed", str(seed), "--device", "cpu", "--out-dir", str(out), "--ckpt-dir", str(out / "ckpt")]

@@ -79,6 +79,9 @@ def average_gradients(params: list[nn.Parameter], world: int) -> None:
 def sync_and_clip(model: nn.Module, muon: Muon, world: int, clip: float) -> float:
     """Average the gradients over processes (Muon's own reduce-scatter in parallel mode), then clip
     the global norm to `clip` when it is set. Returns the norm before clipping (0 when not clipping)."""
+    for p in model.parameters():  # e.g. a looped block's own controls before the loop switches on
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     banked = {id(p) for bank in muon.banks for p in bank} if muon.parallel else set()
     replicated = [p for p in model.parameters() if id(p) not in banked]
     average_gradients(replicated, world)
@@ -118,10 +121,13 @@ class Trainer:
         self.ema = EMA(self.model, self.cfg["ema_decay"])
         self.swa = SWA(self.cfg["swa_every"], self.cfg["swa_below"]) if self.cfg["swa"] else None
         self.forward = self.compiled_model()
-        self.loader = DistributedLoader(args.data, self.rank, self.world, self.device)
+        self.loader = self.make_loader()
         self.step, self.elapsed, self.rows, self.qat = 0, 0.0, [], False
         self.fp = checkpoint.fingerprint(self.model_cfg, self.cfg, args.seed, args.vocab_size, args.data)
         self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext)
+
+    def make_loader(self) -> DistributedLoader:
+        return DistributedLoader(self.args.data, self.rank, self.world, self.device)
 
     def resume(self) -> None:
         state = checkpoint.load(self.args.ckpt_dir, self.fp)
@@ -177,7 +183,7 @@ class Trainer:
             opt.step()
         self.model.zero_grad(set_to_none=True)
         self.ema.update(self.model, self.step)
-        if self.swa is not None:
+        if self.swa is not None and self.step >= cfg["warmup_steps"]:
             self.swa.maybe_add(self.model, self.step, scale)
         if self.world > 1:
             dist.all_reduce(total)
@@ -191,7 +197,8 @@ class Trainer:
         if recur != self.model.recur_active and self.model_cfg["recur_layers"]:
             self.model.recur_active = recur
             self.log(f"step {self.step}: depth recurrence {'on' if recur else 'off'}")
-        qat = 0 < scale < self.cfg["qat_below"]
+        late = self.step >= self.cfg["warmup_steps"]  # the warmup's low LR is not the end of training
+        qat = late and 0 < scale < self.cfg["qat_below"]
         if qat != self.qat:
             self.model.set_qat(qat)
             self.qat = qat

@@ -1,0 +1,131 @@
+"""`pgolf bench FILE...`: training speed of a config on random tokens: ms/step, tokens/s, model
+FLOPs utilization and peak memory, at a given number of processes (it starts torchrun itself).
+
+The step is the trainer's own (same optimizers, grad accumulation, all-reduce or Parallel Muon,
+autocast and torch.compile), so the figures are what `pgolf train` will see minus data loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+from pgolf.config import ConfigError, load
+from pgolf.model import GPT, layer_order
+from pgolf.train.main import Trainer, memory_mb
+
+# Dense bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.0, "4090": 165.2}
+
+
+class RandomBatches:
+    """Uniform random tokens with the loader's interface: no disk in the measurement."""
+
+    def __init__(self, vocab: int, device: torch.device, seed: int) -> None:
+        self.vocab, self.device = vocab, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def next_batch(self, seqs: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.randint(0, self.vocab, (seqs, seq_len + 1), device=self.device, generator=self.gen)
+        return t[:, :-1], t[:, 1:]
+
+
+class BenchTrainer(Trainer):
+    def make_loader(self) -> RandomBatches:
+        return RandomBatches(self.args.vocab_size, self.device, 1000 + self.rank)
+
+
+def flops_per_token(model: GPT, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight per pass (the head included, each looped block
+    counted once per pass) plus causal attention's 6 * seq_len * dim per virtual layer."""
+    passes = layer_order(model.cfg)
+    per_block = [sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in model.blocks]
+    blocks = sum(per_block[i] for i in passes)
+    extras = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name.split(".")[0] in ("bigram", "ve", "lm_head"))
+    head = 0 if model.lm_head is not None else model.tok_emb.weight.numel()
+    return 6.0 * (blocks + extras + head) + 6.0 * len(passes) * seq_len * model.cfg["model_dim"]
+
+
+def peak_tflops(device: torch.device, given: float) -> float:
+    if given > 0:
+        return given
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    return 0.0
+
+
+def measure(cfg: dict, args: argparse.Namespace) -> dict | None:
+    ns = SimpleNamespace(cfg=json.dumps(cfg["train"]), model_cfg=json.dumps(cfg["model"]), device=args.device,
+                         seed=0, data="", vocab_size=cfg["tokenizer"]["vocab_size"], ckpt_dir="", out_dir="")
+    tr = BenchTrainer(ns)
+    for _ in range(args.warmup):  # compile and allocator warm-up
+        tr.train_step()
+    sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        tr.train_step()
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    if tr.rank:
+        return None
+    t = cfg["train"]
+    tps = t["batch_tokens"] / dt
+    peak = peak_tflops(tr.device, args.peak_tflops) * 1e12 * tr.world
+    fpt = flops_per_token(tr.model, t["seq_len"])
+    n = sum(p.numel() for p in tr.model.parameters())
+    return {"processes": tr.world, "device": str(tr.device), "parameters": n,
+            "ms_per_step": 1000 * dt, "tokens_per_s": tps, "flops_per_token": fpt,
+            "mfu": fpt * tps / peak if peak else None, "peak_memory_mb": memory_mb(tr.device),
+            "grad_accum": tr.accum, "compiled": tr.forward is not tr.model}
+
+
+def report(r: dict) -> str:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (give --peak-tflops)"
+    return (f"{r['parameters']:,} params on {r['processes']} x {r['device']} (grad accum {r['grad_accum']}, "
+            f"compiled {r['compiled']}): {r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+            f"MFU {mfu}, peak memory {r['peak_memory_mb']:,.0f} MB")
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    out = [*args.files, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--peak-tflops", str(args.peak_tflops)]
+    return out + (["--json", args.json] if args.json else [])
+
+
+def cli(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="pgolf bench", description=__doc__)
+    ap.add_argument("files", nargs="+", help="config.yaml, then presets (later files win)")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (one per GPU on CUDA)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (default: known GPUs)")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # The children learn the process count from torchrun's WORLD_SIZE; no --nproc for torchrun to misread.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "pgolf", "bench", *child_args(args)]
+        raise SystemExit(subprocess.call(cmd))
+    nproc = int(os.environ.get("WORLD_SIZE", args.nproc))
+    try:
+        cfg = load(*args.files, overrides={"train": {"nproc": nproc}})
+    except ConfigError as e:
+        raise SystemExit(f"pgolf bench: {e}") from None
+    r = measure(cfg, args)
+    if r is not None:
+        print(report(r), flush=True)
+        if args.json:
+            from pgolf.io import write_json
+
+            write_json(args.json, r)
