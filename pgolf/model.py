@@ -97,7 +97,8 @@ class GPT(nn.Module):
         self.num_encoder = n // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, n - self.num_encoder), d))
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def head_input(self, idx: Tensor) -> Tensor:
+        """The normalized final hidden state that multiplies tok_emb.weight (GPTQ calibrates the tied head on it)."""
         x = x0 = rms_norm(self.tok_emb(idx))
         skips = []
         for block in self.blocks[: self.num_encoder]:
@@ -107,7 +108,11 @@ class GPT(nn.Module):
             if skips:  # U-Net: the last encoder output feeds the first decoder block, and so on
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x = block(x, x0)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        return rms_norm(x)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.head_input(idx)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
         cap = self.cfg["logit_softcap"]
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
