@@ -136,7 +136,6 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", required=True, help="Hessians tensor file to write")
     args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
     try:
         calibrate(args.weights, args.data, json.loads(args.cfg), args.seed, args.out,
                   setup_distributed(args.device)[2])
