@@ -66,6 +66,15 @@ def test_truncated_artifact_fails_cleanly(good_artifact):
             artifact.read_artifact(path)
 
 
+@pytest.mark.parametrize("codec", ["zstd", "brotli", "lzma"])
+def test_a_cut_stream_fails_even_when_the_header_agrees(tmp_path, codec):
+    data = bytearray(artifact.encode(quantized_file(), {**COMPRESS, "codec": codec, "level": 1}))
+    body = json.loads(data[20 : 20 + int.from_bytes(data[12:20], "little")])["body_bytes"]
+    for cut in (1, 10, body // 2):
+        with pytest.raises(artifact.ArtifactError, match="corrupt|truncated"):
+            artifact.decode(_with_header(bytearray(data[:-cut]), body_bytes=body - cut))
+
+
 def test_bit_flips_fail_cleanly(good_artifact):
     path, data = good_artifact
     hlen = int.from_bytes(data[12:20], "little")

@@ -42,12 +42,22 @@ def _zstd_decompress(body: bytes, limit: int) -> bytes:
     return zstandard.ZstdDecompressor().stream_reader(body).read(limit)
 
 
+# A stream cut short can still yield all the data (an xz file's last bytes are its index and
+# footer), so brotli and lzma must also have reached their end marker, unless the limit stopped them.
 def _brotli_decompress(body: bytes, limit: int) -> bytes:
-    return brotli.Decompressor().process(body, output_buffer_limit=limit)[:limit]
+    d = brotli.Decompressor()
+    out = d.process(body, output_buffer_limit=limit)[:limit]
+    if len(out) < limit and not d.is_finished():
+        raise brotli.error("the stream ends early")
+    return out
 
 
 def _lzma_decompress(body: bytes, limit: int) -> bytes:
-    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(body, max_length=limit)
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    out = d.decompress(body, max_length=limit)
+    if len(out) < limit and not d.eof:
+        raise lzma.LZMAError("the stream ends early")
+    return out
 
 
 # codec -> (compress(raw, level), decompress(body, at most this many bytes)).
