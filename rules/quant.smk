@@ -1,5 +1,7 @@
 # EMA weights -> Hessians (calibrate) -> quantized tensors -> compressed artifact; size.json counts
 # code plus model bytes. Hessians are their own file, so a change of clip or bits reruns quantize only.
+# One thread each (Snakemake's default): GPTQ is a loop of small column updates that more OpenMP
+# threads only slow down on a busy CPU, and seeds then quantize side by side.
 
 
 rule calibrate:
@@ -13,7 +15,6 @@ rule calibrate:
         data=f"--data {DATASET_DIR}" if config["calibrate"]["source"] == "train" else "",
         device=config["device"],
         code=code("calibrate"),
-    threads: workflow.cores
     log:
         f"{RUN}/logs/calibrate_seed{{seed}}.log",
     benchmark:
@@ -37,7 +38,6 @@ rule quantize:
         cfg=section("quant"),
         hessians=f"--hessians {SEED_DIR}/hessians.pgt" if GPTQ else "",
         code=code("quantize"),
-    threads: workflow.cores
     log:
         f"{RUN}/logs/quantize_seed{{seed}}.log",
     benchmark:

@@ -16,14 +16,23 @@ CFG = validate({"model": {"num_layers": 2, "model_dim": 64, "num_heads": 2, "num
                 "calibrate": {"seqs": 16, "seq_len": 64, "batch_seqs": 8}})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: on a shared CPU two OpenMP threads make these small ops many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_dataset, tmp_path_factory):
-    """A model trained for 40 Adam steps on the tiny train shards, saved as the pipeline saves EMA weights."""
+    """A model trained for 30 Adam steps on the tiny train shards, saved as the pipeline saves EMA weights."""
     torch.manual_seed(0)
     model = GPT(tiny_dataset.vocab_size, CFG["model"])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    data = train_windows(tiny_dataset.dataset_dir, 40 * 8, 65, seed=1)
-    for step in range(40):
+    data = train_windows(tiny_dataset.dataset_dir, 30 * 8, 65, seed=1)
+    for step in range(30):
         batch = data[step * 8 : (step + 1) * 8]
         loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad()
