@@ -64,6 +64,35 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError("compare: baseline_mean and baseline_std go together")
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
+    check_calibration(cfg["calibrate"])
+    _resolve_codec_level(cfg["compress"])
+
+
+# What calibration may read. Val tokens are scored later; Hessians built from them would carry
+# them into the artifact (the challenge forbids val access before scoring, issue #677).
+CALIBRATION_SOURCES = ("train", "generate")
+
+
+def check_calibration(cal: dict[str, Any]) -> None:
+    source = cal["source"]
+    if source.lower() in ("val", "valid", "validation", "test"):
+        raise ConfigError(f"calibrate.source: {source!r} is refused: calibrating on validation tokens leaks them "
+                          "into the artifact's Hessians, and the challenge scores on exactly those tokens; "
+                          "use 'train' or 'generate'")
+    if source not in CALIBRATION_SOURCES:
+        raise ConfigError(f"calibrate.source: unknown source {source!r}; known: {', '.join(CALIBRATION_SOURCES)}")
+
+
+# codec -> (lowest, highest) level; null in the config means the highest.
+CODEC_LEVELS = {"zstd": (1, 22), "brotli": (0, 11), "lzma": (0, 9)}
+
+
+def _resolve_codec_level(comp: dict[str, Any]) -> None:
+    lo, hi = CODEC_LEVELS[comp["codec"]]
+    if comp["level"] is None:
+        comp["level"] = hi
+    elif not lo <= comp["level"] <= hi:
+        raise ConfigError(f"compress.level: {comp['level']} is outside {lo}..{hi} for codec {comp['codec']}")
 
 
 def _check_model_switches(m: dict[str, Any], t: dict[str, Any]) -> None:

@@ -54,17 +54,29 @@ def dumps(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) 
 
 def loads(data: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, TensorFileError, "tensor file")
+    entries = header.get("tensors")
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise TensorFileError(f"{source}: header has no valid tensor table")
     out = {}
-    for name, e in header["tensors"].items():
+    # In body order, not the header's sorted order, so that dumps(*loads(data)) == data.
+    for name, e in sorted(entries.items(), key=_body_order):
         out[name] = _decode(name, e, body, source)
     return out, header.get("meta", {})
+
+
+def _body_order(item: tuple[str, dict]) -> tuple[int, int]:
+    off, nbytes = item[1].get("offset"), item[1].get("nbytes")
+    return (off if isinstance(off, int) else 0, nbytes if isinstance(nbytes, int) else 0)
 
 
 def _decode(name: str, e: dict, body: memoryview, source: str) -> torch.Tensor:
     if e.get("dtype") not in _DTYPES:
         raise TensorFileError(f"{source}: tensor {name!r} has unknown dtype {e.get('dtype')!r}")
     tdt, ndt = _DTYPES[e["dtype"]]
-    shape, off, nbytes = e["shape"], e["offset"], e["nbytes"]
+    shape, off, nbytes = e.get("shape"), e.get("offset"), e.get("nbytes")
+    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+            and isinstance(off, int) and isinstance(nbytes, int)):
+        raise TensorFileError(f"{source}: tensor {name!r} has a malformed entry {e!r}")
     if nbytes != int(np.prod(shape, dtype=np.int64)) * np.dtype(ndt).itemsize:
         raise TensorFileError(f"{source}: tensor {name!r} byte count does not match its shape {shape}")
     if off < 0 or off + nbytes > len(body):

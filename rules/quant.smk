@@ -1,18 +1,53 @@
-# EMA weights -> quantized tensors -> compressed artifact; size.json counts code plus model bytes.
+# EMA weights -> Hessians (calibrate) -> quantized tensors -> compressed artifact; size.json counts
+# code plus model bytes. Hessians are their own file, so a change of clip or bits reruns quantize only.
+# One thread each (Snakemake's default): GPTQ is a loop of small column updates that more OpenMP
+# threads only slow down on a busy CPU, and seeds then quantize side by side.
+
+
+rule calibrate:
+    input:
+        ema=f"{SEED_DIR}/ema.pgt",
+        data=DATASET_DIR if config["calibrate"]["source"] == "train" else [],
+    output:
+        f"{SEED_DIR}/hessians.pgt",
+    params:
+        cfg=section("calibrate"),
+        data=f"--data {DATASET_DIR}" if config["calibrate"]["source"] == "train" else "",
+        device=config["device"],
+        code=code("calibrate"),
+    log:
+        f"{RUN}/logs/calibrate_seed{{seed}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/calibrate_seed{{seed}}.tsv"
+    shell:
+        "pgolf calibrate --weights {input.ema} {params.data} --cfg {params.cfg:q} --seed {wildcards.seed} "
+        "--device {params.device} --out {output} > {log} 2>&1"
+
+
+# Only GPTQ reads Hessians: round-to-nearest runs without the calibrate stage.
+GPTQ = config["quant"]["method"] == "gptq"
 
 
 rule quantize:
     input:
         ema=f"{SEED_DIR}/ema.pgt",
+        hessians=f"{SEED_DIR}/hessians.pgt" if GPTQ else [],
     output:
         f"{SEED_DIR}/quant.pgt",
     params:
         cfg=section("quant"),
+        hessians=f"--hessians {SEED_DIR}/hessians.pgt" if GPTQ else "",
         code=code("quantize"),
     log:
         f"{RUN}/logs/quantize_seed{{seed}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/quantize_seed{{seed}}.tsv"
     shell:
-        "pgolf quantize --weights {input.ema} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
+        "pgolf quantize --weights {input.ema} {params.hessians} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
+
+
+# With pruning on, compress aims at the budget minus the code bytes, so both are its params then.
+PRUNE = config["compress"]["prune"]
 
 
 rule compress:
@@ -21,12 +56,16 @@ rule compress:
     output:
         f"{SEED_DIR}/artifact.pgz",
     params:
-        cfg=section("compress", ["codec", "level"]),  # the budget is the size rule's business
+        cfg=section("compress", ["codec", "level", "pack", "shuffle", "prune"] + (["budget_bytes"] if PRUNE else [])),
+        code_bytes=pgolf.provenance.code_bytes() if PRUNE else 0,
         code=code("compress"),
     log:
         f"{RUN}/logs/compress_seed{{seed}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/compress_seed{{seed}}.tsv"
     shell:
-        "pgolf compress --quant {input.quant} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
+        "pgolf compress --quant {input.quant} --cfg {params.cfg:q} --code-bytes {params.code_bytes} "
+        "--out {output} > {log} 2>&1"
 
 
 # Its own rule so that editing code reruns only this check, not compression and evaluation.

@@ -60,3 +60,19 @@ def test_bad_files_are_named(tmp_path):
 @pytest.mark.parametrize("preset", ["config.yaml", "configs/smoke.yaml"])
 def test_shipped_configs_validate(preset):
     load("config.yaml", preset)
+
+
+def test_codec_level_defaults_to_the_strongest_and_is_checked_per_codec():
+    assert validate({})["compress"]["level"] == 11  # brotli's strongest quality
+    assert validate({"compress": {"codec": "lzma"}})["compress"]["level"] == 9
+    assert validate({"compress": {"codec": "zstd", "level": 19}})["compress"]["level"] == 19
+    with pytest.raises(ConfigError, match=r"compress\.level: 12 is outside 0\.\.11 for codec brotli"):
+        validate({"compress": {"codec": "brotli", "level": 12}})
+
+
+def test_quant_groups_merge_with_their_defaults():
+    q = validate({"quant": {"bits": {"mlp": 5}, "clip_k": {"embed": 14.0}}})["quant"]
+    assert q["bits"] == {"embed": 8, "attn": 6, "mlp": 5, "other": 6}
+    assert q["clip_k"]["embed"] == 14.0 and q["clip_k"]["attn"] == 12.85
+    with pytest.raises(ConfigError, match=r"quant\.bits\.mlp"):
+        validate({"quant": {"bits": {"mlp": 9}}})

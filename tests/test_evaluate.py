@@ -61,7 +61,9 @@ def setup(tiny_dataset, small_model, tmp_path_factory):
     """EMA weights, quantized file and artifact of the small model, as the pipeline writes them."""
     d = tmp_path_factory.mktemp("eval")
     tensorfile.save(d / "ema.pgt", small_model.state_dict(), {**small_model.meta(), "step": 0, "seed": 0})
-    quantize(d / "ema.pgt", {"method": "rtn", "bits": 8, "clip_quantile": 1.0, "min_numel": 256}, d / "q.pgt")
+    int8 = {g: 8 for g in ("embed", "attn", "mlp", "other")}
+    quant = {"method": "rtn", "clip": "quantile", "bits": int8, "clip_quantile": 1.0, "min_numel": 256}
+    quantize(d / "ema.pgt", validate({"quant": quant})["quant"], d / "q.pgt")
     compress(d / "q.pgt", {"codec": "zstd", "level": 3}, d / "a.pgz")
     return argparse.Namespace(data=tiny_dataset.dataset_dir, tokenizer=tiny_dataset.tokenizer,
                               ema=d / "ema.pgt", artifact=d / "a.pgz")

@@ -101,10 +101,21 @@ def test_eval_change_reruns_only_evaluate_and_what_reports_it(finished_run):
     assert jobs == {"evaluate": 2, "aggregate": 1, "record": 1, "plots": 1, "all": 1}
 
 
-def test_quant_change_reruns_from_quantize(finished_run):
-    jobs = planned(finished_run, {"quant": {"clip_quantile": 0.999}})
+def test_clip_change_reruns_from_quantize_not_calibrate(finished_run):
+    assert (finished_run / "results/smoke/seed1/hessians.pgt").exists()
+    jobs = planned(finished_run, {"quant": {"clip_k": {"mlp": 9.5}}})
     assert jobs == {"quantize": 2, "compress": 2, "size": 2, "evaluate": 2, "aggregate": 1, "record": 1,
                     "plots": 1, "all": 1}
+
+
+def test_calibration_change_recollects_the_hessians(finished_run):
+    jobs = planned(finished_run, {"calibrate": {"seqs": 4}})
+    assert jobs["calibrate"] == 2 and jobs["quantize"] == 2 and "train" not in jobs
+
+
+def test_codec_change_reruns_from_compress(finished_run):
+    jobs = planned(finished_run, {"compress": {"codec": "lzma"}})
+    assert jobs == {"compress": 2, "size": 2, "evaluate": 2, "aggregate": 1, "record": 1, "plots": 1, "all": 1}
 
 
 def test_train_change_retrains_but_keeps_data(finished_run):

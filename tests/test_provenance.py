@@ -31,6 +31,8 @@ def test_stage_modules_follow_imports():
     assert {"main.py", "model.py", "muon.py", "loader.py", "shards.py", "tensorfile.py"} <= names["train"]
     assert {"evaluate.py", "bpb.py", "artifact.py", "rtn.py", "model.py"} <= names["evaluate"]
     assert "model.py" not in names["quantize"] and "muon.py" not in names["evaluate"]
+    assert {"calibrate.py", "model.py", "shards.py"} <= names["calibrate"]
+    assert {"gptq.py", "clip.py"} <= names["quantize"] and {"pack.py", "artifact.py"} <= names["compress"]
     with pytest.raises(KeyError, match="unknown stage"):
         provenance.code_version("nope")
 

@@ -259,3 +259,21 @@ def test_params_and_bench_commands(tmp_path):
     assert "ms/step" in out and "tokens/s" in out and "MFU" in out and "peak memory" in out
     r = json.loads(figures.read_text())
     assert r["ms_per_step"] > 0 and 0 < r["mfu"] < 1 and r["flops_per_token"] > 6 * 1000
+
+
+def test_gptq_covers_the_switches_matrices():
+    from pgolf.quant.calibrate import collect_hessians
+    from pgolf.quant.quantize import dequantize_state, quantize_state
+
+    model = randomize(build(tie_embeddings=False, bigram_buckets=32, bigram_dim=8, ve_layers=[3], ve_dim=8,
+                            recur_layers=[1], recur_own_norms=True))
+    hessians = collect_hessians(model, tokens(), batch=2)
+    assert {"lm_head.weight", "bigram.proj.weight", "ve.proj.weight", "blocks.1.mlp.fc.weight"} <= set(hessians)
+    assert "tok_emb.weight" not in hessians  # untied: the embedding is a lookup, with no input activations
+    cfg = validate({"quant": {"method": "gptq", "min_numel": 0}})["quant"]
+    tensors, plan, _, _ = quantize_state({k: v.float() for k, v in model.state_dict().items()}, cfg, hessians)
+    clone = build(tie_embeddings=False, bigram_buckets=32, bigram_dim=8, ve_layers=[3], ve_dim=8,
+                  recur_layers=[1], recur_own_norms=True)
+    clone.load_state_dict(dequantize_state(tensors, plan))
+    assert plan["blocks.1.extra.0.resid_mix"] == "fp32" and plan["lm_head.weight"] == "int"
+    assert (clone(tokens()) - model(tokens())).abs().mean() < 0.5 * model(tokens()).abs().mean()  # int6, tiny rows

@@ -1,81 +1,188 @@
 """The artifact: a plain header, then the compressed quantized tensor file. Never pickle.
 
-Layout (pgolf.container): b"PGOLFART" | u32 version | u64 header length | JSON header | compressed bytes.
-The header names the codec and level, the raw length and the raw bytes' sha256. Reading checks the
-magic, refuses a raw length above MAX_RAW_BYTES, decompresses at most the promised length, and
-checks length and checksum, so a corrupt or hostile file fails with its name and the problem.
+Layout (pgolf.container): b"PGOLFART" | u32 version | u64 header length | JSON header | body.
+The body is the codec's compression of the payload: the quantized tensor file with sub-byte codes
+packed densely (pgolf.quant.pack), then optionally byte-shuffled. The header names the codec and
+level, the shuffle stride, the packed tensors (bits, shape), the body, payload and raw lengths and
+the raw tensor file's sha256.
+
+Reading refuses a file over MAX_FILE_BYTES before reading it, checks the body length against the
+header (a truncated or padded file fails), decompresses at most the promised payload length,
+unpacks only tensors whose byte counts match their shapes, and checks the rebuilt tensor file's
+length and checksum: a corrupt or hostile file fails with its name and the problem.
 """
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 from pathlib import Path
 
+import brotli
 import zstandard
 
-from pgolf.container import frame, read_file, unframe
+from pgolf import tensorfile
+from pgolf.container import frame, unframe
 from pgolf.io import write_bytes
+from pgolf.quant.pack import PackError, pack_codes, shuffle, unpack_codes, unshuffle
 
 MAGIC = b"PGOLFART"
-VERSION = 1
-MAX_HEADER_BYTES = 1 << 16
+VERSION = 2
+MAX_HEADER_BYTES = 1 << 20
 MAX_RAW_BYTES = 1 << 30  # far above any 16 MB artifact's decompressed size
+MAX_FILE_BYTES = 1 << 28  # sixteen times the challenge's cap: anything larger is not an artifact
 
 
 class ArtifactError(ValueError):
     """An artifact that is corrupt, truncated or not ours."""
 
 
-def _zstd_compress(raw: bytes, level: int) -> bytes:
-    return zstandard.ZstdCompressor(level=level).compress(raw)
-
-
 def _zstd_decompress(body: bytes, limit: int) -> bytes:
     # A streaming read bounded by `limit`: a lying header can never make us allocate more.
-    try:
-        return zstandard.ZstdDecompressor().stream_reader(body).read(limit)
-    except zstandard.ZstdError as e:
-        raise ArtifactError(f"compressed data is corrupt ({e})") from None
+    return zstandard.ZstdDecompressor().stream_reader(body).read(limit)
 
 
-# codec -> (compress(raw, level), decompress(body, at most this many bytes)); later codecs go here.
-CODECS = {"zstd": (_zstd_compress, _zstd_decompress)}
+# A stream cut short can still yield all the data (an xz file's last bytes are its index and
+# footer), so brotli and lzma must also have reached their end marker, unless the limit stopped them.
+def _brotli_decompress(body: bytes, limit: int) -> bytes:
+    d = brotli.Decompressor()
+    out = d.process(body, output_buffer_limit=limit)[:limit]
+    if len(out) < limit and not d.is_finished():
+        raise brotli.error("the stream ends early")
+    return out
 
 
-def pack(raw: bytes, codec: str, level: int) -> bytes:
-    if codec not in CODECS:
-        raise ArtifactError(f"compress.codec: unknown codec {codec!r}; known: {', '.join(CODECS)}")
-    body = CODECS[codec][0](raw, level)
-    sha = hashlib.sha256(raw).hexdigest()
-    header = {"codec": codec, "level": level, "raw_bytes": len(raw), "sha256": sha}
+def _lzma_decompress(body: bytes, limit: int) -> bytes:
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    out = d.decompress(body, max_length=limit)
+    if len(out) < limit and not d.eof:
+        raise lzma.LZMAError("the stream ends early")
+    return out
+
+
+# codec -> (compress(raw, level), decompress(body, at most this many bytes)).
+CODECS = {
+    "zstd": (lambda raw, level: zstandard.ZstdCompressor(level=level).compress(raw), _zstd_decompress),
+    "brotli": (lambda raw, level: brotli.compress(raw, quality=level), _brotli_decompress),
+    "lzma": (lambda raw, level: lzma.compress(raw, format=lzma.FORMAT_XZ, preset=level), _lzma_decompress),
+}
+_CODEC_ERRORS = (zstandard.ZstdError, brotli.error, lzma.LZMAError)
+
+
+def param_count(tensors: dict, meta: dict) -> int:
+    """Model parameters in a (quantized) tensor file: codes count, their scales do not."""
+    plan = meta.get("quant", {}).get("plan")
+    if plan is None:
+        return sum(t.numel() for t in tensors.values())
+    return sum(tensors[f"{n}.codes" if how == "int" else n].numel() for n, how in plan.items())
+
+
+def pack_payload(raw: bytes, tensors: dict, meta: dict, pack: bool) -> tuple[bytes, dict[str, list]]:
+    """Tensor file `raw` (loaded: tensors, meta) with its sub-byte codes packed, and what was packed:
+    {tensor: [bits, shape]}."""
+    tensors = dict(tensors)
+    bits = meta.get("quant", {}).get("bits", {}) if pack else {}
+    info = {}
+    for name, b in bits.items():
+        if b < 8:
+            key = f"{name}.codes"
+            info[key] = [b, list(tensors[key].shape)]
+            tensors[key] = pack_codes(tensors[key], b)
+    return (tensorfile.dumps(tensors, meta) if info else raw), info
+
+
+def encode(raw: bytes, cfg: dict, pruned_codes: int = 0) -> bytes:
+    """The artifact for tensor file `raw` under compress config cfg (codec, level, pack, shuffle)."""
+    if cfg["codec"] not in CODECS:
+        raise ArtifactError(f"compress.codec: unknown codec {cfg['codec']!r}; known: {', '.join(CODECS)}")
+    tensors, meta = tensorfile.loads(raw)
+    payload, info = pack_payload(raw, tensors, meta, cfg.get("pack", False))
+    body = CODECS[cfg["codec"]][0](shuffle(payload, cfg.get("shuffle", 0)), cfg["level"])
+    header = {"codec": cfg["codec"], "level": cfg["level"], "shuffle": cfg.get("shuffle", 0), "packed": info,
+              "body_bytes": len(body), "payload_bytes": len(payload), "raw_bytes": len(raw),
+              "sha256": hashlib.sha256(raw).hexdigest(), "params": param_count(tensors, meta),
+              "pruned_codes": pruned_codes}
     return frame(MAGIC, VERSION, header) + body
 
 
-def unpack(data: bytes, source: str = "<bytes>") -> bytes:
-    """The raw bytes; raise ArtifactError naming `source` unless they are exactly what the header promises."""
-    header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, ArtifactError, "artifact")
-    n = header.get("raw_bytes")
-    if not isinstance(n, int) or not 0 <= n <= MAX_RAW_BYTES:
-        raise ArtifactError(f"{source}: header promises {n!r} raw bytes (limit {MAX_RAW_BYTES})")
+def _length(header: dict, key: str, source: str) -> int:
+    n = header.get(key)
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_RAW_BYTES:
+        raise ArtifactError(f"{source}: header promises {n!r} {key.replace('_', ' ')} (limit {MAX_RAW_BYTES})")
+    return n
+
+
+def _decompress(header: dict, body: memoryview, source: str) -> bytes:
     if header.get("codec") not in CODECS:
         raise ArtifactError(f"{source}: unknown codec {header.get('codec')!r}")
+    if _length(header, "body_bytes", source) != len(body):
+        raise ArtifactError(f"{source}: the body is {len(body)} bytes, the header says {header['body_bytes']} "
+                            "(truncated, or bytes appended)")
+    n = _length(header, "payload_bytes", source)
     try:
-        raw = CODECS[header["codec"]][1](bytes(body), n + 1)  # one byte more shows a lying length
-    except ArtifactError as e:
-        raise ArtifactError(f"{source}: {e}") from None
-    if len(raw) != n:
-        raise ArtifactError(f"{source}: decompressed to {len(raw)} bytes, header promises {n} "
+        payload = CODECS[header["codec"]][1](bytes(body), n + 1)  # one byte more shows a lying length
+    except _CODEC_ERRORS as e:
+        raise ArtifactError(f"{source}: compressed data is corrupt ({e})") from None
+    if len(payload) != n:
+        raise ArtifactError(f"{source}: decompressed to {len(payload)} bytes, header promises {n} "
                             "(truncated or corrupt)")
+    stride = header.get("shuffle")
+    if not isinstance(stride, int) or not 0 <= stride <= 16:
+        raise ArtifactError(f"{source}: bad shuffle stride {stride!r}")
+    return unshuffle(payload, stride)
+
+
+def _unpack_payload(payload: bytes, packed: object, source: str) -> bytes:
+    if not packed:
+        return payload
+    if not isinstance(packed, dict):
+        raise ArtifactError(f"{source}: bad 'packed' entry in the header")
+    tensors, meta = tensorfile.loads(payload, source)
+    for key, spec in packed.items():
+        try:
+            bits, shape = spec
+            tensors[key] = unpack_codes(tensors[key], int(bits), [int(s) for s in shape])
+        except (KeyError, TypeError, ValueError, PackError) as e:
+            raise ArtifactError(f"{source}: packed tensor {key!r} is damaged ({e})") from None
+    return tensorfile.dumps(tensors, meta)
+
+
+def decode(data: bytes, source: str = "<bytes>") -> bytes:
+    """The raw tensor file; raise ArtifactError naming `source` unless it is exactly what the header promises."""
+    header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, ArtifactError, "artifact")
+    n = _length(header, "raw_bytes", source)
+    try:
+        raw = _unpack_payload(_decompress(header, body, source), header.get("packed"), source)
+    except tensorfile.TensorFileError as e:
+        raise ArtifactError(f"{source}: payload is corrupt ({e})") from None
+    if len(raw) != n:
+        raise ArtifactError(f"{source}: rebuilt {len(raw)} bytes, header promises {n} (corrupt)")
     if hashlib.sha256(raw).hexdigest() != header.get("sha256"):
         raise ArtifactError(f"{source}: checksum mismatch; the artifact is corrupt")
     return raw
 
 
-def write_artifact(path: str | Path, raw: bytes, codec: str, level: int) -> int:
-    data = pack(raw, codec, level)
+def _read(path: str | Path) -> bytes:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: file not found") from None
+    if size > MAX_FILE_BYTES:
+        raise ArtifactError(f"{path}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit; not an artifact")
+    return path.read_bytes()
+
+
+def write_artifact(path: str | Path, raw: bytes, cfg: dict) -> int:
+    data = encode(raw, cfg)
     write_bytes(path, data)
     return len(data)
 
 
 def read_artifact(path: str | Path) -> bytes:
-    return unpack(read_file(path, ArtifactError), str(path))
+    return decode(_read(path), str(path))
+
+
+def read_header(path: str | Path) -> dict:
+    """The artifact's header, checked for framing only (size reports read it without decompressing)."""
+    return unframe(_read(path), MAGIC, VERSION, MAX_HEADER_BYTES, str(path), ArtifactError, "artifact")[0]

@@ -1,36 +1,91 @@
-"""`pgolf quantize`: EMA weights to a quantized tensor file that carries its own decoding plan.
+"""`pgolf quantize`: EMA weights (and, for GPTQ, the calibration Hessians) to a quantized tensor file
+that carries its own decoding plan.
 
-The output's meta is the input's model meta plus `quant`: the method, its bits and the plan, which
-says per tensor how it is stored ("rtn": `<name>.codes` int8 + `<name>.scale` fp16; "fp16"; "fp32";
-"keep"), so reading it back needs no config.
+The output's meta is the input's model meta plus `quant`: the method, the clip, the plan (per
+tensor how it is stored: "int": `<name>.codes` int8 + `<name>.scale` fp16; "fp16"; "fp32"; "keep")
+and the bits of each "int" tensor, so reading it back and packing it need no config.
+
+Matrices fall into groups by name (`group_of`), each with its own bits and SDClip factor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor
 
 from pgolf import tensorfile
-from pgolf.quant import rtn
+from pgolf.quant.clip import row_scales
+from pgolf.quant.gptq import gptq_matrix, output_error
+from pgolf.quant.rtn import dequantize_rows, dequantize_state, rtn_matrix, storage_for, store_plain
 
-# method -> (state dict, quant config) -> (stored tensors, plan); GPTQ and others register here.
-METHODS = {"rtn": rtn.quantize_state}
+# method -> (w, fp16 row scales, bits, Hessian or None, quant config) -> int8 codes.
+METHODS: dict[str, Callable[[Tensor, Tensor, int, Tensor | None, dict], Tensor]] = {
+    "rtn": rtn_matrix,
+    "gptq": gptq_matrix,
+}
+NEEDS_HESSIANS = {"gptq"}
+GROUPS = ("embed", "attn", "mlp", "other")
 
 
-def quantize(weights: str | Path, cfg: dict, out: str | Path) -> dict[str, int]:
-    """Write the quantized tensor file; return how many tensors went to each storage."""
-    state, meta = tensorfile.load(weights)
+def group_of(name: str) -> str:
+    """embed (a module named *emb*: the tied embedding), attn, mlp or other."""
+    parts = name.split(".")[:-1]
+    if any("emb" in p for p in parts):
+        return "embed"
+    return next((g for g in ("attn", "mlp") if g in parts), "other")
+
+
+def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tensor] | None = None,
+                   ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int], dict[str, float]]:
+    """(stored tensors, plan, bits per int tensor, output error per Hessian-backed int tensor)."""
     if cfg["method"] not in METHODS:
         raise ValueError(f"quant.method: unknown method {cfg['method']!r}; known: {', '.join(METHODS)}")
-    tensors, plan = METHODS[cfg["method"]](state, cfg)
-    quant_meta = {"method": cfg["method"], "bits": cfg["bits"], "plan": plan}
+    hessians = hessians or {}
+    tensors, plan, bits, errors = {}, {}, {}, {}
+    for name, t in state.items():
+        how = plan[name] = storage_for(name, t, cfg["min_numel"])
+        if how != "int":
+            tensors[name] = store_plain(t, how)
+            continue
+        b = bits[name] = cfg["bits"][group_of(name)]
+        h = hessians.get(name)
+        scale = row_scales(t, b, cfg, group_of(name), None if h is None else h.diagonal())
+        try:
+            codes = METHODS[cfg["method"]](t, scale, b, h, cfg)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from None
+        tensors[f"{name}.codes"], tensors[f"{name}.scale"] = codes, scale
+        if h is not None:
+            errors[name] = output_error(t, dequantize_rows(codes, scale), h) / (output_error(t, 0 * t, h) or 1.0)
+    return tensors, plan, bits, errors
+
+
+def _load_hessians(path: str | Path | None, method: str) -> dict[str, Tensor] | None:
+    if path is None:
+        if method in NEEDS_HESSIANS:
+            raise ValueError(f"quant.method {method!r} needs the calibrate stage's Hessians (--hessians)")
+        return None
+    return tensorfile.load(path)[0]
+
+
+def quantize(weights: str | Path, cfg: dict, out: str | Path, hessians: str | Path | None = None) -> dict[str, int]:
+    """Write the quantized tensor file; return how many tensors went to each storage."""
+    t0 = time.perf_counter()
+    state, meta = tensorfile.load(weights)
+    tensors, plan, bits, errors = quantize_state(state, cfg, _load_hessians(hessians, cfg["method"]))
+    quant_meta = {"method": cfg["method"], "clip": cfg["clip"], "plan": plan, "bits": bits}
     tensorfile.save(out, tensors, {**meta, "quant": quant_meta})
+    for name, err in errors.items():
+        print(f"{name}: int{bits[name]}, relative output error {err:.3e}", flush=True)
     counts = dict(Counter(plan.values()))
-    print(f"{out}: {len(plan)} tensors, storage {counts}", flush=True)
+    print(f"{out}: {len(plan)} tensors, storage {counts}, {cfg['method']} with {cfg['clip']} clip, "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
     return counts
 
 
@@ -42,7 +97,7 @@ def dequantize(source: str | Path | dict[str, Tensor],
     if "quant" not in meta:
         raise ValueError("not a quantized tensor file (no 'quant' entry in its header)")
     try:
-        state = rtn.dequantize_state(source, meta["quant"]["plan"])
+        state = dequantize_state(source, meta["quant"]["plan"])
     except KeyError as e:
         raise ValueError(f"quantized tensor file lacks tensor {e}") from None
     return state, {k: v for k, v in meta.items() if k != "quant"}
@@ -51,10 +106,11 @@ def dequantize(source: str | Path | dict[str, Tensor],
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf quantize", description=__doc__)
     ap.add_argument("--weights", required=True, help="EMA weights (tensor file)")
+    ap.add_argument("--hessians", help="the calibrate stage's Hessians (tensor file); GPTQ needs them")
     ap.add_argument("--cfg", required=True, help="the quant config section as JSON")
     ap.add_argument("--out", required=True, help="quantized tensor file to write")
     args = ap.parse_args(argv)
     try:
-        quantize(args.weights, json.loads(args.cfg), args.out)
+        quantize(args.weights, json.loads(args.cfg), args.out, args.hessians)
     except ValueError as e:
         raise SystemExit(f"pgolf quantize: {e}") from None

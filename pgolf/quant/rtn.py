@@ -1,11 +1,11 @@
-"""Per-row symmetric round-to-nearest quantization, the baseline's export.
+"""Per-row symmetric round-to-nearest, the baseline's export, and the storage rule every method shares.
 
-Each row is clipped at a quantile of its |w| and mapped to integers in [-qmax, qmax], qmax = 2**(bits-1)-1,
-stored as int8 codes with one fp16 scale per row.
+Each row is clipped and mapped to integers in [-qmax, qmax], qmax = 2**(bits-1)-1, stored as int8
+codes with one fp16 scale per row ("int" storage: `<name>.codes` + `<name>.scale`).
 
 Which tensors (`storage_for`), checked in this order:
 - not floating point: kept as they are ("keep");
-- 2-D float with more than min_numel elements: quantized ("rtn");
+- 2-D float with more than min_numel elements: integer codes ("int");
 - control tensors, fp32: every tensor whose name does not end in ".weight". In the model the
   Linear and Embedding matrices are the only `.weight`s; the gains, scales, mixes and skip weights
   (q_gain, attn_scale, mlp_scale, resid_mix, skip_weights) are bare parameters, tiny and sensitive;
@@ -14,20 +14,20 @@ Which tensors (`storage_for`), checked in this order:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from pgolf.quant.clip import quantile_scale, round_codes
 
 
 def quantize_rows(w: Tensor, bits: int, clip_quantile: float) -> tuple[Tensor, Tensor]:
-    """int8 codes and fp16 per-row scales with w ~= codes * scale[:, None]."""
-    qmax = 2 ** (bits - 1) - 1
-    w = w.float()
-    absw = w.abs()
-    clip = torch.quantile(absw, clip_quantile, dim=1) if clip_quantile < 1 else absw.amax(dim=1)
-    # Clamp after the cast: 1e-12 would round to 0 in fp16 and a zero row would divide by zero.
-    scale = (clip / qmax).half().clamp_min(2.0**-24)
-    codes = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
-    return codes, scale
+    """int8 codes and fp16 per-row scales with w ~= codes * scale[:, None], clipped at a quantile of |w|."""
+    scale = quantile_scale(w, bits, clip_quantile)
+    return round_codes(w, scale, bits), scale
+
+
+def rtn_matrix(w: Tensor, scale: Tensor, bits: int, hessian: Tensor | None, cfg: dict) -> Tensor:
+    """The METHODS entry: plain rounding; the Hessian is not used."""
+    return round_codes(w, scale, bits)
 
 
 def dequantize_rows(codes: Tensor, scale: Tensor) -> Tensor:
@@ -35,32 +35,23 @@ def dequantize_rows(codes: Tensor, scale: Tensor) -> Tensor:
 
 
 def storage_for(name: str, t: Tensor, min_numel: int) -> str:
-    """How a tensor is stored: 'keep', 'rtn', 'fp32' or 'fp16' (the rule is in the module docstring)."""
+    """How a tensor is stored: 'keep', 'int', 'fp32' or 'fp16' (the rule is in the module docstring)."""
     if not t.is_floating_point():
         return "keep"
-    if t.ndim == 2 and t.numel() > min_numel:
-        return "rtn"
+    if t.ndim == 2 and t.numel() > min_numel and name.endswith(".weight"):  # control tensors stay float
+        return "int"
     return "fp16" if name.endswith(".weight") else "fp32"
 
 
-def quantize_state(state: dict[str, Tensor], cfg: dict) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Stored tensors and the plan (tensor name -> storage) that `dequantize_state` needs."""
-    tensors, plan = {}, {}
-    for name, t in state.items():
-        how = plan[name] = storage_for(name, t, cfg["min_numel"])
-        if how == "rtn":
-            codes, scale = quantize_rows(t, cfg["bits"], cfg["clip_quantile"])
-            tensors[f"{name}.codes"], tensors[f"{name}.scale"] = codes, scale
-        else:
-            tensors[name] = {"fp16": t.half(), "fp32": t.float(), "keep": t}[how]
-    return tensors, plan
+def store_plain(t: Tensor, how: str) -> Tensor:
+    return {"fp16": t.half(), "fp32": t.float(), "keep": t}[how]
 
 
 def dequantize_state(tensors: dict[str, Tensor], plan: dict[str, str]) -> dict[str, Tensor]:
     """Float tensors back (non-float ones as stored)."""
     out = {}
     for name, how in plan.items():
-        if how == "rtn":
+        if how == "int":
             out[name] = dequantize_rows(tensors[f"{name}.codes"], tensors[f"{name}.scale"])
         elif how in ("fp16", "fp32"):
             out[name] = tensors[name].float()

@@ -87,7 +87,8 @@ def readme(cfg: dict, sub: dict, table: str) -> str:
         f"relu^2 MLP x{m['mlp_mult']}, U-Net skips, tied embeddings, logit softcap {m['logit_softcap']}",
         f"Muon (lr {t['matrix_lr']}, momentum {t['muon_momentum']}) + Adam; EMA {t['ema_decay']}",
         f"{t['iterations']} steps of {t['batch_tokens']:,} tokens at seq {t['seq_len']}",
-        f"{q['method']} int{q['bits']} per-row quantization, "
+        f"{q['method']} per-row quantization ({', '.join(f'{g} int{b}' for g, b in q['bits'].items())}; "
+        f"{q['clip']} clip), "
         f"{cfg['compress']['codec']} level {cfg['compress']['level']}",
     ]
     return "\n".join([

@@ -1,0 +1,149 @@
+"""`pgolf calibrate`: GPTQ's Hessians H = X^T X / n for every weight matrix, from forward hooks.
+
+Every nn.Linear's input gives the Hessian of `<module>.weight`; the tied embedding's comes from the
+input of the output head, `model.head_input` (the final norm's output, as in PR #1394). The
+activations come from windows of the train shards, or from sequences the model samples itself
+(PR #1019, ruled legal). Never from validation data: pgolf.config refuses that source, and this
+module only ever opens train shards.
+
+The Hessians are their own cached file, so a change of clip or bits reruns quantize only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pgolf import tensorfile
+from pgolf.data.shards import list_shards, load_shard
+from pgolf.distributed import setup_distributed
+from pgolf.model import GPT, load_weights
+
+EMBED = "tok_emb.weight"  # the tied embedding, whose input is head_input's output
+
+
+def head_key(model: GPT) -> str:
+    """The output matrix: the tied embedding, or the untied lm_head (then tok_emb, a lookup table
+    with no input activations, is rounded without a Hessian, like the other embedding tables)."""
+    return EMBED if model.lm_head is None else "lm_head.weight"
+
+
+def train_windows(dataset_dir: str | Path, seqs: int, seq_len: int, seed: int) -> Tensor:
+    """`seqs` windows of `seq_len` tokens at random places in the train shards, (seqs, seq_len) int64."""
+    rng = np.random.default_rng(seed)
+    shards = [load_shard(p) for p in list_shards(dataset_dir, "train")]
+    usable = [s for s in shards if len(s) >= seq_len]
+    if not usable:
+        raise ValueError(f"{dataset_dir}: no train shard holds calibrate.seq_len={seq_len} tokens")
+    rows = []
+    for _ in range(seqs):
+        s = usable[rng.integers(len(usable))]
+        start = int(rng.integers(len(s) - seq_len + 1))
+        rows.append(np.asarray(s[start : start + seq_len], dtype=np.int64))
+    return torch.from_numpy(np.stack(rows))
+
+
+@torch.no_grad()
+def generate(model: GPT, seqs: int, seq_len: int, temperature: float, seed: int, batch: int) -> Tensor:
+    """Sequences sampled from the model itself, each from one uniformly random first token."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    out = []
+    for i in range(0, seqs, batch):
+        n = min(batch, seqs - i)
+        idx = torch.randint(model.vocab_size, (n, 1), generator=gen, device=device)
+        for _ in range(seq_len - 1):
+            probs = torch.softmax(model(idx)[:, -1].float() / temperature, dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        out.append(idx.cpu())
+    return torch.cat(out)
+
+
+class HessianHooks:
+    """Sums x^T x of every nn.Linear's input while registered; `mean()` divides by the rows seen."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.handles = [m.register_forward_hook(self._hook(f"{name}.weight"))
+                        for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+    def _hook(self, key: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            self.add(key, inputs[0])
+        return hook
+
+    def add(self, key: str, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        xtx = (x.T @ x).double()
+        self.sums[key] = self.sums[key] + xtx if key in self.sums else xtx
+        self.rows[key] = self.rows.get(key, 0) + x.size(0)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def mean(self) -> dict[str, Tensor]:
+        return {k: (s / self.rows[k]).float().cpu() for k, s in self.sums.items()}
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, tokens: Tensor, batch: int) -> dict[str, Tensor]:
+    """Mean X^T X per weight matrix over `tokens` (seqs, seq_len), the tied embedding included."""
+    device = next(model.parameters()).device
+    hooks = HessianHooks(model)
+    try:
+        for i in range(0, len(tokens), batch):
+            # head_input runs every block, so the Linear hooks fire; the head itself is one matmul
+            # with the output matrix (forward calls F.linear, not a module), whose input we add by hand.
+            hooks.add(head_key(model), model.head_input(tokens[i : i + batch].to(device)))
+    finally:
+        hooks.remove()
+    return hooks.mean()
+
+
+def calibration_tokens(model: GPT, data: str | Path | None, cfg: dict, seed: int) -> Tensor:
+    if cfg["source"] not in ("train", "generate"):
+        raise ValueError(f"calibrate.source {cfg['source']!r}: only train shards or generated sequences are "
+                         "read; validation data would leak into the artifact")
+    if cfg["source"] == "generate":
+        return generate(model, cfg["seqs"], cfg["seq_len"], cfg["temperature"], seed, cfg["batch_seqs"])
+    if data is None:
+        raise ValueError("calibrate.source 'train' needs the dataset directory (--data)")
+    return train_windows(data, cfg["seqs"], cfg["seq_len"], seed)
+
+
+def calibrate(weights: str | Path, data: str | Path | None, cfg: dict, seed: int, out: str | Path,
+              device: torch.device) -> dict[str, Tensor]:
+    t0 = time.perf_counter()
+    model = load_weights(weights).to(device).eval()
+    tokens = calibration_tokens(model, data, cfg, seed)
+    hessians = collect_hessians(model, tokens, cfg["batch_seqs"])
+    seconds = time.perf_counter() - t0
+    meta = {"source": cfg["source"], "tokens": tokens.numel(), "seed": seed, "seconds": seconds}
+    tensorfile.save(out, hessians, meta)
+    print(f"{out}: {len(hessians)} Hessians from {tokens.numel():,} {cfg['source']} tokens in {seconds:.1f}s",
+          flush=True)
+    return hessians
+
+
+def cli(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="pgolf calibrate", description=__doc__)
+    ap.add_argument("--weights", required=True, help="EMA weights (tensor file)")
+    ap.add_argument("--data", help="dataset directory (its train shards) for calibrate.source train")
+    ap.add_argument("--cfg", required=True, help="the calibrate config section as JSON")
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--out", required=True, help="Hessians tensor file to write")
+    args = ap.parse_args(argv)
+    try:
+        calibrate(args.weights, args.data, json.loads(args.cfg), args.seed, args.out,
+                  setup_distributed(args.device)[2])
+    except ValueError as e:
+        raise SystemExit(f"pgolf calibrate: {e}") from None
