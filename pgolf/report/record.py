@@ -16,6 +16,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+from pgolf.config import validate
 from pgolf.io import atomic_dir, read_json, write_bytes, write_json
 from pgolf.provenance import PACKAGE, code_files
 
@@ -80,12 +81,29 @@ def submission(cfg: dict, summary: dict, results: dict, code_bytes: int) -> dict
     return sub
 
 
+# Keys that size or schedule a run rather than switch a technique on; the techniques list skips them.
+SIZE_KEYS = {"num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "activation", "skip",
+             "tie_embeddings", "logit_softcap"}
+RUN_KEYS = {"nproc", "seq_len", "batch_tokens", "micro_batch_seqs", "iterations", "checkpoint_every", "log_every",
+            "matrix_lr", "muon_momentum", "muon_ns", "ema_decay"}
+
+
+def changed(cfg: dict, section: str, skip: set[str]) -> str:
+    """`key=value` for every key of the section that differs from its schema default."""
+    defaults = validate({})[section]
+    return ", ".join(f"{k}={v}" for k, v in cfg[section].items() if k not in skip and defaults.get(k) != v)
+
+
 def readme(cfg: dict, sub: dict, table: str) -> str:
     m, t, q = cfg["model"], cfg["train"], cfg["quant"]
     techniques = [
         f"GPT {m['num_layers']}x{m['model_dim']}, {m['num_heads']} heads / {m['num_kv_heads']} KV heads (GQA), "
-        f"relu^2 MLP x{m['mlp_mult']}, U-Net skips, tied embeddings, logit softcap {m['logit_softcap']}",
-        f"Muon (lr {t['matrix_lr']}, momentum {t['muon_momentum']}) + Adam; EMA {t['ema_decay']}",
+        f"{m['activation']} MLP x{m['mlp_mult']}, {m['skip']} skips, "
+        f"{'tied' if m['tie_embeddings'] else 'untied'} embeddings, logit softcap {m['logit_softcap']}",
+        f"Muon (lr {t['matrix_lr']}, momentum {t['muon_momentum']}, {t['muon_ns']} Newton-Schulz) + AdamW; "
+        f"EMA {t['ema_decay']}",
+        "model keys off their defaults: " + (changed(cfg, "model", SIZE_KEYS) or "none (the baseline architecture)"),
+        "training keys off their defaults: " + (changed(cfg, "train", RUN_KEYS) or "none"),
         f"{t['iterations']} steps of {t['batch_tokens']:,} tokens at seq {t['seq_len']}",
         f"{q['method']} per-row quantization ({', '.join(f'{g} int{b}' for g, b in q['bits'].items())}; "
         f"{q['clip']} clip), "
