@@ -17,6 +17,7 @@ STAGES = {
     "compress": ("pgolf.quant.compress", "compress quantized weights into the artifact"),
     "size": ("pgolf.quant.compress:size_cli", "code plus model bytes against the 16,000,000-byte cap: size.json"),
     "evaluate": ("pgolf.eval.evaluate", "val BPB: pre-quant, post-quant from the artifact, sliding window"),
+    "audit": ("pgolf.eval.audit", "check a run's evaluation is causal: losses before t ignore tokens after t"),
     "aggregate": ("pgolf.report.aggregate", "per-seed results, mean and std: summary.json/.parquet"),
     "plots": ("pgolf.report.plots", "figures for snakemake --report: loss, BPB per stage, bytes"),
     "record": ("pgolf.report.record", "a submission folder in the challenge's format"),

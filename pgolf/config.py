@@ -65,7 +65,23 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
     check_calibration(cfg["calibrate"])
+    check_ttt_legality(cfg["eval"]["ttt"])
     _resolve_codec_level(cfg["compress"])
+
+
+SCORE_FIRST = ("the score-before-update rule (parameter-golf issues #402 and #677): every val token must be "
+               "scored before the model adapts on it, and its first score is the one reported")
+
+
+def check_ttt_legality(ttt: dict[str, Any]) -> None:
+    """Refuse every TTT setting that would adapt on val tokens before they are scored."""
+    if ttt["prequant"]:
+        raise ConfigError(f"eval.ttt.prequant: fine-tuning on val before quantization breaks {SCORE_FIRST}")
+    if ttt["passes"] > 1:
+        raise ConfigError(f"eval.ttt.passes={ttt['passes']}: a later pass would report tokens the model "
+                          f"already trained on, which breaks {SCORE_FIRST}")
+    if ttt["rescore"]:
+        raise ConfigError(f"eval.ttt.rescore: scoring a chunk again after training on it breaks {SCORE_FIRST}")
 
 
 # What calibration may read. Val tokens are scored later; Hessians built from them would carry

@@ -1,10 +1,16 @@
+import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from pgolf import tensorfile
 from pgolf.config import validate
 from pgolf.data import documents, encode, tokenizer
+from pgolf.model import GPT
+from pgolf.quant.compress import compress
+from pgolf.quant.quantize import quantize
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -20,3 +26,26 @@ def tiny_dataset(tmp_path_factory) -> SimpleNamespace:
     tokenizer.train(docs, cfg["tokenizer"], tok)
     encode.build(docs, tok, cfg["data"], ds)
     return SimpleNamespace(docs=docs, tokenizer=tok, dataset_dir=ds, vocab_size=320, config=cfg)
+
+
+@pytest.fixture(scope="session")
+def small_model(tiny_dataset):
+    torch.manual_seed(0)
+    cfg = validate({"model": {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1}})["model"]
+    model = GPT(tiny_dataset.vocab_size, cfg)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def setup(tiny_dataset, small_model, tmp_path_factory):
+    """EMA weights, quantized file and artifact of the small model, as the pipeline writes them."""
+    d = tmp_path_factory.mktemp("eval")
+    tensorfile.save(d / "ema.pgt", small_model.state_dict(), {**small_model.meta(), "step": 0, "seed": 0})
+    int8 = {g: 8 for g in ("embed", "attn", "mlp", "other")}
+    quant = {"method": "rtn", "clip": "quantile", "bits": int8, "clip_quantile": 1.0, "min_numel": 256}
+    quantize(d / "ema.pgt", validate({"quant": quant})["quant"], d / "q.pgt")
+    compress(d / "q.pgt", {"codec": "zstd", "level": 3}, d / "a.pgz")
+    return argparse.Namespace(data=tiny_dataset.dataset_dir, tokenizer=tiny_dataset.tokenizer,
+                              ema=d / "ema.pgt", artifact=d / "a.pgz")

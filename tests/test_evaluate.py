@@ -1,6 +1,5 @@
 """Evaluation: window coverage, sliding == plain at stride == window, and the stage end to end."""
 
-import argparse
 import json
 import os
 import subprocess
@@ -10,14 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf import tensorfile
 from pgolf.config import validate
 from pgolf.data.shards import load_split
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
 from pgolf.eval.evaluate import cli, evaluate, plain_windows, score, val_tokens, windows
-from pgolf.model import GPT, token_losses
-from pgolf.quant.compress import compress
-from pgolf.quant.quantize import quantize
+from pgolf.model import token_losses
 
 
 @pytest.mark.parametrize("n,seq,stride", [(101, 10, 3), (100, 10, 10), (57, 8, 5), (9, 8, 4), (40, 8, 1)])
@@ -44,29 +40,6 @@ def test_plain_windows_drop_the_tail_like_the_challenge():
     assert plain_windows(25, 10) == [(0, 0), (10, 0)]
     assert plain_windows(21, 10) == [(0, 0), (10, 0)]
     assert plain_windows(20, 10) == [(0, 0)]
-
-
-@pytest.fixture(scope="module")
-def small_model(tiny_dataset):
-    torch.manual_seed(0)
-    cfg = validate({"model": {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1}})["model"]
-    model = GPT(tiny_dataset.vocab_size, cfg)
-    for p in model.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_dataset, small_model, tmp_path_factory):
-    """EMA weights, quantized file and artifact of the small model, as the pipeline writes them."""
-    d = tmp_path_factory.mktemp("eval")
-    tensorfile.save(d / "ema.pgt", small_model.state_dict(), {**small_model.meta(), "step": 0, "seed": 0})
-    int8 = {g: 8 for g in ("embed", "attn", "mlp", "other")}
-    quant = {"method": "rtn", "clip": "quantile", "bits": int8, "clip_quantile": 1.0, "min_numel": 256}
-    quantize(d / "ema.pgt", validate({"quant": quant})["quant"], d / "q.pgt")
-    compress(d / "q.pgt", {"codec": "zstd", "level": 3}, d / "a.pgz")
-    return argparse.Namespace(data=tiny_dataset.dataset_dir, tokenizer=tiny_dataset.tokenizer,
-                              ema=d / "ema.pgt", artifact=d / "a.pgz")
 
 
 def test_stride_equal_to_window_is_the_plain_evaluation(tiny_dataset, small_model):
@@ -102,7 +75,7 @@ def test_val_tokens_concatenate_the_split_and_cap(tiny_dataset):
 
 
 def test_evaluate_end_to_end(setup):
-    cfg = {"seq_len": 32, "stride": 8, "batch_seqs": 16, "max_tokens": 2000}
+    cfg = validate({"eval": {"seq_len": 32, "stride": 8, "batch_seqs": 16, "max_tokens": 2000}})["eval"]
     r = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
     assert r["pre_quant"]["tokens"] == r["post_quant"]["tokens"] == 1984 and r["sliding"]["tokens"] == 2000
     assert r["quant_gap_bpb"] == r["post_quant"]["val_bpb"] - r["pre_quant"]["val_bpb"]
@@ -113,7 +86,7 @@ def test_evaluate_end_to_end(setup):
 
 def test_two_processes_match_one(setup, tmp_path):
     """Under torchrun the windows are split over processes and the sums all-reduced: same numbers."""
-    cfg = {"seq_len": 32, "stride": 8, "batch_seqs": 4, "max_tokens": 1000}
+    cfg = validate({"eval": {"seq_len": 32, "stride": 8, "batch_seqs": 4, "max_tokens": 1000}})["eval"]
     one = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pgolf",
            "evaluate", "--cfg", json.dumps(cfg), "--device", "cpu", "--out", str(tmp_path / "eval.json")]

@@ -1,5 +1,6 @@
-"""`pgolf evaluate`: val BPB of the EMA weights, of the weights read back from the artifact, and by
-sliding window over the artifact weights. Windows are spread over processes under torchrun."""
+"""`pgolf evaluate`: val BPB of the EMA weights, of the weights read back from the artifact, by
+sliding window over the artifact weights, and with legal score-first TTT when eval.ttt.enabled.
+Windows are spread over processes under torchrun; the scored path is checked against the budget."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pgolf import tensorfile
 from pgolf.data.shards import load_split
 from pgolf.distributed import setup_distributed
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
+from pgolf.eval.ttt import ttt_eval
 from pgolf.io import write_json
 from pgolf.model import GPT, load_weights, token_losses
 from pgolf.quant.artifact import read_artifact
@@ -98,21 +100,44 @@ def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device:
     tokens = val_tokens(args.data, cfg["max_tokens"], T)
     ema, art = load_weights(args.ema).to(device).eval(), artifact_model(args.artifact).to(device).eval()
     luts = build_byte_luts(args.tokenizer, ema.vocab_size)
-    plain = plain_windows(len(tokens), T)
-    parts = {"pre_quant": (ema, plain), "post_quant": (art, plain),
-             "sliding": (art, windows(len(tokens), T, cfg["stride"]))}
+    plain, sliding = plain_windows(len(tokens), T), windows(len(tokens), T, cfg["stride"])
+    parts = {"pre_quant": (ema, plain), "post_quant": (art, plain), "sliding": (art, sliding)}
     result, seconds = {}, {}
     for name, (model, wins) in parts.items():
         t0 = time.perf_counter()
         result[name] = score(model, tokens, wins, T, B, BPBMeter(luts), rank, world, label=name)
         seconds[name] = time.perf_counter() - t0
-        if rank == 0:
-            print(f"{name}: bpb {result[name]['val_bpb']:.4f} loss {result[name]['val_loss']:.4f} "
-                  f"({len(wins)} windows, {seconds[name]:.1f}s)", flush=True)
+        log(rank, f"{name}: bpb {result[name]['val_bpb']:.4f} loss {result[name]['val_loss']:.4f} "
+                  f"({len(wins)} windows, {seconds[name]:.1f}s)")
     result["sliding"].update(seq_len=T, stride=cfg["stride"])
+    if cfg["ttt"]["enabled"]:  # adapts `art` in place: it runs last
+        t0 = time.perf_counter()
+        result["ttt"] = ttt_eval(art, tokens, sliding, T, B, cfg["ttt"], BPBMeter(luts), rank, world)
+        seconds["ttt"] = time.perf_counter() - t0
+        result["ttt_gain_bpb"] = result["ttt"]["val_bpb"] - result["sliding"]["val_bpb"]
+        log(rank, f"ttt: bpb {result['ttt']['val_bpb']:.4f} (gain {result['ttt_gain_bpb']:+.4f}) over "
+                  f"{result['ttt']['chunks']} chunks, {seconds['ttt']:.1f}s")
     result["quant_gap_bpb"] = result["post_quant"]["val_bpb"] - result["pre_quant"]["val_bpb"]
     result["eval_seconds"] = seconds
+    result["scored_eval_seconds"] = seconds["sliding"] + seconds.get("ttt", 0.0)
+    check_budget(cfg, result["scored_eval_seconds"], rank)
     return result
+
+
+def log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def check_budget(cfg: dict, used: float, rank: int) -> None:
+    """Warn or fail (eval.on_over_budget) when the scored path ran past eval.time_budget_seconds."""
+    budget = cfg["time_budget_seconds"]
+    if not budget or used <= budget:
+        return
+    msg = f"the scored evaluation (sliding window + TTT) took {used:.1f}s, over eval.time_budget_seconds={budget}"
+    if cfg["on_over_budget"] == "fail":
+        raise ValueError(msg)
+    log(rank, f"WARNING: {msg}")
 
 
 def cli(argv: list[str]) -> None:
