@@ -66,6 +66,8 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
     check_calibration(cfg["calibrate"])
     check_ttt_legality(cfg["eval"]["ttt"])
+    if c["metric"] == "ttt_bpb" and not cfg["eval"]["ttt"]["enabled"]:
+        raise ConfigError("compare.metric: ttt_bpb needs eval.ttt.enabled: true")
     _resolve_codec_level(cfg["compress"])
 
 

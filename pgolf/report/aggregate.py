@@ -23,6 +23,8 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "eval_tokens": ("eval", ("sliding", "tokens")),
     "eval_bytes": ("eval", ("sliding", "bytes")),
     "quant_gap_bpb": ("eval", ("quant_gap_bpb",)),
+    "ttt_bpb": ("eval", ("ttt", "val_bpb")),
+    "ttt_gain_bpb": ("eval", ("ttt_gain_bpb",)),
     "post_quant_loss": ("eval", ("post_quant", "val_loss")),
     "model_bytes": ("size", ("model_bytes",)),
     "total_bytes": ("size", ("total_bytes",)),
@@ -30,6 +32,9 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "train_seconds": ("train", ("train_seconds",)),
     "tokens_per_s": ("train", ("tokens_per_s",)),
 }
+
+
+OPTIONAL = {"ttt_bpb", "ttt_gain_bpb"}  # only when eval.ttt is enabled
 
 
 def _dig(obj: dict, keys: tuple[str, ...], source: Path) -> float:
@@ -46,14 +51,21 @@ def seed_row(run_dir: Path, seed: int) -> dict[str, Any]:
     loaded = {name: read_json(p) for name, p in files.items()}
     row: dict[str, Any] = {"seed": seed}
     for col, (name, keys) in COLUMNS.items():
+        if col in OPTIONAL and keys[0] not in loaded[name]:
+            continue
         row[col] = _dig(loaded[name], keys, files[name])
     return row
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns every seed has (TTT's only when every seed ran it)."""
+    return [c for c in COLUMNS if all(c in r for r in rows)]
 
 
 def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and sample standard deviation (0 for a single seed) of every column."""
     mean, std = {}, {}
-    for col in COLUMNS:
+    for col in columns(rows):
         values = [r[col] for r in rows]
         mean[col] = statistics.fmean(values)
         std[col] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -69,7 +81,7 @@ def _fmt(col: str, v: float) -> str:
 
 
 def render_table(run: str, rows: list[dict], mean: dict, std: dict) -> str:
-    cols = [c for c in COLUMNS if not c.startswith("eval_")]  # the val set's size is the same for every seed
+    cols = [c for c in columns(rows) if not c.startswith("eval_")]  # the val set's size is the same for every seed
     header = ["seed", *cols]
     body = [[str(r["seed"]), *(_fmt(c, r[c]) for c in cols)] for r in rows]
     body += [["mean", *(_fmt(c, mean[c]) for c in cols)], ["std", *(_fmt(c, std[c]) for c in cols)]]

@@ -46,7 +46,7 @@ def seed_results(run_dir: Path, seeds: list[int], metric: str, code_bytes: int) 
     for s in seeds:
         d = run_dir / f"seed{s}"
         ev, size, tr = read_json(d / "eval.json"), read_json(d / "size.json"), read_json(d / "train.json")
-        part = ev["sliding" if metric == "sliding_bpb" else "post_quant"]
+        part = ev[{"sliding_bpb": "sliding", "ttt_bpb": "ttt"}.get(metric, "post_quant")]
         out[str(s)] = {"val_bpb": part["val_bpb"], "val_loss": part["val_loss"],
                        "artifact_bytes": size["model_bytes"], "bytes_total": size["model_bytes"] + code_bytes,
                        "steps": tr["steps"], "train_seconds": tr["train_seconds"],
