@@ -1,4 +1,8 @@
 import argparse
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,3 +53,14 @@ def setup(tiny_dataset, small_model, tmp_path_factory):
     compress(d / "q.pgt", {"codec": "zstd", "level": 3}, d / "a.pgz")
     return argparse.Namespace(data=tiny_dataset.dataset_dir, tokenizer=tiny_dataset.tokenizer,
                               ema=d / "ema.pgt", artifact=d / "a.pgz")
+
+
+def evaluate_on_two_processes(setup, cfg: dict, out: Path) -> dict:
+    """`pgolf evaluate` under torchrun with 2 gloo processes; its eval.json."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pgolf",
+           "evaluate", "--cfg", json.dumps(cfg), "--device", "cpu", "--out", str(out)]
+    for key in ("data", "tokenizer", "ema", "artifact"):
+        cmd += [f"--{key}", str(getattr(setup, key))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())

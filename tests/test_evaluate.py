@@ -1,13 +1,11 @@
 """Evaluation: window coverage, sliding == plain at stride == window, and the stage end to end."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import evaluate_on_two_processes
 
 from pgolf.config import validate
 from pgolf.data.shards import load_split
@@ -88,13 +86,7 @@ def test_two_processes_match_one(setup, tmp_path):
     """Under torchrun the windows are split over processes and the sums all-reduced: same numbers."""
     cfg = validate({"eval": {"seq_len": 32, "stride": 8, "batch_seqs": 4, "max_tokens": 1000}})["eval"]
     one = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pgolf",
-           "evaluate", "--cfg", json.dumps(cfg), "--device", "cpu", "--out", str(tmp_path / "eval.json")]
-    for key in ("data", "tokenizer", "ema", "artifact"):
-        cmd += [f"--{key}", str(getattr(setup, key))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "eval.json").read_text())
+    two = evaluate_on_two_processes(setup, cfg, tmp_path / "eval.json")
     for part in ("pre_quant", "post_quant", "sliding"):
         assert two[part]["tokens"] == one[part]["tokens"] and two[part]["bytes"] == one[part]["bytes"]
         assert two[part]["val_bpb"] == pytest.approx(one[part]["val_bpb"], rel=1e-6)

@@ -1,13 +1,10 @@
 """Legal score-first TTT: the order is structural, the audit proves it and catches the wrong one."""
 
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import evaluate_on_two_processes
 
 from pgolf.config import ConfigError, validate
 from pgolf.eval.audit import audit
@@ -108,13 +105,7 @@ def test_two_processes_match_one(setup, tmp_path):
     cfg = eval_cfg(batch_seqs=4)
     cfg["max_tokens"] = 600
     one = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pgolf",
-           "evaluate", "--cfg", json.dumps(cfg), "--device", "cpu", "--out", str(tmp_path / "eval.json")]
-    for key in ("data", "tokenizer", "ema", "artifact"):
-        cmd += [f"--{key}", str(getattr(setup, key))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "eval.json").read_text())
+    two = evaluate_on_two_processes(setup, cfg, tmp_path / "eval.json")
     assert two["ttt"]["tokens"] == one["ttt"]["tokens"]
     assert two["ttt"]["val_bpb"] == pytest.approx(one["ttt"]["val_bpb"], rel=1e-5)
     assert two["ttt"]["val_bpb"] != two["sliding"]["val_bpb"]
