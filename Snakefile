@@ -14,6 +14,7 @@ report: "rules/report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/order.smk"
 include: "rules/train.smk"
 include: "rules/quant.smk"
 include: "rules/eval.smk"

@@ -65,7 +65,8 @@ def peak_tflops(device: torch.device, given: float) -> float:
 
 def measure(cfg: dict, args: argparse.Namespace) -> dict | None:
     ns = SimpleNamespace(cfg=json.dumps(cfg["train"]), model_cfg=json.dumps(cfg["model"]), device=args.device,
-                         seed=0, data="", vocab_size=cfg["tokenizer"]["vocab_size"], ckpt_dir="", out_dir="")
+                         seed=0, data="", vocab_size=cfg["tokenizer"]["vocab_size"], ckpt_dir="", out_dir="",
+                         loader_cfg="", shard_order="")
     tr = BenchTrainer(ns)
     for _ in range(args.warmup):  # compile and allocator warm-up
         tr.train_step()

@@ -11,6 +11,7 @@ STAGES = {
     "documents": ("pgolf.data.documents", "raw text to a parquet of documents with a train/val split"),
     "tokenizer": ("pgolf.data.tokenizer", "train the SentencePiece BPE tokenizer on train documents"),
     "shards": ("pgolf.data.encode", "tokenize documents into the challenge's binary shards"),
+    "order": ("pgolf.data.order", "score train shards by probe loss and unigram KL: shard_order.json"),
     "train": ("pgolf.train.main", "train one seed (run it under torchrun)"),
     "calibrate": ("pgolf.quant.calibrate", "GPTQ Hessians X^T X per weight matrix from train or generated tokens"),
     "quantize": ("pgolf.quant.quantize", "quantize the EMA weights (GPTQ or round-to-nearest)"),
@@ -23,6 +24,7 @@ STAGES = {
     "record": ("pgolf.report.record", "a submission folder in the challenge's format"),
     "config": ("pgolf.config_cli", "validate config files and print the resolved config"),
     "params": ("pgolf.config_cli:params_cli", "parameter count of a config (config.yaml plus presets)"),
+    "bench-loader": ("pgolf.train.loader:bench_cli", "tokens/s of the training loader alone, per mode"),
     "bench": ("pgolf.bench", "ms/step, tokens/s, MFU and peak memory of a config's training step"),
 }
 

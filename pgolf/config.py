@@ -65,6 +65,8 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
     check_calibration(cfg["calibrate"])
+    if cfg["loader"]["mode"] == "ordered" and cfg["loader"]["order"] == "given" and not cfg["loader"]["shard_order"]:
+        raise ConfigError("loader.shard_order: order 'given' needs the shard indices in the order to read them")
     check_ttt_legality(cfg["eval"]["ttt"])
     if c["metric"] == "ttt_bpb" and not cfg["eval"]["ttt"]["enabled"]:
         raise ConfigError("compare.metric: ttt_bpb needs eval.ttt.enabled: true")

@@ -21,6 +21,7 @@ STAGE_ENTRIES: dict[str, str] = {
     "tokenizer": "pgolf.data.tokenizer",
     "shards": "pgolf.data.encode",
     "train": "pgolf.train.main",
+    "order": "pgolf.data.order",
     "calibrate": "pgolf.quant.calibrate",
     "quantize": "pgolf.quant.quantize",
     "compress": "pgolf.quant.compress",

@@ -5,6 +5,7 @@
 rule train:
     input:
         data=DATASET_DIR,
+        order=shard_order_input,
     output:
         ema=f"{SEED_DIR}/ema.pgt",
         raw=f"{SEED_DIR}/raw.pgt",
@@ -13,6 +14,7 @@ rule train:
     params:
         model=section("model"),
         cfg=section("train"),
+        loader=section("loader"),
         vocab=VOCAB,
         device=config["device"],
         out_dir=SEED_DIR,
@@ -29,4 +31,5 @@ rule train:
     shell:
         TORCHRUN + " train --data {input.data} --vocab-size {params.vocab} --model-cfg {params.model:q} "
         "--cfg {params.cfg:q} --seed {wildcards.seed} --device {params.device} "
-        "--out-dir {params.out_dir} --ckpt-dir {params.ckpt_dir} > {log} 2>&1"
+        "--out-dir {params.out_dir} --ckpt-dir {params.ckpt_dir} --loader-cfg {params.loader:q} "
+        "--shard-order '{input.order}' > {log} 2>&1"

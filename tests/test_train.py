@@ -26,13 +26,15 @@ def configs(model: dict | None = None, **train):
 
 
 def train(ds, out: Path, nproc: int = 1, stop_after: int = 0, seed: int = 7, model: dict | None = None,
-          **over) -> subprocess.CompletedProcess:
+          loader: str = "", order: Path | None = None, **over) -> subprocess.CompletedProcess:
     model, tr = configs(model, **over)
     cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", "-m", "pgolf", "train", "--data", str(ds.dataset_dir),
            "--vocab-size", str(ds.vocab_size), "--model-cfg", json.dumps(model), "--cfg", json.dumps(tr),
            "--seed", str(seed), "--device", "cpu", "--out-dir", str(out), "--ckpt-dir", str(out / "ckpt")]
     if stop_after:
         cmd += ["--stop-after-step", str(stop_after)]
+    if loader:
+        cmd += ["--loader-cfg", loader, "--shard-order", str(order or "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if not stop_after and proc.returncode:

@@ -1,8 +1,16 @@
-"""The baseline's sequential token stream, split over processes and micro-steps.
+"""Training token streams over memory-mapped shards, split over processes and micro-steps.
 
-Every optimizer step reads the same global window of tokens whatever the number of processes:
-micro-step m of rank r takes span (m * world + r) of the window, so one process accumulating two
-micro-batches sees exactly what two processes see in one.
+Modes (the `loader` config section):
+- sequential: the challenge baseline; the shards in name order, end to end, wrapping around.
+- ordered: the same walk, but through the shards in a given order (e.g. hardest first, from
+  `pgolf order`'s shard_order.json).
+- shuffled: non-overlapping windows of seq_len + 1 tokens from every shard, in a fresh random
+  permutation per epoch, seeded by the training seed.
+
+Every optimizer step reads the same global batch whatever the number of processes: micro-step m of
+rank r takes part (m * world + r) of it, so one process accumulating two micro-batches sees exactly
+what two processes see in one. Only the shard being read is touched (memmap), and the shuffled mode
+keeps one int64 per window, so memory stays flat however many shards there are.
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.data.shards import list_shards, load_shard
+from pgolf.data.shards import list_shards, load_shard, read_header
 
 
 class TokenStream:
-    """Reads the train shards in order, wrapping around forever; shards stay memory-mapped."""
+    """Reads the train shards in `order` (default: name order), wrapping around forever."""
 
-    def __init__(self, dataset_dir: str | Path) -> None:
-        self.files = list_shards(dataset_dir, "train")
+    def __init__(self, dataset_dir: str | Path, order: list[int] | None = None) -> None:
+        files = list_shards(dataset_dir, "train")
+        if order is not None and sorted(order) != list(range(len(files))):
+            raise ValueError(f"shard order {order} is not a permutation of the {len(files)} train shards")
+        self.files = [files[i] for i in order] if order is not None else files
         self.shard, self.pos = 0, 0
         self.tokens = load_shard(self.files[0])
 
@@ -43,15 +54,93 @@ class TokenStream:
         self.tokens = load_shard(self.files[self.shard])
 
 
+class ShuffledWindows:
+    """Non-overlapping windows of `width` tokens from all shards, permuted anew each epoch."""
+
+    def __init__(self, dataset_dir: str | Path, width: int, seed: int) -> None:
+        self.files, self.width, self.seed = list_shards(dataset_dir, "train"), width, seed
+        counts = np.array([read_header(f) // width for f in self.files], dtype=np.int64)
+        if counts.sum() == 0:
+            raise ValueError(f"{dataset_dir}: no train shard holds one window of {width} tokens")
+        self.first = np.concatenate([[0], np.cumsum(counts)])  # window id -> shard by searchsorted
+        self.epoch, self.index = 0, 0
+        self.perm = self._permutation()
+        self.maps: dict[int, np.ndarray] = {}  # open memmaps: address space only, no resident memory
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(int(self.first[-1]))
+
+    def _window(self, wid: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.first, wid, side="right")) - 1
+        start = (wid - int(self.first[shard])) * self.width
+        if shard not in self.maps:
+            self.maps[shard] = load_shard(self.files[shard])
+        return np.asarray(self.maps[shard][start : start + self.width])
+
+    def windows(self, n: int, width: int) -> np.ndarray:
+        rows = []
+        for _ in range(n):
+            if self.index == len(self.perm):
+                self.epoch, self.index = self.epoch + 1, 0
+                self.perm = self._permutation()
+            rows.append(self._window(int(self.perm[self.index])))
+            self.index += 1
+        return np.stack(rows)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self.perm = self._permutation()
+
+
 class DistributedLoader:
-    def __init__(self, dataset_dir: str | Path, rank: int, world: int, device: torch.device) -> None:
-        self.stream = TokenStream(dataset_dir)
+    def __init__(self, dataset_dir: str | Path, rank: int, world: int, device: torch.device,
+                 cfg: dict | None = None, seq_len: int = 0, seed: int = 0, order: list[int] | None = None) -> None:
+        mode = (cfg or {}).get("mode", "sequential")
+        if mode == "shuffled":
+            self.stream = ShuffledWindows(dataset_dir, seq_len + 1, seed)
+        else:
+            self.stream = TokenStream(dataset_dir, order if mode == "ordered" else None)
+        self.shuffled = mode == "shuffled"
         self.rank, self.world, self.device = rank, world, device
 
     def next_batch(self, seqs: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (x, y) of `seqs` sequences from the next world-wide chunk."""
-        span = seqs * seq_len + 1
-        chunk = self.stream.take(span * self.world)
-        local = torch.from_numpy(chunk[self.rank * span : (self.rank + 1) * span].astype(np.int64))
-        x, y = local[:-1].view(seqs, seq_len), local[1:].view(seqs, seq_len)
+        """This rank's (x, y) of `seqs` sequences from the next world-wide part of the stream."""
+        if self.shuffled:
+            rows = self.stream.windows(seqs * self.world, seq_len + 1)[self.rank * seqs : (self.rank + 1) * seqs]
+            local = torch.from_numpy(rows.astype(np.int64))
+            x, y = local[:, :-1], local[:, 1:]
+        else:
+            span = seqs * seq_len + 1
+            chunk = self.stream.take(span * self.world)
+            local = torch.from_numpy(chunk[self.rank * span : (self.rank + 1) * span].astype(np.int64))
+            x, y = local[:-1].view(seqs, seq_len), local[1:].view(seqs, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def bench_cli(argv: list[str]) -> None:
+    """`pgolf bench-loader`: tokens/s of the loader alone, per mode, on a dataset's train shards."""
+    import argparse
+    import resource
+    import time
+
+    ap = argparse.ArgumentParser(prog="pgolf bench-loader", description=bench_cli.__doc__)
+    ap.add_argument("--data", required=True, help="dataset folder with fineweb_train_*.bin")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-seqs", type=int, default=48, help="sequences per call (records: 48 per GPU)")
+    ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--modes", nargs="+", default=["sequential", "shuffled", "ordered"])
+    args = ap.parse_args(argv)
+    n_shards = len(list_shards(args.data, "train"))
+    for mode in args.modes:
+        order = list(range(n_shards))[::-1] if mode == "ordered" else None
+        loader = DistributedLoader(args.data, 0, 1, torch.device("cpu"), {"mode": mode}, args.seq_len, 0, order)
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            loader.next_batch(args.batch_seqs, args.seq_len)
+        dt = time.perf_counter() - t0
+        tokens = args.batches * args.batch_seqs * args.seq_len
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"{mode}: {tokens / dt:,.0f} tokens/s ({tokens:,} tokens, {dt:.2f}s), peak RSS {rss:,.0f} MB", flush=True)

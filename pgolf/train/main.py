@@ -102,6 +102,18 @@ def sync_and_clip(model: nn.Module, muon: Muon, world: int, clip: float) -> floa
     return norm
 
 
+def read_shard_order(path: str, cfg: dict) -> list[int] | None:
+    """The shard order of loader mode `ordered`: as given in the config, or hardest/easiest first
+    from `pgolf order`'s shard_order.json."""
+    if cfg["mode"] != "ordered":
+        return None
+    if cfg["order"] == "given":
+        return list(cfg["shard_order"])
+    if not path:
+        raise SystemExit(f"pgolf train: loader.order {cfg['order']!r} needs --shard-order (shard_order.json)")
+    return json.loads(Path(path).read_text())[f"{cfg['order']}_first"]
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -123,11 +135,16 @@ class Trainer:
         self.forward = self.compiled_model()
         self.loader = self.make_loader()
         self.step, self.elapsed, self.rows, self.qat = 0, 0.0, [], False
-        self.fp = checkpoint.fingerprint(self.model_cfg, self.cfg, args.seed, args.vocab_size, args.data)
+        # the data order is part of what a checkpoint must match, like the configs
+        stream = {**self.cfg, "loader": args.loader_cfg, "shard_order": self.shard_order}
+        self.fp = checkpoint.fingerprint(self.model_cfg, stream, args.seed, args.vocab_size, args.data)
         self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext)
 
     def make_loader(self) -> DistributedLoader:
-        return DistributedLoader(self.args.data, self.rank, self.world, self.device)
+        cfg = json.loads(self.args.loader_cfg) if self.args.loader_cfg else {"mode": "sequential"}
+        self.shard_order = read_shard_order(self.args.shard_order, cfg)
+        return DistributedLoader(self.args.data, self.rank, self.world, self.device, cfg, self.cfg["seq_len"],
+                                 self.args.seed, self.shard_order)
 
     def resume(self) -> None:
         state = checkpoint.load(self.args.ckpt_dir, self.fp)
@@ -290,5 +307,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--ckpt-dir", required=True, help="resume checkpoints; keep it outside Snakemake's outputs")
+    ap.add_argument("--loader-cfg", default="", help="the loader config section as JSON (default: sequential)")
+    ap.add_argument("--shard-order", default="", help="shard_order.json, for loader mode ordered (hardest/easiest)")
     ap.add_argument("--stop-after-step", type=int, default=0, help=argparse.SUPPRESS)
     Trainer(ap.parse_args(argv)).run()

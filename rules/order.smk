@@ -1,0 +1,60 @@
+# Shard difficulty for loader mode `ordered`: a probe model (a named checkpoint, or a short
+# training run of this config, cached on its own) scores every train shard; train reads the order.
+
+PROBE_DIR = f"{RUN}/probe"
+SHARD_ORDER = f"{RUN}/shard_order.json"
+
+
+def probe_weights(wildcards=None):
+    return config["order"]["probe_checkpoint"] or f"{PROBE_DIR}/ema.pgt"
+
+
+def shard_order_input(wildcards):
+    """shard_order.json when training reads the shards hardest or easiest first, else nothing."""
+    loader = config["loader"]
+    return [SHARD_ORDER] if loader["mode"] == "ordered" and loader["order"] != "given" else []
+
+
+rule probe_train:
+    input:
+        data=DATASET_DIR,
+    output:
+        ema=f"{PROBE_DIR}/ema.pgt",
+        raw=f"{PROBE_DIR}/raw.pgt",
+        metrics=f"{PROBE_DIR}/metrics.parquet",
+        summary=f"{PROBE_DIR}/train.json",
+    params:
+        model=section("model"),
+        cfg=json.dumps({**config["train"], "iterations": config["order"]["probe_iterations"],
+                        "warmdown_steps": min(config["train"]["warmdown_steps"], config["order"]["probe_iterations"]),
+                        "max_wallclock_seconds": 0, "swa": False, "qat_below": 0}, sort_keys=True),
+        vocab=VOCAB,
+        device=config["device"],
+        code=code("train"),
+    threads: workflow.cores
+    resources:
+        nproc=NPROC,
+        gpu=NPROC if config["device"] == "cuda" else 0,
+    log:
+        f"{RUN}/logs/probe_train.log",
+    shell:
+        TORCHRUN + " train --data {input.data} --vocab-size {params.vocab} --model-cfg {params.model:q} "
+        "--cfg {params.cfg:q} --seed 0 --device {params.device} --out-dir " + PROBE_DIR
+        + " --ckpt-dir " + PROBE_DIR + "/ckpt > {log} 2>&1"
+
+
+rule shard_order:
+    input:
+        data=DATASET_DIR,
+        probe=probe_weights(),
+    output:
+        SHARD_ORDER,
+    params:
+        cfg=section("order", ["sample_tokens", "seq_len"]),
+        vocab=VOCAB,
+        code=code("order"),
+    log:
+        f"{RUN}/logs/shard_order.log",
+    shell:
+        "pgolf order --data {input.data} --probe {input.probe} --cfg {params.cfg:q} --vocab-size {params.vocab} "
+        "--out {output} > {log} 2>&1"
