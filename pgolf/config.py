@@ -62,6 +62,10 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError("compare: give either baseline_run or baseline_mean/baseline_std, not both")
     if (c["baseline_mean"] is None) != (c["baseline_std"] is None):
         raise ConfigError("compare: baseline_mean and baseline_std go together")
+    hub = cfg["data"]["hub"]
+    if cfg["data"]["source"] == "fineweb" and int(hub["variant"][2:]) != cfg["tokenizer"]["vocab_size"]:
+        raise ConfigError(f"tokenizer.vocab_size ({cfg['tokenizer']['vocab_size']}) must match data.hub.variant "
+                          f"({hub['variant']}) for source fineweb")
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
     check_calibration(cfg["calibrate"])

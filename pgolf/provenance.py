@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parent
 # Each stage's entry module; the modules it runs are found by following its pgolf imports.
 STAGE_ENTRIES: dict[str, str] = {
     "fetch_corpus": "pgolf.data.corpus",
+    "fetch_fineweb": "pgolf.data.fineweb",
     "documents": "pgolf.data.documents",
     "tokenizer": "pgolf.data.tokenizer",
     "shards": "pgolf.data.encode",

@@ -32,33 +32,52 @@ rule documents:
         "pgolf documents --cfg {params.cfg:q} --raw={params.raw:q} --out {output} > {log} 2>&1"
 
 
-rule tokenizer:
-    input:
-        DOCS,
-    output:
-        TOKENIZER,
-    params:
-        cfg=section("tokenizer"),
-        code=code("tokenizer"),
-    threads: workflow.cores
-    log:
-        f"data/logs/tokenizer_{DATASET}_sp{VOCAB}.log",
-    shell:
-        "pgolf tokenizer --docs {input} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
+if config["data"]["source"] == "fineweb":
+
+    rule fetch_fineweb:
+        output:
+            dataset=directory(DATASET_DIR),
+            tokenizer=TOKENIZER,
+        params:
+            hub=json.dumps(config["data"]["hub"], sort_keys=True),
+            cache="data/hub",
+            code=code("fetch_fineweb"),
+        log:
+            f"data/logs/fetch_fineweb_{DATASET}_sp{VOCAB}.log",
+        retries: 2
+        shell:
+            "pgolf fetch-fineweb --cfg {params.hub:q} --cache {params.cache} --out {output.dataset} "
+            "--tokenizer {output.tokenizer} > {log} 2>&1"
+
+else:
+
+    rule tokenizer:
+        input:
+            DOCS,
+        output:
+            TOKENIZER,
+        params:
+            cfg=section("tokenizer"),
+            code=code("tokenizer"),
+        threads: workflow.cores
+        log:
+            f"data/logs/tokenizer_{DATASET}_sp{VOCAB}.log",
+        shell:
+            "pgolf tokenizer --docs {input} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
 
 
-rule shards:
-    input:
-        docs=DOCS,
-        tokenizer=TOKENIZER,
-    output:
-        directory(DATASET_DIR),
-    params:
-        cfg=section("data", ["shard_tokens"]),
-        code=code("shards"),
-    threads: workflow.cores
-    log:
-        f"data/logs/shards_{DATASET}_sp{VOCAB}.log",
-    shell:
-        "pgolf shards --docs {input.docs} --tokenizer {input.tokenizer} --cfg {params.cfg:q} "
-        "--out {output} > {log} 2>&1"
+    rule shards:
+        input:
+            docs=DOCS,
+            tokenizer=TOKENIZER,
+        output:
+            directory(DATASET_DIR),
+        params:
+            cfg=section("data", ["shard_tokens"]),
+            code=code("shards"),
+        threads: workflow.cores
+        log:
+            f"data/logs/shards_{DATASET}_sp{VOCAB}.log",
+        shell:
+            "pgolf shards --docs {input.docs} --tokenizer {input.tokenizer} --cfg {params.cfg:q} "
+            "--out {output} > {log} 2>&1"
