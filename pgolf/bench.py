@@ -39,6 +39,7 @@ class RandomBatches:
 
 class BenchTrainer(Trainer):
     def make_loader(self) -> RandomBatches:
+        self.shard_order = None
         return RandomBatches(self.args.vocab_size, self.device, 1000 + self.rank)
 
 

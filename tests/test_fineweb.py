@@ -102,7 +102,8 @@ def hub(tmp_path, tiny_dataset):
 
 def hub_cfg(server, **over) -> dict:
     cfg = {"repo_id": REPO, "variant": "sp320", "train_shards": 2, "endpoint": f"http://127.0.0.1:{server.server_port}"}
-    return validate({"data": {"source": "fineweb", "hub": {**cfg, **over}}, "tokenizer": {"vocab_size": 320}})["data"]["hub"]
+    full = validate({"data": {"source": "fineweb", "hub": {**cfg, **over}}, "tokenizer": {"vocab_size": 320}})
+    return full["data"]["hub"]
 
 
 def test_fetch_checks_and_places_the_shards_and_tokenizer(hub, tmp_path, tiny_dataset):
