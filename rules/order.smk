@@ -28,6 +28,9 @@ rule probe_train:
         cfg=json.dumps({**config["train"], "iterations": config["order"]["probe_iterations"],
                         "warmdown_steps": min(config["train"]["warmdown_steps"], config["order"]["probe_iterations"]),
                         "max_wallclock_seconds": 0, "swa": False, "qat_below": 0}, sort_keys=True),
+        # shuffled windows from every shard: a probe that read the shards in order would find the
+        # ones it trained on easy
+        loader=json.dumps({"mode": "shuffled"}),
         vocab=VOCAB,
         device=config["device"],
         code=code("train"),
@@ -40,7 +43,7 @@ rule probe_train:
     shell:
         TORCHRUN + " train --data {input.data} --vocab-size {params.vocab} --model-cfg {params.model:q} "
         "--cfg {params.cfg:q} --seed 0 --device {params.device} --out-dir " + PROBE_DIR
-        + " --ckpt-dir " + PROBE_DIR + "/ckpt > {log} 2>&1"
+        + " --ckpt-dir " + PROBE_DIR + "/ckpt --loader-cfg {params.loader:q} > {log} 2>&1"
 
 
 rule shard_order:

@@ -128,3 +128,11 @@ def test_bad_config_fails_before_any_job(finished_run):
     proc = snakemake(finished_run, "-n", configs=("run.yaml", "bad.yaml"))
     assert proc.returncode != 0
     assert "train: Additional properties are not allowed ('iterationz'" in proc.stdout + proc.stderr
+
+
+def test_ordered_loader_adds_the_probe_and_retrains_only(finished_run):
+    jobs = planned(finished_run, {"loader": {"mode": "ordered", "order": "hardest"}})
+    assert jobs["probe_train"] == 1 and jobs["shard_order"] == 1 and jobs["train"] == 2
+    assert "shards" not in jobs and "tokenizer" not in jobs
+    given = planned(finished_run, {"loader": {"mode": "ordered", "order": "given", "shard_order": [0]}})
+    assert "probe_train" not in given and given["train"] == 2
