@@ -148,20 +148,39 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; a config must not lose a section that way."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_file(path: str | Path) -> dict:
+    """One config file as a mapping; a missing file, bad YAML or a repeated key fails naming the file."""
+    p = Path(path)
+    try:
+        data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return data
+
+
 def load(*paths: str | Path, overrides: dict | None = None) -> dict[str, Any]:
     """Merge YAML files left to right (as Snakemake's --configfile does), then validate."""
     merged: dict = {}
     for p in paths:
-        p = Path(p)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
-        merged = deep_merge(merged, data)
+        merged = deep_merge(merged, read_file(p))
     return validate(deep_merge(merged, overrides or {}))
 
 

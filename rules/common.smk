@@ -7,6 +7,10 @@ from pathlib import Path
 import pgolf.config
 import pgolf.provenance
 
+# Snakemake reads --configfile with a YAML loader that keeps the last of two equal keys; read each
+# file again strictly so a repeated section fails instead of silently dropping the first.
+for _f in workflow.configfiles:
+    pgolf.config.read_file(_f)
 config.update(pgolf.config.validate(config))
 
 wildcard_constraints:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -57,9 +59,19 @@ def test_bad_files_are_named(tmp_path):
         load(bad)
 
 
-@pytest.mark.parametrize("preset", ["config.yaml", "configs/smoke.yaml"])
+def test_a_repeated_key_is_refused_not_dropped(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("eval: {seq_len: 2048}\nquant: {method: rtn}\neval:\n  ttt: {enabled: true}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML .*duplicate key 'eval' \(first at line 1\)"):
+        load(twice)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(preset):
-    load("config.yaml", preset)
+    load(ROOT / "config.yaml", ROOT / "configs" / preset)
 
 
 def test_codec_level_defaults_to_the_strongest_and_is_checked_per_codec():

@@ -128,6 +128,9 @@ def test_bad_config_fails_before_any_job(finished_run):
     proc = snakemake(finished_run, "-n", configs=("run.yaml", "bad.yaml"))
     assert proc.returncode != 0
     assert "train: Additional properties are not allowed ('iterationz'" in proc.stdout + proc.stderr
+    (finished_run / "twice.yaml").write_text("eval: {stride: 32}\neval: {seq_len: 64}\n")
+    proc = snakemake(finished_run, "-n", configs=("run.yaml", "twice.yaml"))
+    assert proc.returncode != 0 and "duplicate key 'eval'" in proc.stdout + proc.stderr
 
 
 def test_ordered_loader_adds_the_probe_and_retrains_only(finished_run):

@@ -244,10 +244,6 @@ def test_preset_parameter_count_matches_the_record(preset, count):
     assert count_parameters(GPT(cfg["tokenizer"]["vocab_size"], cfg["model"]))["total"] == count
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
-
-
 def test_params_and_bench_commands(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pgolf", "params", "config.yaml", "configs/pr549.yaml"],
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout
