@@ -58,6 +58,8 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"train.batch_tokens ({t['batch_tokens']}) must be a multiple of seq_len ({t['seq_len']})")
     grad_accum_steps(t, t["nproc"])
     c = cfg["compare"]
+    if c["baseline_run"] == cfg["run"]:
+        raise ConfigError(f"compare.baseline_run: {c['baseline_run']!r} is this run itself; name another run")
     if c["baseline_run"] and c["baseline_mean"] is not None:
         raise ConfigError("compare: give either baseline_run or baseline_mean/baseline_std, not both")
     if (c["baseline_mean"] is None) != (c["baseline_std"] is None):

@@ -1,11 +1,16 @@
 # All seeds' results -> summary.json, summary.parquet and summary.md (the Snakefile prints it on success).
 
+BASELINE = config["compare"]["baseline_run"]
+BASELINE_SUMMARY = f"results/{BASELINE}/summary.json" if BASELINE else []
+
 
 rule aggregate:
     input:
         evals=expand(f"{RUN}/seed{{seed}}/eval.json", seed=config["seeds"]),
         sizes=expand(f"{RUN}/seed{{seed}}/size.json", seed=config["seeds"]),
         trains=expand(f"{RUN}/seed{{seed}}/train.json", seed=config["seeds"]),
+        # the baseline run's summary: a rerun baseline reruns the comparison
+        baseline=BASELINE_SUMMARY,
     output:
         json=f"{RUN}/summary.json",
         parquet=f"{RUN}/summary.parquet",

@@ -59,6 +59,11 @@ def test_bad_files_are_named(tmp_path):
         load(bad)
 
 
+def test_a_run_is_not_its_own_baseline():
+    with pytest.raises(ConfigError, match="compare.baseline_run: 'x' is this run itself"):
+        validate({"run": "x", "compare": {"baseline_run": "x"}})
+
+
 def test_a_repeated_key_is_refused_not_dropped(tmp_path):
     twice = tmp_path / "twice.yaml"
     twice.write_text("eval: {seq_len: 2048}\nquant: {method: rtn}\neval:\n  ttt: {enabled: true}\n")

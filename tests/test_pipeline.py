@@ -139,3 +139,9 @@ def test_ordered_loader_adds_the_probe_and_retrains_only(finished_run):
     assert "shards" not in jobs and "tokenizer" not in jobs
     given = planned(finished_run, {"loader": {"mode": "ordered", "order": "given", "shard_order": [0]}})
     assert "probe_train" not in given and given["train"] == 2
+
+
+def test_baseline_run_is_an_input_of_the_comparison(finished_run):
+    (finished_run / "base.yaml").write_text(yaml.safe_dump({"compare": {"baseline_run": "nope"}}))
+    proc = snakemake(finished_run, "-n", configs=("run.yaml", "base.yaml"))
+    assert proc.returncode != 0 and "results/nope/summary.json" in proc.stdout + proc.stderr
