@@ -80,3 +80,24 @@ def test_training_follows_the_shard_order(tiny_dataset, tmp_path):
     assert seq.returncode == easy.returncode == hard.returncode == 0
     assert losses(tmp_path / "seq") == losses(tmp_path / "easy")  # name order = easiest_first here
     assert losses(tmp_path / "hard") != losses(tmp_path / "seq")
+
+
+
+def test_loader_private_memory_stays_flat_over_many_shards(tmp_path, capsys):
+    """25 shards of 4 MB (links to one file) cost no more private memory than one: mapped, never copied."""
+    from pgolf.data.shards import write_shard
+    from pgolf.train.loader import bench_cli
+
+    shard = tmp_path / "shard.bin"
+    write_shard(shard, np.random.default_rng(0).integers(0, 1024, 2_000_000))
+    for n in (1, 25):
+        (tmp_path / str(n)).mkdir()
+        for i in range(n):
+            (tmp_path / str(n) / f"fineweb_train_{i:06d}.bin").symlink_to(shard)
+    args = ["--seq-len", "1024", "--batch-seqs", "8", "--batches", "100", "--modes", "sequential", "shuffled"]
+    bench_cli(["--data", str(tmp_path / "1"), *args])
+    bench_cli(["--data", str(tmp_path / "25"), *args])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all("tokens/s" in line for line in lines)
+    private = [float(line.rsplit("private ", 1)[1].split()[0].replace(",", "")) for line in lines]
+    assert max(private[2:]) < max(private[:2]) + 20  # MB; copying the 25 shards would take 100

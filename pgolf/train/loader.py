@@ -9,8 +9,9 @@ Modes (the `loader` config section):
 
 Every optimizer step reads the same global batch whatever the number of processes: micro-step m of
 rank r takes part (m * world + r) of it, so one process accumulating two micro-batches sees exactly
-what two processes see in one. Only the shard being read is touched (memmap), and the shuffled mode
-keeps one int64 per window, so memory stays flat however many shards there are.
+what two processes see in one. Shards are memory-mapped, never copied: the sequential modes map one
+at a time, the shuffled mode maps every shard and keeps one int64 per window, so private memory
+stays flat however many shards there are (`pgolf bench-loader` prints it).
 """
 
 from __future__ import annotations
@@ -143,4 +144,18 @@ def bench_cli(argv: list[str]) -> None:
         dt = time.perf_counter() - t0
         tokens = args.batches * args.batch_seqs * args.seq_len
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"{mode}: {tokens / dt:,.0f} tokens/s ({tokens:,} tokens, {dt:.2f}s), peak RSS {rss:,.0f} MB", flush=True)
+        print(f"{mode}: {tokens / dt:,.0f} tokens/s ({tokens:,} tokens, {dt:.2f}s) over {n_shards} shards, "
+              f"peak RSS {rss:,.0f} MB, private {private_mb():,.0f} MB", flush=True)
+
+
+def private_mb() -> float:
+    """Anonymous resident memory in MB (Linux; NaN elsewhere). Peak RSS also counts the mapped shard
+    pages the loader has read, which are page cache the kernel can drop, so it grows with what was
+    read; the private part is what must stay flat however many shards there are."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
