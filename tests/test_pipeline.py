@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +142,17 @@ def test_ordered_loader_adds_the_probe_and_retrains_only(finished_run):
     assert "probe_train" not in given and given["train"] == 2
 
 
-def test_baseline_run_is_an_input_of_the_comparison(finished_run):
-    (finished_run / "base.yaml").write_text(yaml.safe_dump({"compare": {"baseline_run": "nope"}}))
-    proc = snakemake(finished_run, "-n", configs=("run.yaml", "base.yaml"))
-    assert proc.returncode != 0 and "results/nope/summary.json" in proc.stdout + proc.stderr
+
+def test_a_rerun_baseline_reruns_the_comparison(finished_run, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(finished_run, work, symlinks=True)
+    (work / "results/base").mkdir()
+    shutil.copy2(work / "results/smoke/summary.json", work / "results/base/summary.json")
+    (work / "base.yaml").write_text(yaml.safe_dump({"compare": {"baseline_run": "base"}}))
+    proc = snakemake(work, configs=("run.yaml", "base.yaml"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert planned(work, {"compare": {"baseline_run": "base"}}) == {}
+    base = json.loads((work / "results/base/summary.json").read_text())
+    base["mean"]["sliding_bpb"] += 0.01  # the baseline run finished again, with another score
+    (work / "results/base/summary.json").write_text(json.dumps(base))
+    assert planned(work, {"compare": {"baseline_run": "base"}})["aggregate"] == 1
