@@ -2,6 +2,9 @@
 
 BASELINE = config["compare"]["baseline_run"]
 BASELINE_SUMMARY = f"results/{BASELINE}/summary.json" if BASELINE else []
+if BASELINE and not Path(BASELINE_SUMMARY).exists():
+    raise WorkflowError(f"compare.baseline_run: {BASELINE_SUMMARY} does not exist; finish run {BASELINE!r} first "
+                        "(snakemake with its config), or give baseline_mean and baseline_std instead")
 
 
 rule aggregate:
