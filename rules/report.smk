@@ -22,13 +22,14 @@ rule aggregate:
         run=config["run"],
         seeds=config["seeds"],
         compare=section("compare"),
+        baseline=f"--baseline-summary {BASELINE_SUMMARY}" if BASELINE else "",
         code=code("aggregate"),
     log:
         f"{RUN}/logs/aggregate.log",
     shell:
         "pgolf aggregate --run {params.run} --seeds {params.seeds} --run-dir " + RUN + " "
         "--out-json {output.json} --out-parquet {output.parquet} --out-table {output.table} "
-        "--compare {params.compare:q} > {log} 2>&1"
+        "--compare {params.compare:q} {params.baseline} > {log} 2>&1"
 
 
 rule record:

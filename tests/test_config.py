@@ -5,6 +5,8 @@ import yaml
 
 from pgolf.config import ConfigError, grad_accum_steps, load, load_schema, validate
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_defaults_come_from_the_schema():
     cfg = validate({})
@@ -69,9 +71,6 @@ def test_a_repeated_key_is_refused_not_dropped(tmp_path):
     twice.write_text("eval: {seq_len: 2048}\nquant: {method: rtn}\neval:\n  ttt: {enabled: true}\n")
     with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML .*duplicate key 'eval' \(first at line 1\)"):
         load(twice)
-
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

@@ -82,7 +82,6 @@ def test_training_follows_the_shard_order(tiny_dataset, tmp_path):
     assert losses(tmp_path / "hard") != losses(tmp_path / "seq")
 
 
-
 def test_loader_private_memory_stays_flat_over_many_shards(tmp_path, capsys):
     """25 shards of 4 MB (links to one file) cost no more private memory than one: mapped, never copied."""
     from pgolf.data.shards import write_shard

@@ -142,7 +142,6 @@ def test_ordered_loader_adds_the_probe_and_retrains_only(finished_run):
     assert "probe_train" not in given and given["train"] == 2
 
 
-
 def test_a_rerun_baseline_reruns_the_comparison(finished_run, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(finished_run, work, symlinks=True)

@@ -39,10 +39,9 @@ def test_one_seed_is_refused():
         stats.welch([1.0], 1.1, 0.01, 3)
 
 
-def test_aggregate_compares_with_another_run(tmp_path, monkeypatch):
+def test_aggregate_compares_with_another_run(tmp_path):
     import json
 
-    monkeypatch.chdir(tmp_path)
     for run, values in (("base", [1.50, 1.51, 1.505]), ("new", [1.40, 1.41, 1.405])):
         for seed, v in zip((1, 2, 3), values, strict=True):
             d = tmp_path / "results" / run / f"seed{seed}"
@@ -56,6 +55,7 @@ def test_aggregate_compares_with_another_run(tmp_path, monkeypatch):
         (tmp_path / "results" / run / "summary.json").write_text(json.dumps(summary))
     cfg = {"metric": "sliding_bpb", "baseline_run": "base", "baseline_mean": None, "baseline_std": None,
            "baseline_n": 3, "min_gain_nats": 0.005, "alpha": 0.01}
-    result = aggregate("new", tmp_path / "results" / "new", [1, 2, 3], cfg)["compare"]
+    result = aggregate("new", tmp_path / "results" / "new", [1, 2, 3], cfg,
+                       tmp_path / "results" / "base" / "summary.json")["compare"]
     assert result["baseline"]["mean"] == pytest.approx(1.505) and result["gain_bpb"] == pytest.approx(0.1)
     assert result["is_record"]

@@ -99,10 +99,12 @@ def write_parquet(path: Path, rows: list[dict], mean: dict, std: dict) -> None:
         pq.write_table(table, tmp)
 
 
-def baseline_of(cfg: dict) -> dict | None:
-    """The baseline's mean, std and n of cfg['metric'], from another run's summary or as stated."""
+def baseline_of(cfg: dict, summary: Path | None = None) -> dict | None:
+    """The baseline's mean, std and n of cfg['metric'], from another run's `summary` or as stated."""
     if cfg["baseline_run"]:
-        other = read_json(Path("results") / cfg["baseline_run"] / "summary.json")
+        if summary is None:
+            raise ValueError(f"compare.baseline_run {cfg['baseline_run']!r}: no --baseline-summary given")
+        other = read_json(summary)
         return {"source": cfg["baseline_run"], "mean": other["mean"][cfg["metric"]],
                 "std": other["std"][cfg["metric"]], "n": other["n_seeds"]}
     if cfg["baseline_mean"] is not None:
@@ -110,11 +112,12 @@ def baseline_of(cfg: dict) -> dict | None:
     return None
 
 
-def aggregate(run: str, run_dir: Path, seeds: list[int], compare_cfg: dict | None = None) -> dict[str, Any]:
+def aggregate(run: str, run_dir: Path, seeds: list[int], compare_cfg: dict | None = None,
+              baseline_summary: Path | None = None) -> dict[str, Any]:
     rows = [seed_row(run_dir, s) for s in seeds]
     mean, std = summarize(rows)
     summary = {"run": run, "n_seeds": len(rows), "seeds": rows, "mean": mean, "std": std}
-    base = baseline_of(compare_cfg) if compare_cfg else None
+    base = baseline_of(compare_cfg, baseline_summary) if compare_cfg else None
     if base is not None:
         c = compare_cfg
         # The val set is the same for every seed, so its token and byte counts are too.
@@ -142,9 +145,11 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--out-parquet", type=Path, required=True)
     ap.add_argument("--out-table", type=Path, required=True)
     ap.add_argument("--compare", default="", help="the compare config section as JSON")
+    ap.add_argument("--baseline-summary", type=Path, help="summary.json of compare.baseline_run")
     args = ap.parse_args(argv)
     try:
-        summary = aggregate(args.run, args.run_dir, args.seeds, json.loads(args.compare) if args.compare else None)
+        summary = aggregate(args.run, args.run_dir, args.seeds, json.loads(args.compare) if args.compare else None,
+                            args.baseline_summary)
     except (KeyError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"pgolf aggregate: {e}") from None
     table = render_table(args.run, summary["seeds"], summary["mean"], summary["std"])
