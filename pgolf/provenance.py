@@ -78,13 +78,34 @@ def module_files(stage: str) -> list[Path]:
     return sorted(seen)
 
 
+def canonical(node: object) -> str:
+    """The syntax tree as text, the same on every Python 3.11+: fields left at None or an empty list
+    are omitted, so a field a newer Python adds with an empty default (3.12's type_params) or a dump
+    format change (3.13's show_empty) does not change the hash, and so are the empty f-string pieces
+    3.12's parser adds; positions never enter it."""
+    if isinstance(node, ast.JoinedStr):  # 3.12 leaves an empty piece after a nested format spec
+        node = ast.JoinedStr([v for v in node.values if not (isinstance(v, ast.Constant) and v.value == "")])
+    if isinstance(node, ast.AST):
+        fields = [(name, getattr(node, name, None)) for name in node._fields]
+        inner = ",".join(f"{name}={canonical(v)}" for name, v in fields if v is not None and v != [])
+        return f"{type(node).__name__}({inner})"
+    if isinstance(node, list):
+        return "[" + ",".join(canonical(v) for v in node) + "]"
+    return repr(node)
+
+
+def source_hash(source: str, name: str = "<source>") -> str:
+    """Hash of what a module's source does: comments, docstrings and formatting do not count."""
+    tree = _strip_docstrings(ast.parse(source, filename=name))
+    return hashlib.sha256(canonical(tree).encode()).hexdigest()
+
+
 def code_version(stage: str) -> str:
     """Short hash of what the stage's code does, insensitive to comments and docstrings."""
     h = hashlib.sha256()
     for path in module_files(stage):
-        tree = _strip_docstrings(ast.parse(path.read_text(), filename=str(path)))
         h.update(str(path.relative_to(PACKAGE)).encode())
-        h.update(ast.dump(tree, include_attributes=False).encode())
+        h.update(source_hash(path.read_text(), str(path)).encode())
     return h.hexdigest()[:16]
 
 

@@ -44,3 +44,15 @@ def test_slurm_profile_maps_resources(tmp_path):
     out = dry_run("slurm", tmp_path)
     assert "slurm_partition=gpu" in out and "gpu=8" in out and "cpus_per_gpu=8" in out
     assert "--nproc-per-node 8" in train_command(out)
+
+
+@pytest.mark.parametrize("profile,limit", [("gpu1", 1), ("gpu", 8)])
+def test_every_cuda_job_holds_the_whole_gpu_limit(profile, limit, tmp_path):
+    """The profile's gpu limit runs GPU jobs one at a time: each job on --device cuda asks for all of
+    it, so two seeds never share a GPU by accident (calibration included)."""
+    jobs = dry_run(profile, tmp_path).split("\nrule ")[1:]
+    cuda = [j for j in jobs if "--device cuda" in j]
+    assert {j.split(":")[0] for j in cuda} >= {"train", "calibrate", "evaluate"}
+    for job in cuda:
+        resources = next(line for line in job.splitlines() if line.strip().startswith("resources:"))
+        assert f"gpu={limit}" in resources, job[:400]

@@ -1,3 +1,7 @@
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from pgolf import provenance
@@ -41,3 +45,54 @@ def test_code_files_are_the_package_sources():
     files = provenance.code_files()
     assert all(p.suffix == ".py" for p in files)
     assert any(p.name == "provenance.py" for p in files)
+
+
+# Syntax of every kind the package uses and some it may: classes, keyword-only and positional-only
+# arguments, f-strings with nested formats, async comprehensions, match, except*, walrus.
+SNIPPET = '''"""doc"""
+import os
+class A(B, metaclass=M):
+    x: int = 1
+    def f(self, a, /, b=2, *c, d, **e) -> str:
+        """doc"""
+        return f"{a!r:>{b}}" + 'u' if a else [i async for i in c] or (lambda: (yield))  # comment
+async def g():
+    with open(x) as f, ctx():
+        match f:
+            case [1, *rest] if (n := rest): pass
+            case {"k": v}: pass
+    try:
+        pass
+    except* ValueError as e:
+        raise
+    return await h(*a, **k)
+'''
+
+
+def test_source_hash_is_pinned():
+    """The hash of a fixed source: a change here reruns every finished stage, so it must be deliberate.
+    The value was checked identical under Python 3.11.7, 3.12.1 and 3.13.0 (3.12 added the AST field
+    type_params, which made ast.dump-based hashes rerun finished stages on another Python)."""
+    assert provenance.source_hash(SNIPPET) == "0853bb28667f438df3444c46c65a6206b43c82ceed1c3f3ec9ad2a5c2910d566"
+
+
+def other_pythons() -> list[str]:
+    found = []
+    for root in (Path.home() / ".pyenv" / "versions").glob("3.1[2-9]*"):
+        exe = root / "bin" / "python"
+        if exe.is_file():
+            found.append(str(exe))
+    return found
+
+
+@pytest.mark.skipif(not other_pythons(), reason="no other Python 3.12+ on this machine")
+@pytest.mark.parametrize("python", other_pythons() or ["none"])
+def test_stage_code_versions_are_the_same_on_another_python(python):
+    """A cluster node with another Python must not rerun finished stages."""
+    script = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('p', sys.argv[1]); "
+              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+              "print(json.dumps([m.source_hash(sys.argv[2]), {s: m.code_version(s) for s in m.STAGE_ENTRIES}]))")
+    out = subprocess.run([python, "-c", script, provenance.__file__, SNIPPET], capture_output=True, text=True,
+                         check=True)
+    here = [provenance.source_hash(SNIPPET), {s: provenance.code_version(s) for s in provenance.STAGE_ENTRIES}]
+    assert json.loads(out.stdout) == here

@@ -1,0 +1,78 @@
+"""Evaluation windows over the val stream, and the one loop that scores them.
+
+Both the sliding-window evaluation and TTT's scoring go through `score_windows`: batches of a fixed
+shape (the last one padded), one autocast call site, the losses of each window's scored targets
+into a BPB meter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pgolf.errors import PgolfError
+from pgolf.eval.bpb import BPBMeter
+from pgolf.model import token_losses
+from pgolf.runtime import autocast
+
+Window = tuple[int, int]  # (start, first scored offset)
+
+
+def windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """(start, first scored offset) of each window over a stream of n_tokens tokens (n_tokens-1 targets).
+
+    Each window holds seq_len inputs from `start`; it scores its targets from offset `first` on, so
+    every target is scored exactly once, with as much context as the window allows. stride ==
+    seq_len gives the challenge's plain non-overlapping evaluation.
+    """
+    n_targets = n_tokens - 1
+    if n_targets < seq_len:
+        raise PgolfError(f"{n_tokens} val tokens are fewer than one window of {seq_len}")
+    if not 1 <= stride <= seq_len:
+        raise PgolfError(f"eval.stride={stride} must lie in 1..eval.seq_len={seq_len}")
+    out, scored = [(0, 0)], seq_len
+    while scored < n_targets:
+        end = min(scored + stride, n_targets)
+        start = end - seq_len
+        out.append((start, scored - start))
+        scored = end
+    return out
+
+
+def plain_windows(n_tokens: int, seq_len: int) -> list[Window]:
+    """The challenge's eval_val: non-overlapping windows, the tail that does not fill one dropped."""
+    usable = (n_tokens - 1) // seq_len * seq_len
+    return [(s, 0) for s in range(0, usable, seq_len)]
+
+
+def window_batch(tokens: Tensor, part: list[Window], seq_len: int, batch: int) -> Tensor:
+    """(batch, seq_len + 1) token rows of the windows `part`, padded with copies of the first row so
+    that every forward has one shape (a compiled forward would otherwise recompile for the last)."""
+    rows = [tokens[s : s + seq_len + 1] for s, _ in part]
+    rows += rows[:1] * (batch - len(rows))
+    return torch.stack(rows)
+
+
+@torch.inference_mode()
+def score_windows(forward: nn.Module, tokens: Tensor, part_windows: list[Window], seq_len: int, batch: int,
+                  meter: BPBMeter, device: torch.device, precision: str = "auto",
+                  targets: list[Tensor] | None = None, losses_out: list[Tensor] | None = None,
+                  label: str = "") -> None:
+    """Add the scored targets of `part_windows` to `meter`; with `targets`/`losses_out`, also record
+    each scored target's stream index and loss (the audit compares them)."""
+    n_batches = -(-len(part_windows) // batch)
+    for b, i in enumerate(range(0, len(part_windows), batch)):
+        part = part_windows[i : i + batch]
+        idx = window_batch(tokens, part, seq_len, batch).to(device)
+        with autocast(device, precision):
+            losses = token_losses(forward, idx[:, :-1], idx[:, 1:])[: len(part)].float().cpu()
+        idx = idx[: len(part)].cpu()
+        firsts = torch.tensor([first for _, first in part])
+        keep = torch.arange(seq_len)[None, :] >= firsts[:, None]
+        meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep])
+        if targets is not None and losses_out is not None:
+            pos = torch.tensor([s for s, _ in part])[:, None] + torch.arange(seq_len)[None, :]
+            targets.append(pos[keep])
+            losses_out.append(losses[keep])
+        if label and (b + 1) % max(1, n_batches // 10) == 0:
+            print(f"{label}: batch {b + 1}/{n_batches}", flush=True)
