@@ -28,7 +28,9 @@ def unframe(data: bytes, magic: bytes, version: int, max_header: int, source: st
     if got_magic != magic:
         raise error(f"{source}: bad magic {got_magic!r}; not a pgolf {what}")
     if got_version != version:
-        raise error(f"{source}: unsupported {what} version {got_version}")
+        # Older versions lack checks (tensor file 1 has no checksums): refused, never read half-trusted.
+        raise error(f"{source}: unsupported {what} version {got_version}; this pgolf reads version {version} "
+                    "(delete it and rerun the stage that wrote it)")
     if hlen > max_header or _PREFIX.size + hlen > len(data):
         raise error(f"{source}: header length {hlen} exceeds the file (truncated?)")
     try:

@@ -1,13 +1,19 @@
 """A plain tensor container: magic, JSON header, raw little-endian tensor bytes. Never pickle.
 
 Layout (pgolf.container): b"PGOLFTEN" | u32 version | u64 header length | JSON header | tensor bytes.
-The header lists each tensor's dtype, shape and byte offset into the body, plus free-form `meta`
-(model config, step, ...). Reading checks every offset against the real body size first, so a
-corrupt header can never make us allocate or read more than the file holds.
+The header lists each tensor's dtype, shape, byte offset into the body and sha256, plus free-form
+`meta` (model config, step, ...), and the sha256 of all that. Reading checks every offset against
+the real body size first, so a corrupt header can never make us allocate or read more than the file
+holds; then the header must be byte for byte what `dumps` writes for its contents, the tensors must
+tile the body exactly, and every checksum must match: one flipped, missing or added byte anywhere
+is refused. Every floating tensor must be finite: NaN or Inf weights, Hessians or scales would only
+turn into a wrong score (or a baffling GPTQ error) stages later.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,7 @@ from pgolf.container import frame, read_file, unframe
 from pgolf.io import write_bytes
 
 MAGIC = b"PGOLFTEN"
-VERSION = 1
+VERSION = 2  # 2: per-tensor and header checksums
 MAX_HEADER_BYTES = 1 << 24
 
 # bf16 has no numpy dtype: it is stored as its raw 16 bits.
@@ -35,6 +41,10 @@ _DTYPES = {
 _NAMES = {tdt: name for name, (tdt, _) in _DTYPES.items()}
 
 
+# Tensor files are pipeline intermediates: the fix for a damaged one is to make it again.
+CORRUPT = "the file is damaged (delete it and rerun the stage that wrote it)"
+
+
 class TensorFileError(ValueError):
     """A tensor file that is corrupt, truncated or not ours."""
 
@@ -46,22 +56,40 @@ def dumps(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) 
         if t.dtype not in _NAMES:
             raise TypeError(f"tensor {name!r}: unsupported dtype {t.dtype}")
         raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-        entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(raw)}
+        entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(raw),
+                         "sha256": hashlib.sha256(raw).hexdigest()}
         chunks.append(raw)
         offset += len(raw)
-    return frame(MAGIC, VERSION, {"tensors": entries, "meta": meta or {}}) + b"".join(chunks)
+    return _head(entries, meta or {}) + b"".join(chunks)
 
 
-def loads(data: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _head(entries: dict, meta: dict) -> bytes:
+    """Everything before the body. The header's own sha256 covers the tensor table (and through it
+    every tensor's bytes) and the meta, so a changed value there cannot pass for the original."""
+    table = {"tensors": entries, "meta": meta}
+    digest = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+    return frame(MAGIC, VERSION, {**table, "sha256": digest})
+
+
+def loads(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of tensor file `data`; raise TensorFileError naming `source` unless every check passes."""
     header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, TensorFileError, "tensor file")
-    entries = header.get("tensors")
+    entries, meta = header.get("tensors"), header.get("meta")
     if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
         raise TensorFileError(f"{source}: header has no valid tensor table")
-    out = {}
+    if not isinstance(meta, dict) or _head(entries, meta) != bytes(data[: len(data) - len(body)]):
+        raise TensorFileError(f"{source}: checksum mismatch in the header: {CORRUPT}")
+    out, end = {}, 0
     # In body order, not the header's sorted order, so that dumps(*loads(data)) == data.
     for name, e in sorted(entries.items(), key=_body_order):
         out[name] = _decode(name, e, body, source)
-    return out, header.get("meta", {})
+        if e["offset"] != end:
+            raise TensorFileError(f"{source}: tensor {name!r} does not start where the one before it ends: {CORRUPT}")
+        end += e["nbytes"]
+    if end != len(body):
+        raise TensorFileError(f"{source}: {len(body) - end:,} bytes after the last tensor (appended?): {CORRUPT}")
+    check_finite(out, source)
+    return out, meta
 
 
 def _body_order(item: tuple[str, dict]) -> tuple[int, int]:
@@ -81,9 +109,23 @@ def _decode(name: str, e: dict, body: memoryview, source: str) -> torch.Tensor:
         raise TensorFileError(f"{source}: tensor {name!r} byte count does not match its shape {shape}")
     if off < 0 or off + nbytes > len(body):
         raise TensorFileError(f"{source}: tensor {name!r} lies past the end of the file (truncated?)")
+    if hashlib.sha256(body[off : off + nbytes]).hexdigest() != e.get("sha256"):
+        raise TensorFileError(f"{source}: checksum mismatch in tensor {name!r}: {CORRUPT}")
     arr = np.frombuffer(body[off : off + nbytes], dtype=ndt).reshape(shape).copy()
     t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if tdt == torch.bfloat16 else t
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding NaN or Inf, or None."""
+    return next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/Inf: a diverged run's weights must stop the pipeline where they are read, naming the file."""
+    name = first_nonfinite(tensors)
+    if name is not None:
+        raise TensorFileError(f"{source}: tensor {name!r} holds NaN/Inf")
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:

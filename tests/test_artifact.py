@@ -129,8 +129,8 @@ def test_pruning_fits_the_target_with_the_fewest_smallest_codes(tmp_path):
     full = len(artifact.encode(raw, cfg))
     data, n = prune_to_fit(raw, cfg, full - 300)
     assert len(data) <= full - 300 and n > 0
-    back, _ = tensorfile.loads(artifact.decode(data))
-    before, _ = tensorfile.loads(raw)
+    back, _ = tensorfile.loads(artifact.decode(data), "a.pgz")
+    before, _ = tensorfile.loads(raw, "q.pgt")
     pruned, kept = [], []  # impacts (row scale^2) of the +-1 codes zeroed and of those left
     for name in ("m.weight", "emb.weight"):
         old_codes, new_codes = before[f"{name}.codes"], back[f"{name}.codes"]

@@ -9,6 +9,7 @@ import sentencepiece as spm
 
 from pgolf.data import corpus, documents, tokenizer
 from pgolf.data.shards import HEADER_BYTES, ShardError, load_shard, read_header, write_shard
+from pgolf.io import write_parquet
 
 # --- shards -------------------------------------------------------------------------------------
 
@@ -149,8 +150,8 @@ def test_pieces_keep_every_byte_under_the_limit():
 def test_tokenizer_learns_from_long_single_lines(tmp_path):
     """A corpus of one 60 KB line per document: SentencePiece alone would skip all of it."""
     line = " ".join(f"zebra{i % 7} quokka{i % 5}" for i in range(6000))
-    pq.write_table(pa.table({"doc_id": ["a", "b"], "text": [line, "val doc"], "split": ["train", "val"]}),
-                   tmp_path / "docs.parquet")
+    write_parquet(tmp_path / "docs.parquet",  # as the documents stage writes it
+                  pa.table({"doc_id": ["a", "b"], "text": [line, "val doc"], "split": ["train", "val"]}))
     cfg = {"vocab_size": 300, "max_sentence_bytes": 4096, "train_docs": 0}
     tokenizer.train(tmp_path / "docs.parquet", cfg, tmp_path / "t.model")
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pgolf.io import atomic_path
+from pgolf.io import read_parquet, write_parquet
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -109,15 +109,14 @@ def build(cfg: dict, raw: str | None, out: str | Path) -> dict:
     ids = [d for d, _ in docs]
     splits = assign_splits(ids, cfg["split_seed"], cfg["val_fraction"])
     table = pa.table({"doc_id": ids, "text": [t for _, t in docs], "split": splits})
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(out, table)
     stats = {"documents": len(ids), "val": splits.count("val"), "train": splits.count("train"), "empty_skipped": empty}
     print(f"{out}: {stats}", flush=True)
     return stats
 
 
 def read_documents(path: str | Path, split: str | None = None) -> list[str]:
-    table = pq.read_table(path)
+    table = read_parquet(path, ["text", "split"])
     rows = zip(table.column("text").to_pylist(), table.column("split").to_pylist(), strict=True)
     return [t for t, s in rows if split is None or s == split]
 

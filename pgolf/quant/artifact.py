@@ -4,7 +4,8 @@ Layout (pgolf.container): b"PGOLFART" | u32 version | u64 header length | JSON h
 The body is the codec's compression of the payload: the quantized tensor file with sub-byte codes
 packed densely (pgolf.quant.pack), then optionally byte-shuffled. The header names the codec and
 level, the shuffle stride, the packed tensors (bits, shape), the body, payload and raw lengths and
-the raw tensor file's sha256.
+the raw tensor file's sha256. The raw tensor file carries its own checksums and is verified before
+it is packed, so the artifact's sha256 is taken over exactly the tensors the quantize stage wrote.
 
 Reading refuses a file over MAX_FILE_BYTES before reading it, checks the body length against the
 header (a truncated or padded file fails), decompresses at most the promised payload length,
@@ -27,7 +28,7 @@ from pgolf.io import write_bytes
 from pgolf.quant.pack import PackError, pack_codes, shuffle, unpack_codes, unshuffle
 
 MAGIC = b"PGOLFART"
-VERSION = 2
+VERSION = 3  # 3: the payload is a checksummed tensor file (tensorfile version 2)
 MAX_HEADER_BYTES = 1 << 20
 MAX_RAW_BYTES = 1 << 30  # far above any 16 MB artifact's decompressed size
 MAX_FILE_BYTES = 1 << 28  # sixteen times the challenge's cap: anything larger is not an artifact
@@ -91,11 +92,12 @@ def pack_payload(raw: bytes, tensors: dict, meta: dict, pack: bool) -> tuple[byt
     return (tensorfile.dumps(tensors, meta) if info else raw), info
 
 
-def encode(raw: bytes, cfg: dict, pruned_codes: int = 0) -> bytes:
-    """The artifact for tensor file `raw` under compress config cfg (codec, level, pack, shuffle)."""
+def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned tensors") -> bytes:
+    """The artifact for tensor file `raw` (read from `source`) under compress config cfg (codec, level,
+    pack, shuffle). `raw` must pass every check of the tensor file reader first."""
     if cfg["codec"] not in CODECS:
         raise ArtifactError(f"compress.codec: unknown codec {cfg['codec']!r}; known: {', '.join(CODECS)}")
-    tensors, meta = tensorfile.loads(raw)
+    tensors, meta = tensorfile.loads(raw, source)
     payload, info = pack_payload(raw, tensors, meta, cfg.get("pack", False))
     body = CODECS[cfg["codec"]][0](shuffle(payload, cfg.get("shuffle", 0)), cfg["level"])
     header = {"codec": cfg["codec"], "level": cfg["level"], "shuffle": cfg.get("shuffle", 0), "packed": info,
@@ -181,6 +183,11 @@ def write_artifact(path: str | Path, raw: bytes, cfg: dict) -> int:
 
 def read_artifact(path: str | Path) -> bytes:
     return decode(_read(path), str(path))
+
+
+def read_tensors(path: str | Path) -> tuple[dict, dict]:
+    """The artifact's quantized tensors and meta, every check of both readers passed."""
+    return tensorfile.loads(read_artifact(path), str(path))
 
 
 def read_header(path: str | Path) -> dict:

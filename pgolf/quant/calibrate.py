@@ -125,6 +125,10 @@ def calibrate(weights: str | Path, data: str | Path | None, cfg: dict, seed: int
     model = load_weights(weights).to(device).eval()
     tokens = calibration_tokens(model, data, cfg, seed)
     hessians = collect_hessians(model, tokens, cfg["batch_seqs"])
+    bad = tensorfile.first_nonfinite(hessians)
+    if bad is not None:  # finite weights can still overflow float32 activations: GPTQ must not see them
+        raise ValueError(f"{weights}: the Hessian of {bad!r} computed from these weights holds NaN/Inf "
+                         "(the activations overflow); no Hessians written")
     seconds = time.perf_counter() - t0
     meta = {"source": cfg["source"], "tokens": tokens.numel(), "seed": seed, "seconds": seconds}
     tensorfile.save(out, hessians, meta)

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 from pgolf import tensorfile
+from pgolf.container import read_file
 from pgolf.io import write_bytes, write_json
 from pgolf.provenance import PACKAGE, code_files
-from pgolf.quant.artifact import encode, read_header
+from pgolf.quant.artifact import ArtifactError, encode, read_header, read_tensors
+from pgolf.quant.quantize import dequantize
 
 
 class BudgetError(ValueError):
@@ -60,12 +62,13 @@ class Candidates:
         return tensorfile.dumps(out, meta)
 
 
-def prune_to_fit(raw: bytes, cfg: dict, target: int) -> tuple[bytes, int]:
-    """(artifact, codes pruned): the fewest +-1 codes zeroed so the artifact is at most `target` bytes."""
-    data = encode(raw, cfg)
+def prune_to_fit(raw: bytes, cfg: dict, target: int, source: str = "quantized tensors") -> tuple[bytes, int]:
+    """(artifact, codes pruned): the fewest +-1 codes zeroed so the artifact is at most `target` bytes.
+    `raw` is the tensor file read from `source`."""
+    data = encode(raw, cfg, source=source)
     if len(data) <= target:
         return data, 0
-    tensors, meta = tensorfile.loads(raw)
+    tensors, meta = tensorfile.loads(raw, source)
     cands = Candidates(tensors, meta)
     smallest = encode(cands.pruned(tensors, meta, len(cands)), cfg, len(cands))
     if len(smallest) > target:
@@ -84,11 +87,11 @@ def prune_to_fit(raw: bytes, cfg: dict, target: int) -> tuple[bytes, int]:
 
 def compress(quant: str | Path, cfg: dict, out: str | Path, code_bytes: int = 0) -> int:
     t0 = time.perf_counter()
-    raw = Path(quant).read_bytes()
+    raw = read_file(quant, tensorfile.TensorFileError)
     if cfg.get("prune"):
-        data, n = prune_to_fit(raw, cfg, cfg["budget_bytes"] - code_bytes)
+        data, n = prune_to_fit(raw, cfg, cfg["budget_bytes"] - code_bytes, str(quant))
     else:
-        data, n = encode(raw, cfg), 0
+        data, n = encode(raw, cfg, source=str(quant)), 0
     write_bytes(out, data)
     print(f"{out}: {len(raw):,} -> {len(data):,} bytes ({cfg['codec']} level {cfg['level']}, "
           f"pack {cfg.get('pack', False)}, shuffle {cfg.get('shuffle', 0)}, {n:,} codes pruned) "
@@ -96,7 +99,18 @@ def compress(quant: str | Path, cfg: dict, out: str | Path, code_bytes: int = 0)
     return len(data)
 
 
+def verify(artifact: str | Path) -> None:
+    """Read the artifact exactly as evaluate does (framing, lengths, codec, checksum, tensor file,
+    decoding plan): a size is certified only for an artifact that evaluate would accept."""
+    tensors, meta = read_tensors(artifact)
+    try:
+        dequantize(tensors, meta)
+    except ValueError as e:  # the readers name the file; dequantize does not
+        raise ArtifactError(f"{artifact}: {e}") from None
+
+
 def size_report(artifact: str | Path, cfg: dict) -> dict:
+    verify(artifact)
     files = {str(p.relative_to(PACKAGE.parent)): p.stat().st_size for p in code_files()}
     model, code = Path(artifact).stat().st_size, sum(files.values())
     total, budget = model + code, cfg["budget_bytes"]

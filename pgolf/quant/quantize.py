@@ -79,6 +79,10 @@ def quantize(weights: str | Path, cfg: dict, out: str | Path, hessians: str | Pa
     t0 = time.perf_counter()
     state, meta = tensorfile.load(weights)
     tensors, plan, bits, errors = quantize_state(state, cfg, _load_hessians(hessians, cfg["method"]))
+    bad = tensorfile.first_nonfinite(tensors)
+    if bad is not None:  # finite float32 weights can still overflow a float16 scale
+        raise ValueError(f"{weights}: quantized tensor {bad!r} holds NaN/Inf (weights too large for float16 "
+                         "scales); nothing written")
     quant_meta = {"method": cfg["method"], "clip": cfg["clip"], "plan": plan, "bits": bits}
     tensorfile.save(out, tensors, {**meta, "quant": quant_meta})
     for name, err in errors.items():

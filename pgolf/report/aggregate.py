@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pgolf.io import atomic_path, read_json, write_bytes, write_json
+from pgolf.io import read_json, write_bytes, write_json
+from pgolf.io import write_parquet as write_table
 from pgolf.report import stats
 
 # Column -> (file, path of keys inside it). The order is the table's order.
@@ -94,9 +94,7 @@ def render_table(run: str, rows: list[dict], mean: dict, std: dict) -> str:
 def write_parquet(path: Path, rows: list[dict], mean: dict, std: dict) -> None:
     records = [{"row": f"seed {r['seed']}", **r} for r in rows]
     records += [{"row": "mean", "seed": None, **mean}, {"row": "std", "seed": None, **std}]
-    table = pa.Table.from_pylist(records)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_table(path, pa.Table.from_pylist(records))
 
 
 def baseline_of(cfg: dict, summary: Path | None = None) -> dict | None:

@@ -10,10 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
 from pgolf import tensorfile  # noqa: E402
-from pgolf.io import atomic_path, read_json  # noqa: E402
+from pgolf.io import atomic_path, read_json, read_parquet  # noqa: E402
 
 STAGES = ("pre_quant", "post_quant", "sliding")
 
@@ -28,7 +27,7 @@ def _save(fig, path: Path) -> None:
 def loss_figure(run_dir: Path, seeds: list[int], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for s in seeds:
-        t = pq.read_table(run_dir / f"seed{s}" / "metrics.parquet", columns=["step", "loss"])
+        t = read_parquet(run_dir / f"seed{s}" / "metrics.parquet", ["step", "loss"])
         ax.plot(t.column("step").to_pylist(), t.column("loss").to_pylist(), label=f"seed {s}", lw=1)
     ax.set(xlabel="step", ylabel="train loss (nats/token)", title="Training loss")
     ax.legend()

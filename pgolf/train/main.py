@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,7 +19,7 @@ from torch import nn
 from pgolf import tensorfile
 from pgolf.config import grad_accum_steps
 from pgolf.distributed import setup_distributed
-from pgolf.io import atomic_path, write_json
+from pgolf.io import write_json, write_parquet
 from pgolf.model import GPT, token_losses
 from pgolf.optim.muon import Muon
 from pgolf.train import checkpoint
@@ -285,8 +284,7 @@ class Trainer:
             self.log("swa: no snapshot was taken (the LR scale never fell below swa_below); exporting the EMA")
         tensorfile.save(out / "ema.pgt", export, {**meta, "weights": source})
         tensorfile.save(out / "raw.pgt", {k: v.float() for k, v in self.model.state_dict().items()}, meta)
-        with atomic_path(out / "metrics.parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(self.rows), tmp)
+        write_parquet(out / "metrics.parquet", pa.Table.from_pylist(self.rows))
         tokens = self.step * self.cfg["batch_tokens"]
         write_json(out / "train.json", {
             "steps": self.step, "tokens": tokens, "train_seconds": self.elapsed,
