@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,12 @@ def _where(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
+def _explain(error: jsonschema.ValidationError) -> str:
+    """The schema's message; a bare regular expression says little, so a pattern error adds the key's description."""
+    hint = error.schema.get("description") if error.validator == "pattern" else None
+    return f"{error.message} ({hint})" if hint else error.message
+
+
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `config` with defaults filled in; raise ConfigError naming the bad key."""
     schema = load_schema()
@@ -39,7 +46,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     _fill_defaults(schema, config)
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: e.path)
     if errors:
-        lines = [f"  {_where(e)}: {e.message}" for e in errors]
+        lines = [f"  {_where(e)}: {_explain(e)}" for e in errors]
         raise ConfigError("invalid pgolf config:\n" + "\n".join(lines))
     _check_consistency(config)
     return config
@@ -162,6 +169,14 @@ class _StrictLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent: `3e-4` and `1e6` would be
+# strings, refused as "not of type 'number'". YAML 1.2 (and everyone writing a learning rate) reads
+# them as numbers; this reader, used for config.yaml, presets and Snakemake's --configfile, does too.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def read_file(path: str | Path) -> dict:

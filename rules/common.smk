@@ -7,11 +7,15 @@ from pathlib import Path
 import pgolf.config
 import pgolf.provenance
 
-# Snakemake reads --configfile with a YAML loader that keeps the last of two equal keys; read each
-# file again strictly so a repeated section fails instead of silently dropping the first.
-for _f in workflow.configfiles:
-    pgolf.config.read_file(_f)
-config.update(pgolf.config.validate(config))
+# Snakemake reads config files with YAML 1.1 (`3e-4` is a string there) and keeps the last of two
+# equal keys. Build the config again from the same files with pgolf's reader (YAML 1.2 numbers, a
+# repeated key refused), in Snakemake's order: the Snakefile's configfile, --configfile, --config.
+_cli_files = [Path(f).absolute() for f in workflow.config_settings.configfiles]
+_own_files = [] if workflow.config_settings.replace_workflow_config else [
+    f for f in workflow.configfiles if Path(f).absolute() not in _cli_files]
+_resolved = pgolf.config.load(*_own_files, *_cli_files, overrides=dict(workflow.config_settings.config))
+config.clear()
+config.update(_resolved)
 
 wildcard_constraints:
     seed=r"\d+",
@@ -26,7 +30,7 @@ DATASET_DIR = f"data/datasets/{DATASET}_sp{VOCAB}"
 SEED_DIR = f"{RUN}/seed{{seed}}"
 NPROC = config["train"]["nproc"]
 # torchrun picks a free rendezvous port with --standalone, so several trainings can share a host.
-TORCHRUN = "torchrun --standalone --nproc-per-node {resources.nproc} -m pgolf"
+TORCHRUN = "torchrun --standalone --nproc-per-node {resources.nproc:q} -m pgolf"
 
 
 def section(name, keys=None):

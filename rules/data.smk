@@ -10,7 +10,7 @@ rule fetch_corpus:
         "data/logs/fetch_corpus.log",
     retries: 2
     shell:
-        "pgolf fetch-corpus --out {output} > {log} 2>&1"
+        "pgolf fetch-corpus --out {output:q} > {log:q} 2>&1"
 
 
 def documents_input(wildcards):
@@ -29,7 +29,7 @@ rule documents:
     log:
         f"data/logs/documents_{DATASET}.log",
     shell:
-        "pgolf documents --cfg {params.cfg:q} --raw={params.raw:q} --out {output} > {log} 2>&1"
+        "pgolf documents --cfg {params.cfg:q} --raw={params.raw:q} --out {output:q} > {log:q} 2>&1"
 
 
 if config["data"]["source"] == "fineweb":
@@ -46,8 +46,8 @@ if config["data"]["source"] == "fineweb":
             f"data/logs/fetch_fineweb_{DATASET}_sp{VOCAB}.log",
         retries: 2
         shell:
-            "pgolf fetch-fineweb --cfg {params.hub:q} --cache {params.cache} --out {output.dataset} "
-            "--tokenizer {output.tokenizer} > {log} 2>&1"
+            "pgolf fetch-fineweb --cfg {params.hub:q} --cache {params.cache:q} --out {output.dataset:q} "
+            "--tokenizer {output.tokenizer:q} > {log:q} 2>&1"
 
 else:
 
@@ -63,7 +63,7 @@ else:
         log:
             f"data/logs/tokenizer_{DATASET}_sp{VOCAB}.log",
         shell:
-            "pgolf tokenizer --docs {input} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
+            "pgolf tokenizer --docs {input:q} --cfg {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
     rule shards:
@@ -79,5 +79,5 @@ else:
         log:
             f"data/logs/shards_{DATASET}_sp{VOCAB}.log",
         shell:
-            "pgolf shards --docs {input.docs} --tokenizer {input.tokenizer} --cfg {params.cfg:q} "
-            "--out {output} > {log} 2>&1"
+            "pgolf shards --docs {input.docs:q} --tokenizer {input.tokenizer:q} --cfg {params.cfg:q} "
+            "--out {output:q} > {log:q} 2>&1"

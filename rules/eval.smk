@@ -22,5 +22,5 @@ rule evaluate:
     benchmark:
         f"{RUN}/benchmarks/evaluate_seed{{seed}}.tsv"
     shell:
-        TORCHRUN + " evaluate --data {input.data} --tokenizer {input.tokenizer} --ema {input.ema} "
-        "--artifact {input.artifact} --cfg {params.cfg:q} --device {params.device} --out {output} > {log} 2>&1"
+        TORCHRUN + " evaluate --data {input.data:q} --tokenizer {input.tokenizer:q} --ema {input.ema:q} "
+        "--artifact {input.artifact:q} --cfg {params.cfg:q} --device {params.device:q} --out {output:q} > {log:q} 2>&1"

@@ -33,6 +33,8 @@ rule probe_train:
         loader=json.dumps({"mode": "shuffled"}),
         vocab=VOCAB,
         device=config["device"],
+        out_dir=PROBE_DIR,
+        ckpt_dir=f"{PROBE_DIR}/ckpt",
         code=code("train"),
     threads: workflow.cores
     resources:
@@ -41,9 +43,9 @@ rule probe_train:
     log:
         f"{RUN}/logs/probe_train.log",
     shell:
-        TORCHRUN + " train --data {input.data} --vocab-size {params.vocab} --model-cfg {params.model:q} "
-        "--cfg {params.cfg:q} --seed 0 --device {params.device} --out-dir " + PROBE_DIR
-        + " --ckpt-dir " + PROBE_DIR + "/ckpt --loader-cfg {params.loader:q} > {log} 2>&1"
+        TORCHRUN + " train --data {input.data:q} --vocab-size {params.vocab:q} --model-cfg {params.model:q} "
+        "--cfg {params.cfg:q} --seed 0 --device {params.device:q} "
+        "--out-dir {params.out_dir:q} --ckpt-dir {params.ckpt_dir:q} --loader-cfg {params.loader:q} > {log:q} 2>&1"
 
 
 rule shard_order:
@@ -59,5 +61,5 @@ rule shard_order:
     log:
         f"{RUN}/logs/shard_order.log",
     shell:
-        "pgolf order --data {input.data} --probe {input.probe} --cfg {params.cfg:q} --vocab-size {params.vocab} "
-        "--out {output} > {log} 2>&1"
+        "pgolf order --data {input.data:q} --probe {input.probe:q} --cfg {params.cfg:q} --vocab-size {params.vocab:q} "
+        "--out {output:q} > {log:q} 2>&1"

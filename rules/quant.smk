@@ -12,7 +12,8 @@ rule calibrate:
         f"{SEED_DIR}/hessians.pgt",
     params:
         cfg=section("calibrate"),
-        data=f"--data {DATASET_DIR}" if config["calibrate"]["source"] == "train" else "",
+        # a flag and its path, or nothing: a list, so that :q quotes each element
+        data=["--data", DATASET_DIR] if config["calibrate"]["source"] == "train" else [],
         device=config["device"],
         code=code("calibrate"),
     log:
@@ -20,8 +21,8 @@ rule calibrate:
     benchmark:
         f"{RUN}/benchmarks/calibrate_seed{{seed}}.tsv"
     shell:
-        "pgolf calibrate --weights {input.ema} {params.data} --cfg {params.cfg:q} --seed {wildcards.seed} "
-        "--device {params.device} --out {output} > {log} 2>&1"
+        "pgolf calibrate --weights {input.ema:q} {params.data:q} --cfg {params.cfg:q} --seed {wildcards.seed:q} "
+        "--device {params.device:q} --out {output:q} > {log:q} 2>&1"
 
 
 # Only GPTQ reads Hessians: round-to-nearest runs without the calibrate stage.
@@ -36,14 +37,14 @@ rule quantize:
         f"{SEED_DIR}/quant.pgt",
     params:
         cfg=section("quant"),
-        hessians=f"--hessians {SEED_DIR}/hessians.pgt" if GPTQ else "",
+        hessians=["--hessians", f"{SEED_DIR}/hessians.pgt"] if GPTQ else [],
         code=code("quantize"),
     log:
         f"{RUN}/logs/quantize_seed{{seed}}.log",
     benchmark:
         f"{RUN}/benchmarks/quantize_seed{{seed}}.tsv"
     shell:
-        "pgolf quantize --weights {input.ema} {params.hessians} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
+        "pgolf quantize --weights {input.ema:q} {params.hessians:q} --cfg {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
 # With pruning on, compress aims at the budget minus the code bytes, so both are its params then.
@@ -64,8 +65,8 @@ rule compress:
     benchmark:
         f"{RUN}/benchmarks/compress_seed{{seed}}.tsv"
     shell:
-        "pgolf compress --quant {input.quant} --cfg {params.cfg:q} --code-bytes {params.code_bytes} "
-        "--out {output} > {log} 2>&1"
+        "pgolf compress --quant {input.quant:q} --cfg {params.cfg:q} --code-bytes {params.code_bytes:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 # Its own rule so that editing code reruns only this check, not compression and evaluation.
@@ -81,4 +82,4 @@ rule size:
     log:
         f"{RUN}/logs/size_seed{{seed}}.log",
     shell:
-        "pgolf size --artifact {input.artifact} --cfg {params.cfg:q} --out {output} > {log} 2>&1"
+        "pgolf size --artifact {input.artifact:q} --cfg {params.cfg:q} --out {output:q} > {log:q} 2>&1"

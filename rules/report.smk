@@ -22,14 +22,16 @@ rule aggregate:
         run=config["run"],
         seeds=config["seeds"],
         compare=section("compare"),
-        baseline=f"--baseline-summary {BASELINE_SUMMARY}" if BASELINE else "",
+        # a flag and its path, or nothing: a list, so that :q quotes each element
+        baseline=["--baseline-summary", BASELINE_SUMMARY] if BASELINE else [],
+        run_dir=RUN,
         code=code("aggregate"),
     log:
         f"{RUN}/logs/aggregate.log",
     shell:
-        "pgolf aggregate --run {params.run} --seeds {params.seeds} --run-dir " + RUN + " "
-        "--out-json {output.json} --out-parquet {output.parquet} --out-table {output.table} "
-        "--compare {params.compare:q} {params.baseline} > {log} 2>&1"
+        "pgolf aggregate --run {params.run:q} --seeds {params.seeds:q} --run-dir {params.run_dir:q} "
+        "--out-json {output.json:q} --out-parquet {output.parquet:q} --out-table {output.table:q} "
+        "--compare {params.compare:q} {params.baseline:q} > {log:q} 2>&1"
 
 
 rule record:
@@ -42,12 +44,13 @@ rule record:
         seeds=config["seeds"],
         config=json.dumps(config, sort_keys=True),
         code_bytes=pgolf.provenance.code_bytes(),
+        run_dir=RUN,
         code=code("record"),
     log:
         f"{RUN}/logs/record.log",
     shell:
-        "pgolf record --run-dir " + RUN + " --seeds {params.seeds} --config {params.config:q} --out {output} "
-        "> {log} 2>&1"
+        "pgolf record --run-dir {params.run_dir:q} --seeds {params.seeds:q} --config {params.config:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule plots:
@@ -62,8 +65,10 @@ rule plots:
         bytes=report(f"{RUN}/plots/bytes.png", caption="report/bytes.rst", category="Artifact"),
     params:
         seeds=config["seeds"],
+        run_dir=RUN,
+        out_dir=f"{RUN}/plots",
         code=code("plots"),
     log:
         f"{RUN}/logs/plots.log",
     shell:
-        "pgolf plots --run-dir " + RUN + " --seeds {params.seeds} --out-dir " + RUN + "/plots > {log} 2>&1"
+        "pgolf plots --run-dir {params.run_dir:q} --seeds {params.seeds:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -29,7 +29,7 @@ rule train:
     benchmark:
         f"{RUN}/benchmarks/train_seed{{seed}}.tsv"
     shell:
-        TORCHRUN + " train --data {input.data} --vocab-size {params.vocab} --model-cfg {params.model:q} "
-        "--cfg {params.cfg:q} --seed {wildcards.seed} --device {params.device} "
-        "--out-dir {params.out_dir} --ckpt-dir {params.ckpt_dir} --loader-cfg {params.loader:q} "
-        "--shard-order '{input.order}' > {log} 2>&1"
+        TORCHRUN + " train --data {input.data:q} --vocab-size {params.vocab:q} --model-cfg {params.model:q} "
+        "--cfg {params.cfg:q} --seed {wildcards.seed:q} --device {params.device:q} "
+        "--out-dir {params.out_dir:q} --ckpt-dir {params.ckpt_dir:q} --loader-cfg {params.loader:q} "
+        "--shard-order={input.order:q} > {log:q} 2>&1"

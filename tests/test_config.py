@@ -1,3 +1,6 @@
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,45 @@ def test_quant_groups_merge_with_their_defaults():
     assert q["clip_k"]["embed"] == 14.0 and q["clip_k"]["attn"] == 12.85
     with pytest.raises(ConfigError, match=r"quant\.bits\.mlp"):
         validate({"quant": {"bits": {"mlp": 9}}})
+
+
+@pytest.mark.parametrize("written, value", [("3e-4", 3e-4), ("1e6", 1e6), ("1E-3", 1e-3), ("+2.5e2", 250.0),
+                                            ("1.0e-3", 1e-3), (".5e1", 5.0), ("0.04", 0.04)])
+def test_yaml_1_2_numbers_are_numbers(tmp_path, written, value):
+    """PyYAML's YAML 1.1 reads 3e-4 and 1e6 as strings ("not of type 'number'"); learning rates are written so."""
+    preset = tmp_path / "lr.yaml"
+    preset.write_text(f"train:\n  matrix_lr: {written}\n")
+    assert load(ROOT / "config.yaml", preset)["train"]["matrix_lr"] == value
+
+
+def test_pgolf_config_reads_yaml_1_2_numbers(tmp_path):
+    preset = tmp_path / "lr.yaml"
+    preset.write_text("train: {matrix_lr: 3e-4, scalar_lr: 1e6}\n")
+    proc = subprocess.run([sys.executable, "-m", "pgolf", "config", ROOT / "config.yaml", preset],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    train = yaml.safe_load(proc.stdout)["train"]
+    assert train["matrix_lr"] == 3e-4 and train["scalar_lr"] == 1e6
+
+
+def test_strings_that_only_look_numeric_stay_strings(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("run: 1e6x\nrecord: {name: e5}\n")
+    cfg = load(f)
+    assert cfg["run"] == "1e6x" and cfg["record"]["name"] == "e5"
+
+
+@pytest.mark.parametrize("key, value", [("run", ".."), ("run", "."), ("run", ".hidden"), ("data.name", ".."),
+                                        ("data.name", "."), ("run", "a/b"), ("compare.baseline_run", ".."),
+                                        ("compare.baseline_run", "x$(touch p)"), ("compare.baseline_run", "a b")])
+def test_names_that_would_leave_their_folder_are_refused(key, value):
+    section, _, sub = key.partition(".")
+    cfg = {section: {sub: value}} if sub else {section: value}
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: {re.escape(repr(value))} does not match"):
+        validate(cfg)
+
+
+def test_ordinary_names_pass():
+    cfg = validate({"run": "pr1517.seed-2_b", "data": {"name": "fineweb10B_sp1024"},
+                    "compare": {"baseline_run": "a.b"}})
+    assert cfg["run"] == "pr1517.seed-2_b"

@@ -13,6 +13,7 @@ are checked before the shards and tokenizer are put where the rest of the pipeli
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -64,6 +65,19 @@ def shard_counts(manifest: dict, dataset: str) -> tuple[int | None, int | None]:
     return None, None
 
 
+def tokenizer_sha256(path: Path, vocab: int) -> str:
+    """The downloaded tokenizer's sha256, for the manifest, once it is known to have `vocab` pieces."""
+    import sentencepiece as spm
+
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"downloaded tokenizer {path.name} is not a SentencePiece model ({e})") from None
+    if pieces != vocab:
+        raise ValueError(f"downloaded tokenizer {path.name} has {pieces} pieces, not the variant's {vocab}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def fetch(cfg: dict, cache: Path, dataset_out: Path, tokenizer_out: Path) -> dict:
     vocab = vocab_of(cfg["variant"])
     dataset = f"fineweb10B_{cfg['variant']}"
@@ -85,7 +99,7 @@ def fetch(cfg: dict, cache: Path, dataset_out: Path, tokenizer_out: Path) -> dic
         for path in local:
             shutil.copyfile(path, staging / path.name)
         summary = {"source": f"{cfg['repo_id']}@{cfg['revision']}", "variant": cfg["variant"], "vocab_size": vocab,
-                   "tokenizer": tokenizer_out.name,
+                   "tokenizer": tokenizer_out.name, "tokenizer_sha256": tokenizer_sha256(tokenizer, vocab),
                    "splits": {s: {"shards": [p.name for p in list_shards(staging, s)],
                                   "tokens": sum(n for name, n in tokens.items() if f"_{s}_" in name)}
                               for s in ("train", "val")}}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.data.shards import list_shards, load_shard
+from pgolf.data.shards import list_shards, load_shard, open_dataset
 from pgolf.io import write_json
 from pgolf.model import GPT, load_weights, token_losses
 
@@ -53,9 +53,12 @@ def pearson(a: list[float], b: list[float]) -> float:
 
 
 def score_shards(dataset_dir: str | Path, probe: str | Path, cfg: dict, vocab: int) -> dict:
+    open_dataset(dataset_dir, vocab, "--vocab-size (tokenizer.vocab_size)")
     model = load_weights(probe).eval()
+    if model.vocab_size != vocab:
+        raise ValueError(f"{probe}: the probe model's vocabulary is {model.vocab_size}, the shards' is {vocab}")
     files = list_shards(dataset_dir, "train")
-    shards = [load_shard(f) for f in files]
+    shards = [load_shard(f, vocab_size=vocab) for f in files]
     counts = [np.bincount(s, minlength=vocab).astype(np.float64) for s in shards]
     total = np.sum(counts, axis=0)
     losses = [probe_loss(model, s, cfg["sample_tokens"], cfg["seq_len"]) for s in shards]

@@ -5,6 +5,9 @@ header[0] = 20240520 (magic), header[1] = 1 (version), header[2] = number of tok
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +56,34 @@ def read_header(path: str | Path) -> int:
     return n
 
 
-def load_shard(path: str | Path, mmap: bool = True) -> np.ndarray:
-    """Tokens of a validated shard as uint16 (memory-mapped by default)."""
+def load_shard(path: str | Path, mmap: bool = True, vocab_size: int | None = None) -> np.ndarray:
+    """Tokens of a validated shard as uint16 (memory-mapped by default); with `vocab_size`, every id
+    is checked to lie below it, so no id beyond the model's embedding ever reaches it."""
     n = read_header(path)
     if mmap:
-        return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
-    return np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+    else:
+        tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    if vocab_size is not None:
+        check_ids(path, tokens, vocab_size)
+    return tokens
+
+
+# path -> (mtime_ns, size, largest id): loaders reopen a shard each time they wrap around to it,
+# and one pass over its ids (~50 ms per 100M tokens) is enough per process unless the file changes.
+_MAX_ID: dict[str, tuple[int, int, int]] = {}
+
+
+def check_ids(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
+    st = os.stat(path)
+    key, stamp = str(Path(path).resolve()), (st.st_mtime_ns, st.st_size)
+    cached = _MAX_ID.get(key)
+    if cached is None or cached[:2] != stamp:
+        cached = (*stamp, int(tokens.max()) if len(tokens) else -1)
+        _MAX_ID[key] = cached
+    if cached[2] >= vocab_size:
+        raise ShardError(f"{path}: holds token id {cached[2]}, beyond the vocabulary of {vocab_size} "
+                         "(a shard from another tokenizer, or damaged)")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -72,6 +97,89 @@ def list_shards(dataset_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
-def load_split(dataset_dir: str | Path, split: str) -> np.ndarray:
-    """All tokens of a split, concatenated in shard order."""
-    return np.concatenate([load_shard(p, mmap=False) for p in list_shards(dataset_dir, split)])
+def load_split(dataset_dir: str | Path, split: str, vocab_size: int | None = None) -> np.ndarray:
+    """All tokens of a split, concatenated in shard order (ids checked against `vocab_size` if given)."""
+    return np.concatenate([load_shard(p, False, vocab_size) for p in list_shards(dataset_dir, split)])
+
+
+# The dataset's manifest.json is the contract between the data stages and every consumer: the
+# shards stage and fetch-fineweb write it; train, calibrate, order and evaluate check against it.
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+def read_manifest(dataset_dir: str | Path) -> dict:
+    """The manifest of a dataset folder, its keys and types checked; any problem names the file."""
+    path = Path(dataset_dir) / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: manifest not found; the dataset folder is incomplete") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    problem = _manifest_problem(m)
+    if problem:
+        raise ShardError(f"{path}: {problem}")
+    return m
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _manifest_problem(m: object) -> str | None:
+    if not isinstance(m, dict):
+        return "the top level must be a JSON object"
+    if not (_is_count(m.get("vocab_size")) and m["vocab_size"] > 0):
+        return f"vocab_size must be a positive integer, got {m.get('vocab_size')!r}"
+    sha = m.get("tokenizer_sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        return f"tokenizer_sha256 must be 64 lowercase hex digits, got {sha!r}"
+    splits = m.get("splits")
+    for split in SPLITS:
+        entry = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(entry, dict):
+            return f"splits.{split} is missing"
+        if not (isinstance(entry.get("shards"), list) and all(isinstance(s, str) for s in entry["shards"])):
+            return f"splits.{split}.shards must be a list of file names"
+        if not _is_count(entry.get("tokens")):
+            return f"splits.{split}.tokens must be a non-negative integer, got {entry.get('tokens')!r}"
+    return None
+
+
+def check_vocab(dataset_dir: str | Path, vocab_size: int, source: str) -> dict:
+    """The manifest, once `vocab_size` (`source` says where it came from) is known to be its own."""
+    m = read_manifest(dataset_dir)
+    if vocab_size != m["vocab_size"]:
+        raise ShardError(f"{Path(dataset_dir) / MANIFEST}: the shards use a vocabulary of {m['vocab_size']} "
+                         f"tokens, but {source} is {vocab_size}")
+    return m
+
+
+def open_dataset(dataset_dir: str | Path, vocab_size: int, source: str) -> dict:
+    """Check a dataset against its manifest before a stage reads it: `vocab_size` (the vocabulary
+    the stage was given; `source` says where it came from) must be the manifest's, and each split's
+    shards on disk must be the ones the manifest lists, with its token counts. Returns the manifest."""
+    m, path = check_vocab(dataset_dir, vocab_size, source), Path(dataset_dir) / MANIFEST
+    for split in SPLITS:
+        listed = m["splits"][split]["shards"]
+        found = [p.name for p in sorted(Path(dataset_dir).glob(f"fineweb_{split}_*.bin"))]
+        if sorted(listed) != found:
+            raise ShardError(f"{path}: lists {split} shards {listed}, but the folder holds {found}")
+        tokens = sum(read_header(Path(dataset_dir) / name) for name in listed)
+        if tokens != m["splits"][split]["tokens"]:
+            raise ShardError(f"{path}: promises {m['splits'][split]['tokens']} {split} tokens, "
+                             f"the shards hold {tokens}")
+    return m
+
+
+def check_tokenizer(dataset_dir: str | Path, tokenizer: str | Path) -> None:
+    """The tokenizer must be the one the shards were made with: its bytes count BPB."""
+    m, path = read_manifest(dataset_dir), Path(dataset_dir) / MANIFEST
+    try:
+        sha = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise ShardError(f"{tokenizer}: tokenizer not found") from None
+    if sha != m["tokenizer_sha256"]:
+        raise ShardError(f"{tokenizer}: sha256 {sha[:16]}... is not the tokenizer the shards were made with "
+                         f"({path}: tokenizer_sha256 {m['tokenizer_sha256'][:16]}...)")

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,10 @@ CHALLENGE_SETTINGS = dict(
 
 class TokenizerError(ValueError):
     """A tokenizer that is unusable for BPB scoring."""
+
+
+# pad, bos, eos, unk, then byte_fallback's 256 <0xNN> pieces: in every vocabulary before any character.
+META_PIECES = 4 + 256
 
 
 def pieces(text: str, max_bytes: int) -> Iterator[str]:
@@ -52,12 +57,35 @@ def pieces(text: str, max_bytes: int) -> Iterator[str]:
         yield "".join(buf)
 
 
+def vocab_needed(sentences: list[str]) -> int:
+    """The smallest vocab_size SentencePiece accepts for these sentences: the meta and byte pieces
+    plus every character it must keep, the most frequent ones until character_coverage is reached,
+    counted after its own normalization (trainer_interface.cc, LoadSentences)."""
+    norm = spm.SentencePieceNormalizer(rule_name=CHALLENGE_SETTINGS["normalization_rule_name"],
+                                       add_dummy_prefix=CHALLENGE_SETTINGS["add_dummy_prefix"],
+                                       escape_whitespaces=True, remove_extra_whitespaces=True)
+    counts = Counter()
+    for s in sentences:
+        counts.update(norm.normalize(s))
+    total, covered, chars = sum(counts.values()), 0, 0
+    for n in sorted(counts.values(), reverse=True):
+        if covered >= CHALLENGE_SETTINGS["character_coverage"] * total:
+            break
+        covered, chars = covered + n, chars + 1
+    return META_PIECES + chars
+
+
 def train(docs_path: str | Path, cfg: dict, out: str | Path) -> int:
     docs = read_documents(docs_path, "train")
     if cfg["train_docs"]:
         docs = docs[: cfg["train_docs"]]
     sentences = [p for d in docs for line in d.splitlines() for p in pieces(line, cfg["max_sentence_bytes"])]
     print(f"tokenizer: {len(docs)} train documents cut into {len(sentences)} pieces", flush=True)
+    needed = vocab_needed(sentences)
+    if cfg["vocab_size"] < needed:  # SentencePiece would refuse it too, but only deep in its own error text
+        raise TokenizerError(f"tokenizer.vocab_size: {cfg['vocab_size']} is too small for this corpus, which needs "
+                             f"at least {needed} ({META_PIECES} meta and byte pieces + {needed - META_PIECES} "
+                             "characters); raise tokenizer.vocab_size")
     model = io.BytesIO()
     # One thread, no shuffling and no model_prefix (its temp path would be stored in the model) keep
     # the model byte-identical for the same documents.
@@ -67,6 +95,12 @@ def train(docs_path: str | Path, cfg: dict, out: str | Path) -> int:
         input_sentence_size=0, minloglevel=2, **CHALLENGE_SETTINGS,
     )
     sp = check(model.getvalue(), out)
+    if sp.get_piece_size() != cfg["vocab_size"]:
+        # hard_vocab_limit=False lets SentencePiece stop short on a small corpus; every later stage
+        # takes the model's vocabulary to be the tokenizer's (the dataset manifest checks it)
+        raise TokenizerError(f"tokenizer.vocab_size: this corpus yields only {sp.get_piece_size()} pieces, "
+                             f"{cfg['vocab_size']} asked; lower tokenizer.vocab_size to {sp.get_piece_size()} "
+                             "or give the tokenizer more text")
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     write_bytes(Path(out).with_suffix(".vocab"), vocab.encode())
     write_bytes(out, model.getvalue())

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pgolf import tensorfile
-from pgolf.data.shards import load_split
+from pgolf.data.shards import check_tokenizer, check_vocab, load_split, open_dataset
 from pgolf.distributed import setup_distributed
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
 from pgolf.eval.ttt import ttt_eval
@@ -51,9 +51,10 @@ def plain_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
     return [(s, 0) for s in range(0, usable, seq_len)]
 
 
-def val_tokens(data: str | Path, max_tokens: int, seq_len: int) -> torch.Tensor:
-    """All val shards in order, cut to max_tokens targets when max_tokens > 0."""
-    tokens = torch.from_numpy(load_split(data, "val").astype(np.int64))
+def val_tokens(data: str | Path, max_tokens: int, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
+    """All val shards in order, cut to max_tokens targets when max_tokens > 0 (ids checked against
+    vocab_size when given)."""
+    tokens = torch.from_numpy(load_split(data, "val", vocab_size).astype(np.int64))
     if max_tokens:
         tokens = tokens[: max_tokens + 1]
     if len(tokens) - 1 < seq_len:
@@ -97,8 +98,12 @@ def artifact_model(path: str | Path) -> GPT:
 
 def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device: torch.device) -> dict:
     T, B = cfg["seq_len"], cfg["batch_seqs"]
-    tokens = val_tokens(args.data, cfg["max_tokens"], T)
+    # A tokenizer other than the shards' counts other bytes: a plausible BPB, and a wrong one.
+    check_tokenizer(args.data, args.tokenizer)
     ema, art = load_weights(args.ema).to(device).eval(), artifact_model(args.artifact).to(device).eval()
+    open_dataset(args.data, ema.vocab_size, f"the vocabulary of {args.ema}")
+    check_vocab(args.data, art.vocab_size, f"the vocabulary of {args.artifact}")
+    tokens = val_tokens(args.data, cfg["max_tokens"], T, ema.vocab_size)
     luts = build_byte_luts(args.tokenizer, ema.vocab_size)
     plain, sliding = plain_windows(len(tokens), T), windows(len(tokens), T, cfg["stride"])
     parts = {"pre_quant": (ema, plain), "post_quant": (art, plain), "sliding": (art, sliding)}

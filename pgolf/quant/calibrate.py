@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pgolf import tensorfile
-from pgolf.data.shards import list_shards, load_shard
+from pgolf.data.shards import list_shards, load_shard, open_dataset
 from pgolf.distributed import setup_distributed
 from pgolf.model import GPT, load_weights
 
@@ -34,10 +34,15 @@ def head_key(model: GPT) -> str:
     return EMBED if model.lm_head is None else "lm_head.weight"
 
 
-def train_windows(dataset_dir: str | Path, seqs: int, seq_len: int, seed: int) -> Tensor:
-    """`seqs` windows of `seq_len` tokens at random places in the train shards, (seqs, seq_len) int64."""
+def train_windows(dataset_dir: str | Path, seqs: int, seq_len: int, seed: int,
+                  vocab_size: int | None = None) -> Tensor:
+    """`seqs` windows of `seq_len` tokens at random places in the train shards, (seqs, seq_len) int64.
+    Given the model's `vocab_size`, the dataset's manifest and every shard's ids are checked against
+    it first: windows that happen to miss a bad id must not make a bad shard pass."""
     rng = np.random.default_rng(seed)
-    shards = [load_shard(p) for p in list_shards(dataset_dir, "train")]
+    if vocab_size is not None:
+        open_dataset(dataset_dir, vocab_size, "the model's vocabulary")
+    shards = [load_shard(p, vocab_size=vocab_size) for p in list_shards(dataset_dir, "train")]
     usable = [s for s in shards if len(s) >= seq_len]
     if not usable:
         raise ValueError(f"{dataset_dir}: no train shard holds calibrate.seq_len={seq_len} tokens")
@@ -116,7 +121,7 @@ def calibration_tokens(model: GPT, data: str | Path | None, cfg: dict, seed: int
         return generate(model, cfg["seqs"], cfg["seq_len"], cfg["temperature"], seed, cfg["batch_seqs"])
     if data is None:
         raise ValueError("calibrate.source 'train' needs the dataset directory (--data)")
-    return train_windows(data, cfg["seqs"], cfg["seq_len"], seed)
+    return train_windows(data, cfg["seqs"], cfg["seq_len"], seed, model.vocab_size)
 
 
 def calibrate(weights: str | Path, data: str | Path | None, cfg: dict, seed: int, out: str | Path,

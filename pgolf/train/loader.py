@@ -11,7 +11,8 @@ Every optimizer step reads the same global batch whatever the number of processe
 rank r takes part (m * world + r) of it, so one process accumulating two micro-batches sees exactly
 what two processes see in one. Shards are memory-mapped, never copied: the sequential modes map one
 at a time, the shuffled mode maps every shard and keeps one int64 per window, so private memory
-stays flat however many shards there are (`pgolf bench-loader` prints it).
+stays flat however many shards there are (`pgolf bench-loader` prints it). Given the model's
+vocabulary, every shard's ids are checked against it when the shard is first opened.
 """
 
 from __future__ import annotations
@@ -27,20 +28,20 @@ from pgolf.data.shards import list_shards, load_shard, read_header
 class TokenStream:
     """Reads the train shards in `order` (default: name order), wrapping around forever."""
 
-    def __init__(self, dataset_dir: str | Path, order: list[int] | None = None) -> None:
+    def __init__(self, dataset_dir: str | Path, order: list[int] | None = None, vocab_size: int | None = None) -> None:
         files = list_shards(dataset_dir, "train")
         if order is not None and sorted(order) != list(range(len(files))):
             raise ValueError(f"shard order {order} is not a permutation of the {len(files)} train shards")
         self.files = [files[i] for i in order] if order is not None else files
-        self.shard, self.pos = 0, 0
-        self.tokens = load_shard(self.files[0])
+        self.shard, self.pos, self.vocab_size = 0, 0, vocab_size
+        self.tokens = load_shard(self.files[0], vocab_size=vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.shard = (self.shard + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.shard]), 0
+                self.tokens, self.pos = load_shard(self.files[self.shard], vocab_size=self.vocab_size), 0
                 continue
             k = min(n, len(self.tokens) - self.pos)
             parts.append(np.asarray(self.tokens[self.pos : self.pos + k]))
@@ -52,14 +53,15 @@ class TokenStream:
 
     def load_state(self, state: dict) -> None:
         self.shard, self.pos = state["shard"], state["pos"]
-        self.tokens = load_shard(self.files[self.shard])
+        self.tokens = load_shard(self.files[self.shard], vocab_size=self.vocab_size)
 
 
 class ShuffledWindows:
     """Non-overlapping windows of `width` tokens from all shards, permuted anew each epoch."""
 
-    def __init__(self, dataset_dir: str | Path, width: int, seed: int) -> None:
+    def __init__(self, dataset_dir: str | Path, width: int, seed: int, vocab_size: int | None = None) -> None:
         self.files, self.width, self.seed = list_shards(dataset_dir, "train"), width, seed
+        self.vocab_size = vocab_size
         counts = np.array([read_header(f) // width for f in self.files], dtype=np.int64)
         if counts.sum() == 0:
             raise ValueError(f"{dataset_dir}: no train shard holds one window of {width} tokens")
@@ -75,7 +77,7 @@ class ShuffledWindows:
         shard = int(np.searchsorted(self.first, wid, side="right")) - 1
         start = (wid - int(self.first[shard])) * self.width
         if shard not in self.maps:
-            self.maps[shard] = load_shard(self.files[shard])
+            self.maps[shard] = load_shard(self.files[shard], vocab_size=self.vocab_size)
         return np.asarray(self.maps[shard][start : start + self.width])
 
     def windows(self, n: int, width: int) -> np.ndarray:
@@ -98,12 +100,13 @@ class ShuffledWindows:
 
 class DistributedLoader:
     def __init__(self, dataset_dir: str | Path, rank: int, world: int, device: torch.device,
-                 cfg: dict | None = None, seq_len: int = 0, seed: int = 0, order: list[int] | None = None) -> None:
+                 cfg: dict | None = None, seq_len: int = 0, seed: int = 0, order: list[int] | None = None,
+                 vocab_size: int | None = None) -> None:
         mode = (cfg or {}).get("mode", "sequential")
         if mode == "shuffled":
-            self.stream = ShuffledWindows(dataset_dir, seq_len + 1, seed)
+            self.stream = ShuffledWindows(dataset_dir, seq_len + 1, seed, vocab_size)
         else:
-            self.stream = TokenStream(dataset_dir, order if mode == "ordered" else None)
+            self.stream = TokenStream(dataset_dir, order if mode == "ordered" else None, vocab_size)
         self.shuffled = mode == "shuffled"
         self.rank, self.world, self.device = rank, world, device
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from pgolf import tensorfile
 from pgolf.config import grad_accum_steps
+from pgolf.data.shards import open_dataset
 from pgolf.distributed import setup_distributed
 from pgolf.io import write_json, write_parquet
 from pgolf.model import GPT, token_losses
@@ -140,10 +141,12 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext)
 
     def make_loader(self) -> DistributedLoader:
+        # the model's vocabulary must be the shards' (the manifest), and every id below it
+        open_dataset(self.args.data, self.args.vocab_size, "--vocab-size (tokenizer.vocab_size)")
         cfg = json.loads(self.args.loader_cfg) if self.args.loader_cfg else {"mode": "sequential"}
         self.shard_order = read_shard_order(self.args.shard_order, cfg)
         return DistributedLoader(self.args.data, self.rank, self.world, self.device, cfg, self.cfg["seq_len"],
-                                 self.args.seed, self.shard_order)
+                                 self.args.seed, self.shard_order, self.args.vocab_size)
 
     def resume(self) -> None:
         state = checkpoint.load(self.args.ckpt_dir, self.fp)
