@@ -247,9 +247,15 @@ def snakemake(workdir: Path, *args: str, configs: tuple = ()) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=workdir)
 
 
+def smoke_text() -> str:
+    """configs/smoke.yaml as written, its relative paths (corpus, and what it extends) made absolute."""
+    text = (REPO / "configs" / "smoke.yaml").read_text()
+    text = re.sub(r"^extends: (.+)$", lambda m: f"extends: {(REPO / 'configs' / m[1]).resolve()}", text, flags=re.M)
+    return text.replace("[tests/fixtures/corpus]", f"[{REPO / 'tests/fixtures/corpus'}]")
+
+
 def smoke_preset(workdir: Path, **changes) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    cfg["data"]["paths"] = [str(REPO / p) for p in cfg["data"]["paths"]]
+    cfg = yaml.safe_load(smoke_text())
     for key, value in changes.items():
         section, _, sub = key.partition(".")
         if sub:
@@ -263,10 +269,9 @@ def smoke_preset(workdir: Path, **changes) -> Path:
 
 def test_snakemake_reads_yaml_1_2_numbers_from_a_preset(tmp_path):
     """`3e-4` is a string to YAML 1.1; the config Snakemake runs with must hold the number."""
-    text = (REPO / "configs" / "smoke.yaml").read_text()
-    text = text.replace("[tests/fixtures/corpus]", f"[{REPO / 'tests/fixtures/corpus'}]")
     preset = tmp_path / "preset.yaml"  # written as a person writes learning rates
-    preset.write_text(text.replace("  iterations: 20\n", "  iterations: 20\n  matrix_lr: 3e-4\n  scalar_lr: 1e6\n"))
+    lrs = "  iterations: 20\n  matrix_lr: 3e-4\n  scalar_lr: 1e6\n"
+    preset.write_text(smoke_text().replace("  iterations: 20\n", lrs))
     proc = snakemake(tmp_path, "-n", "-p", configs=(preset,))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
