@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pgolf.config import ConfigError, load
+from pgolf.config import load
 from pgolf.model import GPT, layer_order
 from pgolf.train.main import Trainer, memory_mb
 
@@ -120,10 +120,7 @@ def cli(argv: list[str]) -> None:
                "-m", "pgolf", "bench", *child_args(args)]
         raise SystemExit(subprocess.call(cmd))
     nproc = int(os.environ.get("WORLD_SIZE", args.nproc))
-    try:
-        cfg = load(*args.files, overrides={"train": {"nproc": nproc}})
-    except ConfigError as e:
-        raise SystemExit(f"pgolf bench: {e}") from None
+    cfg = load(*args.files, overrides={"train": {"nproc": nproc}})
     r = measure(cfg, args)
     if r is not None:
         print(report(r), flush=True)

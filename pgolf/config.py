@@ -10,11 +10,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from pgolf.errors import ConfigError
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A config key or value that the schema refuses."""
 
 
 def load_schema() -> dict:

@@ -7,17 +7,14 @@ import argparse
 
 import yaml
 
-from pgolf.config import ConfigError, load
+from pgolf.config import load
 
 
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf config", description=__doc__)
     ap.add_argument("files", nargs="+", help="config.yaml, then presets (later files win)")
     args = ap.parse_args(argv)
-    try:
-        cfg = load(*args.files)
-    except ConfigError as e:
-        raise SystemExit(f"pgolf config: {e}") from None
+    cfg = load(*args.files)
     print(yaml.safe_dump(cfg, sort_keys=False), end="")
 
 
@@ -27,10 +24,7 @@ def params_cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf params", description="Parameter count of a config's model.")
     ap.add_argument("files", nargs="+", help="config.yaml, then presets (later files win)")
     args = ap.parse_args(argv)
-    try:
-        cfg = load(*args.files)
-    except ConfigError as e:
-        raise SystemExit(f"pgolf params: {e}") from None
+    cfg = load(*args.files)
     counts = count_parameters(GPT(cfg["tokenizer"]["vocab_size"], cfg["model"]))
     total = counts.pop("total")
     for name, n in counts.items():

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pgolf.errors import PgolfError
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -68,7 +70,7 @@ def read_json(path: str | Path) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise PgolfError(f"{path}: not valid JSON ({e})") from None
 
 
 # pgolf's parquet files carry a CRC32 on every data page, and the sha256 of their shape (column
@@ -92,7 +94,7 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """A parquet file that write_parquet wrote, every checksum checked; ValueError naming it otherwise."""
+    """A parquet file that write_parquet wrote, every checksum checked; PgolfError naming it otherwise."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -101,12 +103,12 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
     try:
         table = pq.read_table(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: damaged or not a parquet file ({e})") from None
+        raise PgolfError(f"{path}: damaged or not a parquet file ({e})") from None
     stored = (table.schema.metadata or {}).get(_SHAPE_KEY)
     if stored is None:
-        raise ValueError(f"{path}: carries no pgolf checksum (written by an older pgolf, or not by pgolf); "
+        raise PgolfError(f"{path}: carries no pgolf checksum (written by an older pgolf, or not by pgolf); "
                          "delete it and rerun the stage that wrote it")
     if stored != _shape_digest(table):
-        raise ValueError(f"{path}: checksum mismatch in its schema (column names, types or row count); "
+        raise PgolfError(f"{path}: checksum mismatch in its schema (column names, types or row count); "
                          "the file is damaged (delete it and rerun the stage that wrote it)")
     return table if columns is None else table.select(columns)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pgolf.container import frame, read_file, unframe
+from pgolf.errors import PgolfError
 from pgolf.io import write_bytes
 
 MAGIC = b"PGOLFTEN"
@@ -45,7 +46,7 @@ _NAMES = {tdt: name for name, (tdt, _) in _DTYPES.items()}
 CORRUPT = "the file is damaged (delete it and rerun the stage that wrote it)"
 
 
-class TensorFileError(ValueError):
+class TensorFileError(PgolfError):
     """A tensor file that is corrupt, truncated or not ours."""
 
 

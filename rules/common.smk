@@ -30,7 +30,9 @@ DATASET_DIR = f"data/datasets/{DATASET}_sp{VOCAB}"
 SEED_DIR = f"{RUN}/seed{{seed}}"
 NPROC = config["train"]["nproc"]
 # torchrun picks a free rendezvous port with --standalone, so several trainings can share a host.
-TORCHRUN = "torchrun --standalone --nproc-per-node {resources.nproc:q} -m pgolf"
+# `pgolf launch` is torchrun with the same arguments, whose log ends with a stage's one-line error
+# instead of torchrun's own traceback (pgolf/launch.py).
+TORCHRUN = "pgolf launch --standalone --nproc-per-node {resources.nproc:q} -m pgolf"
 
 
 def section(name, keys=None):

@@ -2,14 +2,16 @@
 pruning to a target, and the size check."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from pgolf import tensorfile
+from pgolf.cli import main
 from pgolf.provenance import PACKAGE
 from pgolf.quant import artifact
-from pgolf.quant.compress import BudgetError, check_size, compress, prune_to_fit, size_cli
+from pgolf.quant.compress import BudgetError, check_size, compress, prune_to_fit
 
 COMPRESS = {"codec": "zstd", "level": 3, "pack": True, "shuffle": 2, "prune": False, "budget_bytes": 16_000_000}
 
@@ -160,14 +162,15 @@ def test_size_counts_code_and_model_bytes(good_artifact, tmp_path):
     assert report["bytes_per_param"] == report["model_bytes"] / report["params"]
 
 
-def test_over_budget_fails_with_the_amount(good_artifact, tmp_path):
+def test_over_budget_fails_with_the_amount(good_artifact, tmp_path, capsys):
     path, _ = good_artifact
     total = check_size(path, COMPRESS, tmp_path / "size.json")["total_bytes"]
     tight = {**COMPRESS, "budget_bytes": total - 1234}
     with pytest.raises(BudgetError, match="1,234 over the .* compress.prune"):
         check_size(path, tight, tmp_path / "size2.json")
-    with pytest.raises(SystemExit, match=r"pgolf size: .*1,234 over the .*-byte budget"):
-        size_cli(["--artifact", str(path), "--cfg", json.dumps(tight), "--out", str(tmp_path / "size2.json")])
+    with pytest.raises(SystemExit, match="^1$"):
+        main(["size", "--artifact", str(path), "--cfg", json.dumps(tight), "--out", str(tmp_path / "size2.json")])
+    assert re.fullmatch(r"pgolf size: .*1,234 over the .*-byte budget.*\n", capsys.readouterr().err)
     assert not (tmp_path / "size2.json").exists()
 
 

@@ -1,16 +1,18 @@
 """Evaluation: window coverage, sliding == plain at stride == window, and the stage end to end."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from conftest import evaluate_on_two_processes
 
+from pgolf.cli import main
 from pgolf.config import validate
 from pgolf.data.shards import load_split
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
-from pgolf.eval.evaluate import cli, evaluate, plain_windows, score, val_tokens, windows
+from pgolf.eval.evaluate import evaluate, plain_windows, score, val_tokens, windows
 from pgolf.model import token_losses
 
 
@@ -92,13 +94,15 @@ def test_two_processes_match_one(setup, tmp_path):
         assert two[part]["val_bpb"] == pytest.approx(one[part]["val_bpb"], rel=1e-6)
 
 
-def test_cli_reports_bad_input_without_a_traceback(setup, tmp_path):
+def test_cli_reports_bad_input_without_a_traceback(setup, tmp_path, capsys):
     cfg = {"seq_len": 32, "stride": 64, "batch_seqs": 4, "max_tokens": 1000}
     argv = ["--cfg", json.dumps(cfg), "--device", "cpu", "--out", str(tmp_path / "e.json")]
     for key in ("data", "tokenizer", "ema"):
         argv += [f"--{key}", str(getattr(setup, key))]
-    with pytest.raises(SystemExit, match="pgolf evaluate: eval.stride=64 must lie in"):
-        cli([*argv, "--artifact", str(setup.artifact)])
+    with pytest.raises(SystemExit, match="^1$"):
+        main(["evaluate", *argv, "--artifact", str(setup.artifact)])
+    assert capsys.readouterr().err.startswith("pgolf evaluate: eval.stride=64 must lie in")
     (tmp_path / "bad.pgz").write_bytes(setup.artifact.read_bytes()[:-10])
-    with pytest.raises(SystemExit, match=r"pgolf evaluate: .*bad\.pgz: "):
-        cli([*argv, "--artifact", str(tmp_path / "bad.pgz")])
+    with pytest.raises(SystemExit, match="^1$"):
+        main(["evaluate", *argv, "--artifact", str(tmp_path / "bad.pgz")])
+    assert re.match(r"pgolf evaluate: .*bad\.pgz: ", capsys.readouterr().err)

@@ -12,10 +12,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgolf.errors import PgolfError
 from pgolf.io import atomic_dir, write_json
 
 
-class CorpusError(RuntimeError):
+class CorpusError(PgolfError):
     """The corpus could not be fetched or did not match its checksum."""
 
 
@@ -97,7 +98,4 @@ def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf fetch-corpus", description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    try:
-        fetch(args.out)
-    except CorpusError as e:
-        raise SystemExit(f"pgolf fetch-corpus: {e}") from None
+    fetch(args.out)

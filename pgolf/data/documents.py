@@ -12,12 +12,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pgolf.errors import PgolfError
 from pgolf.io import read_parquet, write_parquet
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-class DocumentError(ValueError):
+class DocumentError(PgolfError):
     """Input documents that cannot be read."""
 
 
@@ -127,7 +128,4 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--raw", default="", help="fetched corpus folder (data.source embedded)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    try:
-        build(json.loads(args.cfg), args.raw or None, args.out)
-    except DocumentError as e:
-        raise SystemExit(f"pgolf documents: {e}") from None
+    build(json.loads(args.cfg), args.raw or None, args.out)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from pgolf.data import tokenizer as sp_model
 from pgolf.data.documents import read_documents
 from pgolf.data.shards import shard_name, write_shard
 from pgolf.io import atomic_dir, write_json
@@ -38,7 +39,7 @@ def write_split(out_dir: Path, split: str, encoded: list[np.ndarray], shard_toke
 
 
 def build(docs_path: str | Path, tokenizer: str | Path, cfg: dict, out: str | Path) -> dict:
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    sp = sp_model.load(tokenizer)
     manifest = {"vocab_size": sp.get_piece_size(), "tokenizer": Path(tokenizer).name,
                 "tokenizer_sha256": hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest(), "splits": {}}
     with atomic_dir(out) as staging:
@@ -63,7 +64,4 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--cfg", required=True, help="the data config section as JSON")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    try:
-        build(args.docs, args.tokenizer, json.loads(args.cfg), args.out)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"pgolf shards: {e}") from None
+    build(args.docs, args.tokenizer, json.loads(args.cfg), args.out)

@@ -20,13 +20,14 @@ import shutil
 from pathlib import Path
 
 from pgolf.data.shards import ShardError, list_shards, read_header
+from pgolf.errors import PgolfError
 from pgolf.io import atomic_dir, atomic_path, write_json
 
 
 def vocab_of(variant: str) -> int:
     m = re.fullmatch(r"sp(\d+)", variant)
     if not m:
-        raise ValueError(f"data.hub.variant: {variant!r} is not an sp<vocab> variant (sp1024, sp4096, sp8192, ...)")
+        raise PgolfError(f"data.hub.variant: {variant!r} is not an sp<vocab> variant (sp1024, sp4096, sp8192, ...)")
     return int(m.group(1))
 
 
@@ -43,11 +44,11 @@ def _download(cfg: dict, filename: str, cache: Path) -> Path:
         return Path(hf_hub_download(cfg["repo_id"], filename, repo_type="dataset", revision=cfg["revision"],
                                     local_dir=cache, endpoint=cfg["endpoint"] or None))
     except RepositoryNotFoundError:
-        raise ValueError(f"data.hub.repo_id: dataset repository {cfg['repo_id']!r} not found on {where}") from None
+        raise PgolfError(f"data.hub.repo_id: dataset repository {cfg['repo_id']!r} not found on {where}") from None
     except RevisionNotFoundError:
-        raise ValueError(f"data.hub.revision: {cfg['revision']!r} not found in {cfg['repo_id']}") from None
+        raise PgolfError(f"data.hub.revision: {cfg['revision']!r} not found in {cfg['repo_id']}") from None
     except EntryNotFoundError:
-        raise ValueError(f"{cfg['repo_id']} has no {filename!r} (data.hub.variant {cfg['variant']!r}, "
+        raise PgolfError(f"{cfg['repo_id']} has no {filename!r} (data.hub.variant {cfg['variant']!r}, "
                          f"remote_root {cfg['remote_root']!r})") from None
 
 
@@ -72,9 +73,9 @@ def tokenizer_sha256(path: Path, vocab: int) -> str:
     try:
         pieces = spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
     except (OSError, RuntimeError) as e:
-        raise ValueError(f"downloaded tokenizer {path.name} is not a SentencePiece model ({e})") from None
+        raise PgolfError(f"downloaded tokenizer {path.name} is not a SentencePiece model ({e})") from None
     if pieces != vocab:
-        raise ValueError(f"downloaded tokenizer {path.name} has {pieces} pieces, not the variant's {vocab}")
+        raise PgolfError(f"downloaded tokenizer {path.name} has {pieces} pieces, not the variant's {vocab}")
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -84,7 +85,7 @@ def fetch(cfg: dict, cache: Path, dataset_out: Path, tokenizer_out: Path) -> dic
     manifest = json.loads(_download(cfg, remote(cfg, "manifest.json"), cache).read_text())
     n_train, n_val = shard_counts(manifest, dataset)
     if n_train is not None and cfg["train_shards"] > n_train:
-        raise ValueError(f"data.hub.train_shards: {dataset} has {n_train} train shards, {cfg['train_shards']} asked")
+        raise PgolfError(f"data.hub.train_shards: {dataset} has {n_train} train shards, {cfg['train_shards']} asked")
     files = [remote(cfg, "datasets", dataset, f"fineweb_val_{i:06d}.bin") for i in range(n_val or 1)]
     files += [remote(cfg, "datasets", dataset, f"fineweb_train_{i:06d}.bin") for i in range(cfg["train_shards"])]
     local = [_download(cfg, f, cache) for f in files]
@@ -94,7 +95,7 @@ def fetch(cfg: dict, cache: Path, dataset_out: Path, tokenizer_out: Path) -> dic
         try:
             tokens[path.name] = read_header(path)  # magic, version and size = 1024 + 2 * tokens
         except ShardError as e:
-            raise ValueError(f"downloaded shard failed its check: {e}") from None
+            raise PgolfError(f"downloaded shard failed its check: {e}") from None
     with atomic_dir(dataset_out) as staging:
         for path in local:
             shutil.copyfile(path, staging / path.name)
@@ -116,8 +117,5 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--out", required=True, help="dataset folder to write")
     ap.add_argument("--tokenizer", required=True, help="tokenizer .model to write")
     args = ap.parse_args(argv)
-    try:
-        summary = fetch(json.loads(args.cfg), Path(args.cache), Path(args.out), Path(args.tokenizer))
-    except ValueError as e:
-        raise SystemExit(f"pgolf fetch-fineweb: {e}") from None
+    summary = fetch(json.loads(args.cfg), Path(args.cache), Path(args.out), Path(args.tokenizer))
     print(json.dumps(summary["splits"]), flush=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pgolf.data.shards import list_shards, load_shard, open_dataset
+from pgolf.errors import PgolfError
 from pgolf.io import write_json
 from pgolf.model import GPT, load_weights, token_losses
 
@@ -56,7 +57,7 @@ def score_shards(dataset_dir: str | Path, probe: str | Path, cfg: dict, vocab: i
     open_dataset(dataset_dir, vocab, "--vocab-size (tokenizer.vocab_size)")
     model = load_weights(probe).eval()
     if model.vocab_size != vocab:
-        raise ValueError(f"{probe}: the probe model's vocabulary is {model.vocab_size}, the shards' is {vocab}")
+        raise PgolfError(f"{probe}: the probe model's vocabulary is {model.vocab_size}, the shards' is {vocab}")
     files = list_shards(dataset_dir, "train")
     shards = [load_shard(f, vocab_size=vocab) for f in files]
     counts = [np.bincount(s, minlength=vocab).astype(np.float64) for s in shards]
@@ -85,10 +86,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--out", required=True, help="shard_order.json")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        result = score_shards(args.data, args.probe, json.loads(args.cfg), args.vocab_size)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"pgolf order: {e}") from None
+    result = score_shards(args.data, args.probe, json.loads(args.cfg), args.vocab_size)
     result["seconds"] = time.perf_counter() - t0
     write_json(args.out, result)
     for s in result["shards"]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pgolf.errors import PgolfError
 from pgolf.io import atomic_path
 
 MAGIC = 20240520
@@ -20,14 +21,14 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
-class ShardError(ValueError):
+class ShardError(PgolfError):
     """A shard file that is not in the challenge's format."""
 
 
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
+        raise PgolfError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, tokens.size)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -13,6 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from pgolf.data.documents import read_documents
+from pgolf.errors import PgolfError
 from pgolf.io import write_bytes
 
 # data/download_hf_docs_and_tokenize.py in openai/parameter-golf.
@@ -23,7 +24,7 @@ CHALLENGE_SETTINGS = dict(
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PgolfError):
     """A tokenizer that is unusable for BPB scoring."""
 
 
@@ -107,6 +108,14 @@ def train(docs_path: str | Path, cfg: dict, out: str | Path) -> int:
     return len(sentences)
 
 
+def load(path: str | Path) -> spm.SentencePieceProcessor:
+    """A SentencePiece model file; SentencePiece's own RuntimeError would not name the stage's problem."""
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise TokenizerError(f"{path}: not a readable SentencePiece model ({e})") from None
+
+
 def check(model: bytes, name: str | Path) -> spm.SentencePieceProcessor:
     sp = spm.SentencePieceProcessor(model_proto=model)
     # Without "▁" as its own piece BPB is underestimated by about 20% (parameter-golf issue #897).
@@ -122,7 +131,4 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--cfg", required=True, help="the tokenizer config section as JSON")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    try:
-        train(args.docs, json.loads(args.cfg), args.out)
-    except (TokenizerError, FileNotFoundError) as e:
-        raise SystemExit(f"pgolf tokenizer: {e}") from None
+    train(args.docs, json.loads(args.cfg), args.out)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pgolf.config import ConfigError, load
+from pgolf.config import load
 from pgolf.eval.bpb import BPBMeter, ByteLUTs, build_byte_luts
 from pgolf.eval.evaluate import artifact_model, val_tokens, windows
 from pgolf.eval.ttt import Scores, run_chunks, ttt_eval
@@ -38,12 +40,24 @@ def audit_positions(cfg: dict, n_targets: int) -> list[int]:
     return [t for t in (c + c // 2, c - 1) if t < n_targets - 1]
 
 
+def progress(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteLUTs, positions: list[int] | None = None,
-          order=run_chunks, seed: int = 0) -> list[dict]:
-    """For each t: how many recorded losses at targets <= t changed when the tokens after t changed."""
+          order=run_chunks, seed: int = 0, log: Callable[[str], None] = progress) -> list[dict]:
+    """For each t: how many recorded losses at targets <= t changed when the tokens after t changed.
+    Each pass is a whole TTT evaluation (about a minute on the default model on CPU): `log` says
+    which one runs and how long the rest will take."""
+    ts = positions or audit_positions(cfg, len(tokens) - 1)
+    passes, t0 = 1 + len(ts), time.perf_counter()
+    log(f"audit: pass 1/{passes}: TTT evaluation of {len(tokens) - 1:,} targets as they are")
     base = recorded_losses(model, tokens, cfg, luts, order)
+    per_pass = time.perf_counter() - t0
     report = []
-    for t in positions or audit_positions(cfg, len(tokens) - 1):
+    for k, t in enumerate(ts, start=2):
+        log(f"audit: pass {k}/{passes}: every token after target {t:,} replaced "
+            f"(about {per_pass * (passes - k + 1):.0f}s left)")
         changed = tokens.clone()
         gen = torch.Generator().manual_seed(seed + t)
         changed[t + 2 :] = torch.randint(0, model.vocab_size, (len(tokens) - t - 2,), generator=gen)
@@ -52,6 +66,7 @@ def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteLUTs, positions
         diffs = [i for i, loss in base.items() if i <= t and other[i] != loss]
         report.append({"t": t, "checked": sum(1 for i in base if i <= t), "changed": len(diffs),
                        "first_changed": min(diffs) if diffs else None, "ok": not diffs})
+        log(f"audit: t={t:,}: {report[-1]['checked']:,} losses checked, {len(diffs):,} changed")
     return report
 
 
@@ -64,10 +79,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--chunks", type=int, default=3, help="val chunks to audit over (the whole split is slow)")
     args = ap.parse_args(argv)
-    try:
-        cfg = load(*args.config)["eval"]
-    except ConfigError as e:
-        raise SystemExit(f"pgolf audit: {e}") from None
+    cfg = load(*args.config)["eval"]
     cfg["ttt"] = {**cfg["ttt"], "enabled": True}
     model = artifact_model(args.run / f"seed{args.seed}" / "artifact.pgz")
     tokens = val_tokens(args.data, args.chunks * cfg["ttt"]["chunk_tokens"], cfg["seq_len"])

@@ -16,12 +16,14 @@ import torch.distributed as dist
 from pgolf import tensorfile
 from pgolf.data.shards import check_tokenizer, check_vocab, load_split, open_dataset
 from pgolf.distributed import setup_distributed
+from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
 from pgolf.eval.ttt import ttt_eval
 from pgolf.io import write_json
 from pgolf.model import GPT, load_weights, token_losses
 from pgolf.quant.artifact import read_artifact
 from pgolf.quant.quantize import dequantize
+from pgolf.results import first_nonfinite
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -33,9 +35,9 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """
     n_targets = n_tokens - 1
     if n_targets < seq_len:
-        raise ValueError(f"{n_tokens} val tokens are fewer than one window of {seq_len}")
+        raise PgolfError(f"{n_tokens} val tokens are fewer than one window of {seq_len}")
     if not 1 <= stride <= seq_len:
-        raise ValueError(f"eval.stride={stride} must lie in 1..eval.seq_len={seq_len}")
+        raise PgolfError(f"eval.stride={stride} must lie in 1..eval.seq_len={seq_len}")
     out, scored = [(0, 0)], seq_len
     while scored < n_targets:
         end = min(scored + stride, n_targets)
@@ -58,7 +60,7 @@ def val_tokens(data: str | Path, max_tokens: int, seq_len: int, vocab_size: int 
     if max_tokens:
         tokens = tokens[: max_tokens + 1]
     if len(tokens) - 1 < seq_len:
-        raise ValueError(f"{data}: {len(tokens)} val tokens are fewer than one window "
+        raise PgolfError(f"{data}: {len(tokens)} val tokens are fewer than one window "
                          f"of eval.seq_len={seq_len} + 1")
     return tokens
 
@@ -141,8 +143,16 @@ def check_budget(cfg: dict, used: float, rank: int) -> None:
         return
     msg = f"the scored evaluation (sliding window + TTT) took {used:.1f}s, over eval.time_budget_seconds={budget}"
     if cfg["on_over_budget"] == "fail":
-        raise ValueError(msg)
+        raise PgolfError(msg)
     log(rank, f"WARNING: {msg}")
+
+
+def refuse_nonfinite(result: dict, args: argparse.Namespace) -> None:
+    """A NaN score is no score: name the weights it came from, and write no eval.json for aggregate to average."""
+    bad = first_nonfinite(result)
+    if bad is not None:
+        source = args.ema if bad[0].startswith("pre_quant") else args.artifact
+        raise PgolfError(f"{source}: {bad[0]} is {bad[1]} (NaN/Inf weights or an overflow); {args.out} not written")
 
 
 def cli(argv: list[str]) -> None:
@@ -152,10 +162,8 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = ap.parse_args(argv)
     rank, world, device = setup_distributed(args.device)
-    try:
-        result = evaluate(args, json.loads(args.cfg), rank, world, device)
-    except ValueError as e:
-        raise SystemExit(f"pgolf evaluate: {e}") from None
+    result = evaluate(args, json.loads(args.cfg), rank, world, device)
+    refuse_nonfinite(result, args)  # every process holds the same all-reduced result, so all stop alike
     if rank == 0:
         write_json(args.out, result)
     if world > 1:

@@ -24,6 +24,7 @@ import zstandard
 
 from pgolf import tensorfile
 from pgolf.container import frame, unframe
+from pgolf.errors import PgolfError
 from pgolf.io import write_bytes
 from pgolf.quant.pack import PackError, pack_codes, shuffle, unpack_codes, unshuffle
 
@@ -34,7 +35,7 @@ MAX_RAW_BYTES = 1 << 30  # far above any 16 MB artifact's decompressed size
 MAX_FILE_BYTES = 1 << 28  # sixteen times the challenge's cap: anything larger is not an artifact
 
 
-class ArtifactError(ValueError):
+class ArtifactError(PgolfError):
     """An artifact that is corrupt, truncated or not ours."""
 
 

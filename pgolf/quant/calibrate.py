@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from pgolf import tensorfile
 from pgolf.data.shards import list_shards, load_shard, open_dataset
 from pgolf.distributed import setup_distributed
+from pgolf.errors import PgolfError
 from pgolf.model import GPT, load_weights
 
 EMBED = "tok_emb.weight"  # the tied embedding, whose input is head_input's output
@@ -45,7 +46,7 @@ def train_windows(dataset_dir: str | Path, seqs: int, seq_len: int, seed: int,
     shards = [load_shard(p, vocab_size=vocab_size) for p in list_shards(dataset_dir, "train")]
     usable = [s for s in shards if len(s) >= seq_len]
     if not usable:
-        raise ValueError(f"{dataset_dir}: no train shard holds calibrate.seq_len={seq_len} tokens")
+        raise PgolfError(f"{dataset_dir}: no train shard holds calibrate.seq_len={seq_len} tokens")
     rows = []
     for _ in range(seqs):
         s = usable[rng.integers(len(usable))]
@@ -115,12 +116,12 @@ def collect_hessians(model: GPT, tokens: Tensor, batch: int) -> dict[str, Tensor
 
 def calibration_tokens(model: GPT, data: str | Path | None, cfg: dict, seed: int) -> Tensor:
     if cfg["source"] not in ("train", "generate"):
-        raise ValueError(f"calibrate.source {cfg['source']!r}: only train shards or generated sequences are "
+        raise PgolfError(f"calibrate.source {cfg['source']!r}: only train shards or generated sequences are "
                          "read; validation data would leak into the artifact")
     if cfg["source"] == "generate":
         return generate(model, cfg["seqs"], cfg["seq_len"], cfg["temperature"], seed, cfg["batch_seqs"])
     if data is None:
-        raise ValueError("calibrate.source 'train' needs the dataset directory (--data)")
+        raise PgolfError("calibrate.source 'train' needs the dataset directory (--data)")
     return train_windows(data, cfg["seqs"], cfg["seq_len"], seed, model.vocab_size)
 
 
@@ -132,7 +133,7 @@ def calibrate(weights: str | Path, data: str | Path | None, cfg: dict, seed: int
     hessians = collect_hessians(model, tokens, cfg["batch_seqs"])
     bad = tensorfile.first_nonfinite(hessians)
     if bad is not None:  # finite weights can still overflow float32 activations: GPTQ must not see them
-        raise ValueError(f"{weights}: the Hessian of {bad!r} computed from these weights holds NaN/Inf "
+        raise PgolfError(f"{weights}: the Hessian of {bad!r} computed from these weights holds NaN/Inf "
                          "(the activations overflow); no Hessians written")
     seconds = time.perf_counter() - t0
     meta = {"source": cfg["source"], "tokens": tokens.numel(), "seed": seed, "seconds": seconds}
@@ -151,8 +152,5 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", required=True, help="Hessians tensor file to write")
     args = ap.parse_args(argv)
-    try:
-        calibrate(args.weights, args.data, json.loads(args.cfg), args.seed, args.out,
-                  setup_distributed(args.device)[2])
-    except ValueError as e:
-        raise SystemExit(f"pgolf calibrate: {e}") from None
+    calibrate(args.weights, args.data, json.loads(args.cfg), args.seed, args.out,
+              setup_distributed(args.device)[2])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pgolf.errors import PgolfError
+
 
 def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
@@ -73,4 +75,4 @@ def row_scales(w: Tensor, bits: int, cfg: dict, group: str, hdiag: Tensor | None
         return search_scale(w, bits, cfg["clip_search"], hdiag)
     if clip == "quantile":
         return quantile_scale(w, bits, cfg["clip_quantile"])
-    raise ValueError(f"quant.clip: unknown clip {clip!r}; known: sdclip, search, quantile")
+    raise PgolfError(f"quant.clip: unknown clip {clip!r}; known: sdclip, search, quantile")

@@ -21,13 +21,14 @@ import torch
 
 from pgolf import tensorfile
 from pgolf.container import read_file
+from pgolf.errors import PgolfError
 from pgolf.io import write_bytes, write_json
 from pgolf.provenance import PACKAGE, code_files
 from pgolf.quant.artifact import ArtifactError, encode, read_header, read_tensors
 from pgolf.quant.quantize import dequantize
 
 
-class BudgetError(ValueError):
+class BudgetError(PgolfError):
     """Code plus model bytes over the challenge's cap."""
 
 
@@ -142,10 +143,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--code-bytes", type=int, default=0, help="code bytes, for pruning to the budget")
     ap.add_argument("--out", required=True, help="artifact to write")
     args = ap.parse_args(argv)
-    try:
-        compress(args.quant, json.loads(args.cfg), args.out, args.code_bytes)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"pgolf compress: {e}") from None
+    compress(args.quant, json.loads(args.cfg), args.out, args.code_bytes)
 
 
 def size_cli(argv: list[str]) -> None:
@@ -154,7 +152,4 @@ def size_cli(argv: list[str]) -> None:
     ap.add_argument("--cfg", required=True, help="the compress config section as JSON")
     ap.add_argument("--out", required=True, help="size.json to write")
     args = ap.parse_args(argv)
-    try:
-        check_size(args.artifact, json.loads(args.cfg), args.out)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"pgolf size: {e}") from None
+    check_size(args.artifact, json.loads(args.cfg), args.out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pgolf.errors import PgolfError
 from pgolf.quant.clip import qmax, round_codes
 
 
@@ -38,7 +39,7 @@ def inverse_cholesky(h: Tensor, damp: float) -> Tensor:
             hinv = torch.cholesky_inverse(lower)
             return torch.linalg.cholesky(hinv, upper=True).float()
         frac *= 10
-    raise ValueError("GPTQ: the Hessian is not positive definite even with heavy damping")
+    raise PgolfError("GPTQ: the Hessian is not positive definite even with heavy damping")
 
 
 def _quantize_block(w: Tensor, u: Tensor, scale: Tensor, q: int) -> tuple[Tensor, Tensor]:
@@ -77,5 +78,5 @@ def gptq_matrix(w: Tensor, scale: Tensor, bits: int, hessian: Tensor | None, cfg
     if hessian is None:
         return round_codes(w, scale, bits)
     if hessian.shape != (w.size(1), w.size(1)):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a matrix of {w.size(1)} columns")
+        raise PgolfError(f"Hessian of shape {tuple(hessian.shape)} does not fit a matrix of {w.size(1)} columns")
     return gptq_codes(w, hessian, scale, bits, cfg["block_size"], cfg["damp"], cfg["act_order"])

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pgolf.errors import PgolfError
 
-class PackError(ValueError):
+
+class PackError(PgolfError):
     """Codes that do not fit their width, or packed bytes that do not match their shape."""
 
 

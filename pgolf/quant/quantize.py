@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import Tensor
 
 from pgolf import tensorfile
+from pgolf.errors import PgolfError
 from pgolf.quant.clip import row_scales
 from pgolf.quant.gptq import gptq_matrix, output_error
 from pgolf.quant.rtn import dequantize_rows, dequantize_state, rtn_matrix, storage_for, store_plain
@@ -45,7 +46,7 @@ def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tens
                    ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int], dict[str, float]]:
     """(stored tensors, plan, bits per int tensor, output error per Hessian-backed int tensor)."""
     if cfg["method"] not in METHODS:
-        raise ValueError(f"quant.method: unknown method {cfg['method']!r}; known: {', '.join(METHODS)}")
+        raise PgolfError(f"quant.method: unknown method {cfg['method']!r}; known: {', '.join(METHODS)}")
     hessians = hessians or {}
     tensors, plan, bits, errors = {}, {}, {}, {}
     for name, t in state.items():
@@ -59,7 +60,7 @@ def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tens
         try:
             codes = METHODS[cfg["method"]](t, scale, b, h, cfg)
         except ValueError as e:
-            raise ValueError(f"tensor {name!r}: {e}") from None
+            raise PgolfError(f"tensor {name!r}: {e}") from None
         tensors[f"{name}.codes"], tensors[f"{name}.scale"] = codes, scale
         if h is not None:
             errors[name] = output_error(t, dequantize_rows(codes, scale), h) / (output_error(t, 0 * t, h) or 1.0)
@@ -69,7 +70,7 @@ def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tens
 def _load_hessians(path: str | Path | None, method: str) -> dict[str, Tensor] | None:
     if path is None:
         if method in NEEDS_HESSIANS:
-            raise ValueError(f"quant.method {method!r} needs the calibrate stage's Hessians (--hessians)")
+            raise PgolfError(f"quant.method {method!r} needs the calibrate stage's Hessians (--hessians)")
         return None
     return tensorfile.load(path)[0]
 
@@ -81,7 +82,7 @@ def quantize(weights: str | Path, cfg: dict, out: str | Path, hessians: str | Pa
     tensors, plan, bits, errors = quantize_state(state, cfg, _load_hessians(hessians, cfg["method"]))
     bad = tensorfile.first_nonfinite(tensors)
     if bad is not None:  # finite float32 weights can still overflow a float16 scale
-        raise ValueError(f"{weights}: quantized tensor {bad!r} holds NaN/Inf (weights too large for float16 "
+        raise PgolfError(f"{weights}: quantized tensor {bad!r} holds NaN/Inf (weights too large for float16 "
                          "scales); nothing written")
     quant_meta = {"method": cfg["method"], "clip": cfg["clip"], "plan": plan, "bits": bits}
     tensorfile.save(out, tensors, {**meta, "quant": quant_meta})
@@ -99,11 +100,11 @@ def dequantize(source: str | Path | dict[str, Tensor],
     if meta is None:
         source, meta = tensorfile.load(source)
     if "quant" not in meta:
-        raise ValueError("not a quantized tensor file (no 'quant' entry in its header)")
+        raise PgolfError("not a quantized tensor file (no 'quant' entry in its header)")
     try:
         state = dequantize_state(source, meta["quant"]["plan"])
     except KeyError as e:
-        raise ValueError(f"quantized tensor file lacks tensor {e}") from None
+        raise PgolfError(f"quantized tensor file lacks tensor {e}") from None
     return state, {k: v for k, v in meta.items() if k != "quant"}
 
 
@@ -114,7 +115,4 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--cfg", required=True, help="the quant config section as JSON")
     ap.add_argument("--out", required=True, help="quantized tensor file to write")
     args = ap.parse_args(argv)
-    try:
-        quantize(args.weights, json.loads(args.cfg), args.out, args.hessians)
-    except ValueError as e:
-        raise SystemExit(f"pgolf quantize: {e}") from None
+    quantize(args.weights, json.loads(args.cfg), args.out, args.hessians)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from pgolf.errors import PgolfError
 from pgolf.quant.clip import quantile_scale, round_codes
 
 
@@ -58,5 +59,5 @@ def dequantize_state(tensors: dict[str, Tensor], plan: dict[str, str]) -> dict[s
         elif how == "keep":
             out[name] = tensors[name]
         else:
-            raise ValueError(f"tensor {name!r}: unknown storage {how!r}")
+            raise PgolfError(f"tensor {name!r}: unknown storage {how!r}")
     return out

@@ -11,9 +11,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pgolf.io import read_json, write_bytes, write_json
+from pgolf.errors import PgolfError
+from pgolf.io import write_bytes, write_json
 from pgolf.io import write_parquet as write_table
 from pgolf.report import stats
+from pgolf.results import has, integer, number, read_object
 
 # Column -> (file, path of keys inside it). The order is the table's order.
 COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -26,6 +28,9 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ttt_bpb": ("eval", ("ttt", "val_bpb")),
     "ttt_gain_bpb": ("eval", ("ttt_gain_bpb",)),
     "post_quant_loss": ("eval", ("post_quant", "val_loss")),
+    "unpruned_bpb": ("eval", ("unpruned", "val_bpb")),  # post-quant BPB before compress pruned codes
+    "prune_cost_bpb": ("eval", ("prune_cost_bpb",)),
+    "pruned_codes": ("size", ("pruned_codes",)),
     "model_bytes": ("size", ("model_bytes",)),
     "total_bytes": ("size", ("total_bytes",)),
     "steps": ("train", ("steps",)),
@@ -34,26 +39,20 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-OPTIONAL = {"ttt_bpb", "ttt_gain_bpb"}  # only when eval.ttt is enabled
-
-
-def _dig(obj: dict, keys: tuple[str, ...], source: Path) -> float:
-    for k in keys:
-        if not isinstance(obj, dict) or k not in obj:
-            raise KeyError(f"{source}: missing {'.'.join(keys)}")
-        obj = obj[k]
-    return float(obj)
+# TTT's only when eval.ttt is enabled; the unpruned score only when evaluate was given the unpruned
+# tensors; the pruned count only from a size.json that reports it.
+OPTIONAL = {"ttt_bpb", "ttt_gain_bpb", "unpruned_bpb", "prune_cost_bpb", "pruned_codes"}
 
 
 def seed_row(run_dir: Path, seed: int) -> dict[str, Any]:
     d = run_dir / f"seed{seed}"
     files = {name: d / f"{name}.json" for name in ("eval", "size", "train")}
-    loaded = {name: read_json(p) for name, p in files.items()}
+    loaded = {name: read_object(p) for name, p in files.items()}
     row: dict[str, Any] = {"seed": seed}
     for col, (name, keys) in COLUMNS.items():
-        if col in OPTIONAL and keys[0] not in loaded[name]:
+        if col in OPTIONAL and not has(loaded[name], keys[:1]):
             continue
-        row[col] = _dig(loaded[name], keys, files[name])
+        row[col] = float(number(loaded[name], keys, files[name]))
     return row
 
 
@@ -101,10 +100,10 @@ def baseline_of(cfg: dict, summary: Path | None = None) -> dict | None:
     """The baseline's mean, std and n of cfg['metric'], from another run's `summary` or as stated."""
     if cfg["baseline_run"]:
         if summary is None:
-            raise ValueError(f"compare.baseline_run {cfg['baseline_run']!r}: no --baseline-summary given")
-        other = read_json(summary)
-        return {"source": cfg["baseline_run"], "mean": other["mean"][cfg["metric"]],
-                "std": other["std"][cfg["metric"]], "n": other["n_seeds"]}
+            raise PgolfError(f"compare.baseline_run {cfg['baseline_run']!r}: no --baseline-summary given")
+        other, metric = read_object(summary), cfg["metric"]
+        return {"source": cfg["baseline_run"], "mean": number(other, ("mean", metric), summary),
+                "std": number(other, ("std", metric), summary), "n": integer(other, ("n_seeds",), summary)}
     if cfg["baseline_mean"] is not None:
         return {"source": "stated", "mean": cfg["baseline_mean"], "std": cfg["baseline_std"], "n": cfg["baseline_n"]}
     return None
@@ -118,6 +117,8 @@ def aggregate(run: str, run_dir: Path, seeds: list[int], compare_cfg: dict | Non
     base = baseline_of(compare_cfg, baseline_summary) if compare_cfg else None
     if base is not None:
         c = compare_cfg
+        if c["metric"] not in columns(rows):
+            raise PgolfError(f"compare.metric {c['metric']!r}: not in every seed's eval.json (is eval.ttt enabled?)")
         # The val set is the same for every seed, so its token and byte counts are too.
         summary["compare"] = {"metric": c["metric"], **stats.compare(
             [r[c["metric"]] for r in rows], int(rows[0]["eval_tokens"]), int(rows[0]["eval_bytes"]),
@@ -145,11 +146,8 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--compare", default="", help="the compare config section as JSON")
     ap.add_argument("--baseline-summary", type=Path, help="summary.json of compare.baseline_run")
     args = ap.parse_args(argv)
-    try:
-        summary = aggregate(args.run, args.run_dir, args.seeds, json.loads(args.compare) if args.compare else None,
-                            args.baseline_summary)
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"pgolf aggregate: {e}") from None
+    summary = aggregate(args.run, args.run_dir, args.seeds, json.loads(args.compare) if args.compare else None,
+                        args.baseline_summary)
     table = render_table(args.run, summary["seeds"], summary["mean"], summary["std"])
     if "compare" in summary:
         table += "\n" + render_compare(summary["compare"])

@@ -17,8 +17,9 @@ from importlib import metadata
 from pathlib import Path
 
 from pgolf.config import validate
-from pgolf.io import atomic_dir, read_json, write_bytes, write_json
+from pgolf.io import atomic_dir, write_bytes, write_json
 from pgolf.provenance import PACKAGE, code_files
+from pgolf.results import integer, number, read_object
 
 PIPELINE_FILES = ("Snakefile", "pyproject.toml", "rules", "schemas", "profiles")
 
@@ -45,12 +46,24 @@ def seed_results(run_dir: Path, seeds: list[int], metric: str, code_bytes: int) 
     out = {}
     for s in seeds:
         d = run_dir / f"seed{s}"
-        ev, size, tr = read_json(d / "eval.json"), read_json(d / "size.json"), read_json(d / "train.json")
-        part = ev[{"sliding_bpb": "sliding", "ttt_bpb": "ttt"}.get(metric, "post_quant")]
-        out[str(s)] = {"val_bpb": part["val_bpb"], "val_loss": part["val_loss"],
-                       "artifact_bytes": size["model_bytes"], "bytes_total": size["model_bytes"] + code_bytes,
-                       "steps": tr["steps"], "train_seconds": tr["train_seconds"],
-                       "step_avg_ms": 1000 * tr["train_seconds"] / max(tr["steps"], 1)}
+        ev, size, tr = (read_object(d / f"{name}.json") for name in ("eval", "size", "train"))
+        part = {"sliding_bpb": "sliding", "ttt_bpb": "ttt"}.get(metric, "post_quant")
+        model_bytes, steps = integer(size, ("model_bytes",), d / "size.json"), integer(tr, ("steps",), d / "train.json")
+        seconds = number(tr, ("train_seconds",), d / "train.json")
+        out[str(s)] = {"val_bpb": number(ev, (part, "val_bpb"), d / "eval.json"),
+                       "val_loss": number(ev, (part, "val_loss"), d / "eval.json"),
+                       "artifact_bytes": model_bytes, "bytes_total": model_bytes + code_bytes,
+                       "steps": steps, "train_seconds": seconds, "step_avg_ms": 1000 * seconds / max(steps, 1)}
+    return out
+
+
+def summary_numbers(summary: dict, metric: str, source: Path) -> dict:
+    """The summary.json numbers a submission quotes, each checked: a number, and finite."""
+    out = {"val_bpb": number(summary, ("mean", metric), source),
+           "val_bpb_std": number(summary, ("std", metric), source)}
+    if "compare" in summary:
+        for key, field in (("t_statistic", "welch_t"), ("welch_df", "welch_df"), ("p_value", "p_value")):
+            out[key] = number(summary, ("compare", field), source)
     return out
 
 
@@ -64,20 +77,18 @@ def versions() -> dict:
     return out
 
 
-def submission(cfg: dict, summary: dict, results: dict, code_bytes: int) -> dict:
+def submission(cfg: dict, numbers: dict, results: dict, code_bytes: int) -> dict:
     metric, rec = cfg["compare"]["metric"], cfg["record"]
     sub = {
         "name": rec["name"], "author": rec["author"], "github_id": rec["github_id"], "blurb": rec["blurb"],
         "date": dt.date.today().isoformat(), "track": rec["track"], "metric": metric,
-        "val_bpb": summary["mean"][metric], "val_bpb_std": summary["std"][metric],
+        "val_bpb": numbers["val_bpb"], "val_bpb_std": numbers["val_bpb_std"],
         "val_loss": sum(r["val_loss"] for r in results.values()) / len(results),
         "seeds": [int(s) for s in results], "seed_results": results,
         "bytes_total": max(r["bytes_total"] for r in results.values()), "bytes_code": code_bytes,
         "hardware": rec["hardware"], "versions": versions(), "pytorch_version": versions()["torch"],
     }
-    if "compare" in summary:
-        c = summary["compare"]
-        sub.update(t_statistic=c["welch_t"], welch_df=c["welch_df"], p_value=c["p_value"])
+    sub.update({k: v for k, v in numbers.items() if k not in ("val_bpb", "val_bpb_std")})
     return sub
 
 
@@ -122,12 +133,12 @@ def readme(cfg: dict, sub: dict, table: str) -> str:
 
 
 def build(run_dir: Path, seeds: list[int], cfg: dict, out: Path) -> dict:
-    summary = read_json(run_dir / "summary.json")
+    numbers = summary_numbers(read_object(run_dir / "summary.json"), cfg["compare"]["metric"], run_dir / "summary.json")
     table = (run_dir / "summary.md").read_text()
     with atomic_dir(out) as staging:
         code_bytes = copy_code(staging)
         results = seed_results(run_dir, seeds, cfg["compare"]["metric"], code_bytes)
-        sub = submission(cfg, summary, results, code_bytes)
+        sub = submission(cfg, numbers, results, code_bytes)
         write_json(staging / "submission.json", sub)
         write_bytes(staging / "README.md", readme(cfg, sub, table).encode())
         write_bytes(staging / "config.yaml", json.dumps(cfg, indent=2).encode())  # JSON is valid YAML
@@ -144,7 +155,4 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--config", required=True, help="the whole resolved config as JSON")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    try:
-        build(args.run_dir, args.seeds, json.loads(args.config), args.out)
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"pgolf record: {e}") from None
+    build(args.run_dir, args.seeds, json.loads(args.config), args.out)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from pgolf.errors import PgolfError
+
 
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz)."""
@@ -48,12 +50,12 @@ def welch(new: list[float], base_mean: float, base_std: float, base_n: int, marg
     """One-sided Welch test of H1: base_mean - mean(new) > margin (lower is better)."""
     n1 = len(new)
     if n1 < 2 or base_n < 2:
-        raise ValueError("Welch's t-test needs at least two seeds on each side")
+        raise PgolfError("Welch's t-test needs at least two seeds on each side")
     m1, s1 = statistics.fmean(new), statistics.stdev(new)
     v1, v2 = s1 * s1 / n1, base_std * base_std / base_n
     se = math.sqrt(v1 + v2)
     if se == 0:
-        raise ValueError("both sides have zero variance; the test is undefined")
+        raise PgolfError("both sides have zero variance; the test is undefined")
     t = (base_mean - m1 - margin) / se
     df = (v1 + v2) ** 2 / (v1 * v1 / (n1 - 1) + v2 * v2 / (base_n - 1))
     return {"t": t, "df": df, "p_value": t_sf(t, df), "diff": base_mean - m1}

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pgolf.container import frame, read_file, unframe
+from pgolf.errors import PgolfError
 from pgolf.io import atomic_path
 from pgolf.tensorfile import first_nonfinite
 
@@ -31,7 +32,7 @@ LATEST, PREVIOUS = "latest.pt", "previous.pt"
 KEYS = ("fingerprint", "model", "ema", "swa", "optimizers", "loader", "step", "elapsed", "rows", "rng")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PgolfError):
     """A checkpoint that is damaged, truncated or not ours: `<path>: <problem>`."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pgolf.data.shards import list_shards, load_shard, read_header
+from pgolf.errors import PgolfError
 
 
 class TokenStream:
@@ -31,7 +32,7 @@ class TokenStream:
     def __init__(self, dataset_dir: str | Path, order: list[int] | None = None, vocab_size: int | None = None) -> None:
         files = list_shards(dataset_dir, "train")
         if order is not None and sorted(order) != list(range(len(files))):
-            raise ValueError(f"shard order {order} is not a permutation of the {len(files)} train shards")
+            raise PgolfError(f"shard order {order} is not a permutation of the {len(files)} train shards")
         self.files = [files[i] for i in order] if order is not None else files
         self.shard, self.pos, self.vocab_size = 0, 0, vocab_size
         self.tokens = load_shard(self.files[0], vocab_size=vocab_size)
@@ -64,7 +65,7 @@ class ShuffledWindows:
         self.vocab_size = vocab_size
         counts = np.array([read_header(f) // width for f in self.files], dtype=np.int64)
         if counts.sum() == 0:
-            raise ValueError(f"{dataset_dir}: no train shard holds one window of {width} tokens")
+            raise PgolfError(f"{dataset_dir}: no train shard holds one window of {width} tokens")
         self.first = np.concatenate([[0], np.cumsum(counts)])  # window id -> shard by searchsorted
         self.epoch, self.index = 0, 0
         self.perm = self._permutation()

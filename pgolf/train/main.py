@@ -20,9 +20,11 @@ from pgolf import tensorfile
 from pgolf.config import grad_accum_steps
 from pgolf.data.shards import open_dataset
 from pgolf.distributed import setup_distributed
+from pgolf.errors import PgolfError
 from pgolf.io import write_json, write_parquet
 from pgolf.model import GPT, token_losses
 from pgolf.optim.muon import Muon
+from pgolf.process import lock_seed
 from pgolf.train import checkpoint
 from pgolf.train.averaging import EMA, SWA
 from pgolf.train.loader import DistributedLoader
@@ -110,7 +112,7 @@ def read_shard_order(path: str, cfg: dict) -> list[int] | None:
     if cfg["order"] == "given":
         return list(cfg["shard_order"])
     if not path:
-        raise SystemExit(f"pgolf train: loader.order {cfg['order']!r} needs --shard-order (shard_order.json)")
+        raise PgolfError(f"loader.order {cfg['order']!r} needs --shard-order (shard_order.json)")
     return json.loads(Path(path).read_text())[f"{cfg['order']}_first"]
 
 
@@ -124,6 +126,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.cfg = args, json.loads(args.cfg)
         self.model_cfg = json.loads(args.model_cfg)
+        self.lock = lock_seed(args.ckpt_dir)  # one trainer per seed folder
         self.rank, self.world, self.device = setup_distributed(args.device)
         self.accum = grad_accum_steps(self.cfg, self.world)
         self.micro_seqs = self.cfg["batch_tokens"] // self.cfg["seq_len"] // (self.world * self.accum)
