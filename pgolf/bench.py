@@ -67,16 +67,17 @@ def peak_tflops(device: torch.device, given: float) -> float:
 def measure(cfg: dict, args: argparse.Namespace) -> dict | None:
     ns = SimpleNamespace(cfg=json.dumps(cfg["train"]), model_cfg=json.dumps(cfg["model"]), device=args.device,
                          seed=0, data="", vocab_size=cfg["tokenizer"]["vocab_size"], ckpt_dir="", out_dir="",
-                         loader_cfg="", shard_order="")
+                         loader_cfg="", shard_order="", precision=cfg["precision"])
     tr = BenchTrainer(ns)
+    t0 = time.perf_counter()
     for _ in range(args.warmup):  # compile and allocator warm-up
         tr.train_step()
-    sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
-    sync()
+    tr.sync()
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         tr.train_step()
-    sync()
+    tr.sync()
     dt = (time.perf_counter() - t0) / args.steps
     if tr.rank:
         return None
@@ -88,13 +89,15 @@ def measure(cfg: dict, args: argparse.Namespace) -> dict | None:
     return {"processes": tr.world, "device": str(tr.device), "parameters": n,
             "ms_per_step": 1000 * dt, "tokens_per_s": tps, "flops_per_token": fpt,
             "mfu": fpt * tps / peak if peak else None, "peak_memory_mb": memory_mb(tr.device),
-            "grad_accum": tr.accum, "compiled": tr.forward is not tr.model}
+            "grad_accum": tr.accum, "compiled": tr.forward is not tr.model, "precision": tr.precision,
+            "warmup_seconds": warmup_s}
 
 
 def report(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (give --peak-tflops)"
     return (f"{r['parameters']:,} params on {r['processes']} x {r['device']} (grad accum {r['grad_accum']}, "
-            f"compiled {r['compiled']}): {r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+            f"compiled {r['compiled']}, {r['precision']}, warm-up {r['warmup_seconds']:.1f}s): "
+            f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
             f"MFU {mfu}, peak memory {r['peak_memory_mb']:,.0f} MB")
 
 

@@ -11,6 +11,7 @@ import jsonschema
 import yaml
 
 from pgolf.errors import ConfigError
+from pgolf.train.schedule import grad_accum_steps
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -132,9 +133,12 @@ def _check_model_switches(m: dict[str, Any], t: dict[str, Any]) -> None:
     if rd > head_dim or rd % 2 or (rd <= 2 and m["rope_ntk_train_len"]):
         raise ConfigError(f"model.rope_dims ({m['rope_dims']}) must be even, at most the head dim ({head_dim}), "
                           "and above 2 with NTK scaling")
-    for key in ("ve_layers", "recur_layers"):
-        if any(i >= n for i in m[key]):
-            raise ConfigError(f"model.{key}: {m[key]} names a block beyond num_layers={n}")
+    logical = m["logical_layers"]
+    if logical and (logical <= n or m["recur_layers"]):
+        raise ConfigError(f"model.logical_layers ({logical}) must exceed num_layers={n} and excludes recur_layers")
+    for key, limit in (("ve_layers", logical or n), ("recur_layers", n)):
+        if any(i >= limit for i in m[key]):
+            raise ConfigError(f"model.{key}: {m[key]} names a layer beyond {limit}")
     span = sorted(m["recur_layers"])
     if span and span != list(range(span[0], span[-1] + 1)):
         raise ConfigError(f"model.recur_layers: {m['recur_layers']} is not a contiguous span of blocks")
@@ -191,21 +195,25 @@ def read_file(path: str | Path) -> dict:
     return data
 
 
+def read_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file merged over the file its top-level `extends` names (relative to it), recursively:
+    a preset either stands on the schema's defaults alone or says what it builds on."""
+    data = read_file(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be the path of another config file, got {base!r}")
+    here, target = Path(path).resolve(), (Path(path).parent / base).resolve()
+    if target in (*seen, here):
+        raise ConfigError(f"{path}: extends {base} leads back to itself")
+    return deep_merge(read_layers(target, (*seen, here)), data)
+
+
 def load(*paths: str | Path, overrides: dict | None = None) -> dict[str, Any]:
-    """Merge YAML files left to right (as Snakemake's --configfile does), then validate."""
+    """Merge YAML files left to right (as Snakemake's --configfile does), each over what it extends,
+    then validate."""
     merged: dict = {}
     for p in paths:
-        merged = deep_merge(merged, read_file(p))
+        merged = deep_merge(merged, read_layers(p))
     return validate(deep_merge(merged, overrides or {}))
-
-
-def grad_accum_steps(train: dict[str, Any], world_size: int) -> int:
-    """Micro-steps per optimizer step so the global batch is the same for any process count."""
-    seqs = train["batch_tokens"] // train["seq_len"]
-    if seqs % world_size:
-        raise ConfigError(f"train: {seqs} sequences per batch do not split over {world_size} processes")
-    local = seqs // world_size
-    micro = min(train["micro_batch_seqs"], local)
-    if local % micro:
-        raise ConfigError(f"train: {local} sequences per process are not a multiple of micro_batch_seqs={micro}")
-    return local // micro

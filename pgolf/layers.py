@@ -103,16 +103,19 @@ class BigramHash(nn.Module):
 
 class SmearGate(nn.Module):
     """x_t <- (1 - g) x_t + g x_{t-1} with a learned per-dim gate g. With `bos_id` >= 0 a document's
-    first token (BOS) takes nothing from the previous document's last token (the BOS fix)."""
+    first token (BOS) takes nothing from the previous document's last token (the BOS fix). The first
+    position has no x_{t-1}: it keeps x_0, or with `zero_pad` mixes with zeros, (1 - g) x_0, as
+    PR #549's script does."""
 
-    def __init__(self, d: int, bos_id: int) -> None:
+    def __init__(self, d: int, bos_id: int, zero_pad: bool = False) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(d))
-        self.bos_id = bos_id
+        self.bos_id, self.zero_pad = bos_id, zero_pad
 
     def forward(self, x: Tensor, idx: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate).to(x.dtype).expand_as(x).clone()
-        g[:, 0] = 0  # nothing before the first position
+        if not self.zero_pad:
+            g[:, 0] = 0  # nothing before the first position: it keeps its own value
         if self.bos_id >= 0:
             g = g * (idx != self.bos_id).unsqueeze(-1).to(x.dtype)
         return torch.lerp(x, shift_right(x), g)
@@ -129,7 +132,7 @@ class ValueEmbedding(nn.Module):
         nn.init.normal_(self.emb.weight, std=0.02)
         self.proj = nn.Linear(cfg["ve_dim"], kv_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.tensor(float(cfg["ve_scale_init"])))
         self.layer_scales = nn.Parameter(torch.ones(len(self.layers)))
 
     def forward(self, idx: Tensor) -> Tensor:

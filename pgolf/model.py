@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf import tensorfile
+from pgolf.errors import PgolfError
 from pgolf.layers import BigramHash, Rotary, SmearGate, ValueEmbedding, attend, exclusive, fake_quant, rms_norm
 
 
@@ -29,10 +30,12 @@ class Linear(nn.Linear):
     constant-folding it (the bug that made late QAT dead code in PR #414's lineage).
     """
 
-    def __init__(self, fan_in: int, fan_out: int, qat_bits: int = 0) -> None:
+    def __init__(self, fan_in: int, fan_out: int, qat_bits: int = 0, zero: bool = False) -> None:
         super().__init__(fan_in, fan_out, bias=False)
-        self.qat_bits = qat_bits
+        self.qat_bits, self.zero = qat_bits, zero
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        if zero:  # an output projection: each block (and an untied head) starts contributing nothing
+            nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -49,8 +52,7 @@ class Attention(nn.Module):
         self.head_dim = d // self.heads
         kv_dim = self.kv_heads * self.head_dim
         self.c_q, self.c_k, self.c_v = Linear(d, d, q), Linear(d, kv_dim, q), Linear(d, kv_dim, q)
-        self.proj = Linear(d, d, q)
-        nn.init.zeros_(self.proj.weight)  # each block starts as the identity
+        self.proj = Linear(d, d, q, zero=True)  # each block starts as the identity
         self.q_gain = nn.Parameter(torch.full((self.heads,), float(cfg["qk_gain_init"])))
         self.rotary = Rotary(self.head_dim, cfg["rope_dims"], cfg["rope_base"], cfg["rope_ntk_train_len"])
         self.qk_norm, self.xsa, self.backend = cfg["qk_norm"], xsa, cfg["attention"]
@@ -78,8 +80,7 @@ class MLP(nn.Module):
         super().__init__()
         d, q = cfg["model_dim"], cfg["qat_bits"]
         hidden = int(cfg["mlp_mult"] * d)
-        self.fc, self.proj = Linear(d, hidden, q), Linear(hidden, d, q)
-        nn.init.zeros_(self.proj.weight)
+        self.fc, self.proj = Linear(d, hidden, q), Linear(hidden, d, q, zero=True)
         self.slope = cfg["leaky_slope"] if cfg["activation"] == "leaky_relu2" else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -111,10 +112,13 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.extra = nn.ModuleList(Controls(d) for _ in range(passes - 1))
-        self.parallel = 0 <= cfg["parallel_from"] <= index
+        self.parallel = 0 <= cfg["parallel_from"] <= index and cfg["parallel_mode"] == "gptj"
+
+    def controls(self, ctl: int) -> nn.Module:
+        return self.extra[min(ctl, len(self.extra)) - 1] if ctl and len(self.extra) else self
 
     def forward(self, x: Tensor, x0: Tensor, ctl: int, norm_scale: float, v_extra: Tensor | None) -> Tensor:
-        c = self.extra[min(ctl, len(self.extra)) - 1] if ctl and len(self.extra) else self
+        c = self.controls(ctl)
         mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         a = self.attn(rms_norm(x) * norm_scale, v_extra)
@@ -123,10 +127,24 @@ class Block(nn.Module):
         x = x + c.attn_scale.to(x.dtype) * a
         return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * norm_scale)
 
+    def lanes(self, attn_lane: Tensor, mlp_lane: Tensor, x0: Tensor, ctl: int, norm_scale: float,
+              v_extra: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Two-lane parallel residuals (PR #1334): attention reads and writes its own lane (with
+        resid_mix), the MLP its own (without); the model merges the lanes after the last block."""
+        c = self.controls(ctl)
+        mix = c.resid_mix.to(attn_lane.dtype)
+        h = mix[0] * attn_lane + mix[1] * x0
+        attn_lane = h + c.attn_scale.to(h.dtype) * self.attn(rms_norm(h) * norm_scale, v_extra)
+        mlp_lane = mlp_lane + c.mlp_scale.to(h.dtype) * self.mlp(rms_norm(mlp_lane) * norm_scale)
+        return attn_lane, mlp_lane
+
 
 def layer_order(cfg: dict, recur: bool = True) -> list[int]:
-    """Physical block index of each virtual layer: the recurrent span runs 1 + recur_extra_loops times."""
+    """Physical block index of each virtual layer: the recurrent span runs 1 + recur_extra_loops times;
+    with logical_layers, logical layer j runs block j mod num_layers (PR #461: 11 over 10 cores)."""
     n, span = cfg["num_layers"], cfg["recur_layers"]
+    if cfg["logical_layers"]:
+        return [j % n for j in range(cfg["logical_layers"])]
     if not (recur and span):
         return list(range(n))
     a, b = min(span), max(span)
@@ -140,21 +158,39 @@ class GPT(nn.Module):
         d, n = cfg["model_dim"], cfg["num_layers"]
         self.tok_emb = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=cfg["tied_embed_init_std"])
-        loops = 1 + cfg["recur_extra_loops"] if cfg["recur_own_norms"] else 1
-        self.blocks = nn.ModuleList(Block(cfg, i, loops if i in cfg["recur_layers"] else 1) for i in range(n))
+        order = layer_order(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, i, order.count(i) if cfg["recur_own_norms"] else 1) for i in range(n))
         self.recur_active = True  # the trainer switches recurrence off until its start step
-        virtual = len(layer_order(cfg))
-        n_skips = min(virtual // 2, virtual - virtual // 2) if cfg["skip"] != "none" else 0
+        # The records with recurrence (#1334, #1517) keep the physical layers' skip count and LN scale.
+        counted = n if cfg["recur_indexing"] == "physical" else len(order)
+        n_skips = min(counted // 2, counted - counted // 2) if cfg["skip"] != "none" else 0
         self.skip_weights = nn.Parameter(torch.ones(n_skips, d))
         if cfg["skip"] == "gated":
             self.skip_gates = nn.Parameter(torch.zeros(n_skips, d))
         self.bigram = BigramHash(vocab_size, cfg, d) if cfg["bigram_buckets"] else None
-        self.smear = SmearGate(d, cfg["bos_id"] if cfg["smear_bos_fix"] else -1) if cfg["smear_gate"] else None
+        self.smear = SmearGate(d, cfg["bos_id"] if cfg["smear_bos_fix"] else -1, cfg["smear_zero_pad"]) \
+            if cfg["smear_gate"] else None
         self.ve = ValueEmbedding(vocab_size, cfg, self.blocks[0].attn.kv_heads * self.blocks[0].attn.head_dim) \
             if cfg["ve_layers"] else None
-        self.lm_head = None if cfg["tie_embeddings"] else Linear(d, vocab_size)
-        if self.lm_head is not None:
-            nn.init.zeros_(self.lm_head.weight)
+        self.lm_head = None if cfg["tie_embeddings"] else Linear(d, vocab_size, zero=True)
+        self.lanes_from = cfg["parallel_from"] if cfg["parallel_mode"] == "lanes" and cfg["parallel_from"] < n else -1
+        if self.lanes_from >= 0:
+            self.lane_merge = nn.Parameter(torch.tensor(0.5))  # the attention lane's share at the merge
+        if cfg["init"] == "orthogonal":
+            self.orthogonal_init()
+
+    @torch.no_grad()
+    def orthogonal_init(self) -> None:
+        """The records' init (PR #549 lineage): every matrix of at least 64x64 orthogonal with gain 1
+        (Q, K, V, MLP up, the BigramHash and value-embedding projections), the output projections
+        zero; the BigramHash table zero and the value-embedding table at std 0.01."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and not getattr(m, "zero", False) and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight, gain=1.0)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.emb.weight)
+        if self.ve is not None:
+            nn.init.normal_(self.ve.emb.weight, std=0.01)
 
     def set_qat(self, on: bool) -> None:
         for m in self.modules():
@@ -166,6 +202,8 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(idx)
         x = rms_norm(x)
+        if self.cfg["stream_dtype"] == "bfloat16":  # the records' bf16 embedding and residual stream
+            x = x.bfloat16()
         return self.smear(x, idx) if self.smear is not None else x
 
     def head_input(self, idx: Tensor) -> Tensor:
@@ -174,15 +212,24 @@ class GPT(nn.Module):
         order = layer_order(self.cfg, self.recur_active)
         n_enc, skips, passes = len(order) // 2, [], [0] * len(self.blocks)
         ve = self.ve(idx) if self.ve is not None else None
+        physical, lanes = self.cfg["recur_indexing"] == "physical", None
         for j, i in enumerate(order):
-            if j >= n_enc and skips and len(self.skip_weights):
-                x = self.merge_skip(x, skips.pop(), j - n_enc)
-            scale = (j + 1) ** -0.5 if self.cfg["ln_scale"] else 1.0
-            v_extra = self.ve.for_layer(ve, i) if ve is not None else None
-            x = self.blocks[i](x, x0, passes[i], scale, v_extra)
+            if j >= n_enc and skips and j - n_enc < len(self.skip_weights):
+                x = self.merge_skip(x, skips.pop(), j - n_enc)  # once the lanes run, x is no longer read
+            scale = ((i if physical else j) + 1) ** -0.5 if self.cfg["ln_scale"] else 1.0
+            v_extra = self.ve.for_layer(ve, j if self.cfg["logical_layers"] else i) if ve is not None else None
+            if 0 <= self.lanes_from <= i and lanes is None:
+                lanes = (x, x)
+            if lanes is not None:
+                lanes = self.blocks[i].lanes(*lanes, x0, passes[i], scale, v_extra)
+            else:
+                x = self.blocks[i](x, x0, passes[i], scale, v_extra)
             passes[i] += 1
             if j < n_enc:
                 skips.append(x)
+        if lanes is not None:
+            m = self.lane_merge.to(lanes[0].dtype)
+            x = m * lanes[0] + (1 - m) * lanes[1]
         return rms_norm(x)
 
     def merge_skip(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
@@ -203,9 +250,13 @@ class GPT(nn.Module):
 
     @classmethod
     def from_meta(cls, meta: dict) -> GPT:
-        from pgolf.config import validate  # fills keys that older files lack with their defaults
-
-        return cls(meta["vocab_size"], validate({"model": meta["model"]})["model"])
+        """The model a weights file describes. Its model config is complete: train writes the whole
+        validated section, so no schema (and no jsonschema) is needed here, in code a submission runs."""
+        try:
+            return cls(meta["vocab_size"], meta["model"])
+        except (KeyError, TypeError) as e:
+            raise PgolfError(f"model config in the file's header is incomplete or malformed ({e!r}); "
+                             "written by an older pgolf? retrain") from None
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -26,7 +26,7 @@ STAGE_ENTRIES: dict[str, str] = {
     "calibrate": "pgolf.quant.calibrate",
     "quantize": "pgolf.quant.quantize",
     "compress": "pgolf.quant.compress",
-    "size": "pgolf.quant.compress",
+    "size": "pgolf.quant.size",
     "evaluate": "pgolf.eval.evaluate",
     "aggregate": "pgolf.report.aggregate",
     "record": "pgolf.report.record",
@@ -68,7 +68,13 @@ def module_files(stage: str) -> list[Path]:
     """The stage's entry module and every pgolf module it imports, transitively."""
     if stage not in STAGE_ENTRIES:
         raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGE_ENTRIES)}")
-    todo, seen = [STAGE_ENTRIES[stage]], set()
+    return closure([STAGE_ENTRIES[stage]])
+
+
+def closure(modules: list[str]) -> list[Path]:
+    """The files of `modules` and of every pgolf module they import, transitively (imports inside
+    functions too: a lazy import runs when its function does)."""
+    todo, seen = list(modules), set()
     while todo:
         path = _module_path(todo.pop())
         if path is None or path in seen:
@@ -110,9 +116,6 @@ def code_version(stage: str) -> str:
 
 
 def code_files() -> list[Path]:
-    """The Python sources that count as code in the artifact's size: the whole pgolf package."""
+    """Every Python source of the package, as a record folder ships it to read and to rerun the
+    pipeline. The counted code is another file: pgolf.bundle packs what a submission runs."""
     return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
-
-
-def code_bytes() -> int:
-    return sum(p.stat().st_size for p in code_files())

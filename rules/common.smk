@@ -4,6 +4,7 @@
 import json
 from pathlib import Path
 
+import pgolf.bundle
 import pgolf.config
 import pgolf.provenance
 
@@ -11,7 +12,9 @@ import pgolf.provenance
 # equal keys. Build the config again from the same files with pgolf's reader (YAML 1.2 numbers, a
 # repeated key refused), in Snakemake's order: the Snakefile's configfile, --configfile, --config.
 _cli_files = [Path(f).absolute() for f in workflow.config_settings.configfiles]
-_own_files = [] if workflow.config_settings.replace_workflow_config else [
+# A preset given with --configfile stands alone on the schema's defaults (or on what it `extends`),
+# never on config.yaml, the CPU toy run, by accident: the Snakefile's configfile is for a plain run.
+_own_files = [] if workflow.config_settings.replace_workflow_config or _cli_files else [
     f for f in workflow.configfiles if Path(f).absolute() not in _cli_files]
 _resolved = pgolf.config.load(*_own_files, *_cli_files, overrides=dict(workflow.config_settings.config))
 config.clear()

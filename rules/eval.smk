@@ -1,4 +1,5 @@
 # Val BPB of the EMA weights, of the weights read back from the artifact, and by sliding window.
+# With pruning on it also reads the quantized tensors before pruning, to score what pruning cost.
 
 
 rule evaluate:
@@ -7,11 +8,15 @@ rule evaluate:
         tokenizer=TOKENIZER,
         ema=f"{SEED_DIR}/ema.pgt",
         artifact=f"{SEED_DIR}/artifact.pgz",
+        quant=f"{SEED_DIR}/quant.pgt" if PRUNE else [],
     output:
         f"{SEED_DIR}/eval.json",
     params:
         cfg=section("eval"),
         device=config["device"],
+        precision=config["precision"],
+        # a flag and its path, or nothing: a list, so that :q quotes each element
+        unpruned=["--unpruned", f"{SEED_DIR}/quant.pgt"] if PRUNE else [],
         code=code("evaluate"),
     threads: workflow.cores
     resources:
@@ -23,4 +28,5 @@ rule evaluate:
         f"{RUN}/benchmarks/evaluate_seed{{seed}}.tsv"
     shell:
         TORCHRUN + " evaluate --data {input.data:q} --tokenizer {input.tokenizer:q} --ema {input.ema:q} "
-        "--artifact {input.artifact:q} --cfg {params.cfg:q} --device {params.device:q} --out {output:q} > {log:q} 2>&1"
+        "--artifact {input.artifact:q} --cfg {params.cfg:q} --device {params.device:q} --precision {params.precision:q} "
+        "{params.unpruned:q} --out {output:q} > {log:q} 2>&1"

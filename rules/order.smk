@@ -33,6 +33,7 @@ rule probe_train:
         loader=json.dumps({"mode": "shuffled"}),
         vocab=VOCAB,
         device=config["device"],
+        precision=config["precision"],
         out_dir=PROBE_DIR,
         ckpt_dir=f"{PROBE_DIR}/ckpt",
         code=code("train"),
@@ -44,7 +45,7 @@ rule probe_train:
         f"{RUN}/logs/probe_train.log",
     shell:
         TORCHRUN + " train --data {input.data:q} --vocab-size {params.vocab:q} --model-cfg {params.model:q} "
-        "--cfg {params.cfg:q} --seed 0 --device {params.device:q} "
+        "--cfg {params.cfg:q} --seed 0 --device {params.device:q} --precision {params.precision:q} "
         "--out-dir {params.out_dir:q} --ckpt-dir {params.ckpt_dir:q} --loader-cfg {params.loader:q} > {log:q} 2>&1"
 
 

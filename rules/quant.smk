@@ -15,14 +15,17 @@ rule calibrate:
         # a flag and its path, or nothing: a list, so that :q quotes each element
         data=["--data", DATASET_DIR] if config["calibrate"]["source"] == "train" else [],
         device=config["device"],
+        precision=config["precision"],
         code=code("calibrate"),
+    resources:
+        gpu=1 if config["device"] == "cuda" else 0,  # with a gpu limit (the GPU profiles), never beside a training
     log:
         f"{RUN}/logs/calibrate_seed{{seed}}.log",
     benchmark:
         f"{RUN}/benchmarks/calibrate_seed{{seed}}.tsv"
     shell:
         "pgolf calibrate --weights {input.ema:q} {params.data:q} --cfg {params.cfg:q} --seed {wildcards.seed:q} "
-        "--device {params.device:q} --out {output:q} > {log:q} 2>&1"
+        "--device {params.device:q} --precision {params.precision:q} --out {output:q} > {log:q} 2>&1"
 
 
 # Only GPTQ reads Hessians: round-to-nearest runs without the calibrate stage.
@@ -47,26 +50,31 @@ rule quantize:
         "pgolf quantize --weights {input.ema:q} {params.hessians:q} --cfg {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
-# With pruning on, compress aims at the budget minus the code bytes, so both are its params then.
+# With pruning on, compress aims at the budget minus a fixed code reserve (so a code edit reruns only
+# the size check), and with GPTQ it weights each code's error by the Hessians.
 PRUNE = config["compress"]["prune"]
+PRUNE_HESSIANS = PRUNE and GPTQ
 
 
 rule compress:
     input:
         quant=f"{SEED_DIR}/quant.pgt",
+        hessians=f"{SEED_DIR}/hessians.pgt" if PRUNE_HESSIANS else [],
     output:
         f"{SEED_DIR}/artifact.pgz",
     params:
-        cfg=section("compress", ["codec", "level", "pack", "shuffle", "prune"] + (["budget_bytes"] if PRUNE else [])),
-        code_bytes=pgolf.provenance.code_bytes() if PRUNE else 0,
+        cfg=section("compress", ["codec", "level", "pack", "shuffle", "prune"]
+                    + (["budget_bytes", "code_reserve"] if PRUNE else [])),
+        # a flag and its path, or nothing: a list, so that :q quotes each element
+        hessians=["--hessians", f"{SEED_DIR}/hessians.pgt"] if PRUNE_HESSIANS else [],
         code=code("compress"),
     log:
         f"{RUN}/logs/compress_seed{{seed}}.log",
     benchmark:
         f"{RUN}/benchmarks/compress_seed{{seed}}.tsv"
     shell:
-        "pgolf compress --quant {input.quant:q} --cfg {params.cfg:q} --code-bytes {params.code_bytes:q} "
-        "--out {output:q} > {log:q} 2>&1"
+        "pgolf compress --quant {input.quant:q} --cfg {params.cfg:q} {params.hessians:q} --out {output:q} "
+        "> {log:q} 2>&1"
 
 
 # Its own rule so that editing code reruns only this check, not compression and evaluation.
@@ -77,7 +85,7 @@ rule size:
         f"{SEED_DIR}/size.json",
     params:
         cfg=section("compress"),
-        code_bytes=pgolf.provenance.code_bytes(),
+        code_bytes=pgolf.bundle.code_bytes(),
         code=code("size"),
     log:
         f"{RUN}/logs/size_seed{{seed}}.log",

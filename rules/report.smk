@@ -37,13 +37,18 @@ rule aggregate:
 rule record:
     input:
         summary=f"{RUN}/summary.json",
+        table=f"{RUN}/summary.md",
+        # every file pgolf record reads: a retrained seed reruns the record, never reads a missing file
+        evals=expand(f"{RUN}/seed{{seed}}/eval.json", seed=config["seeds"]),
+        sizes=expand(f"{RUN}/seed{{seed}}/size.json", seed=config["seeds"]),
+        trains=expand(f"{RUN}/seed{{seed}}/train.json", seed=config["seeds"]),
         logs=expand(f"{RUN}/logs/train_seed{{seed}}.log", seed=config["seeds"]),
     output:
         directory(f"{RUN}/record"),
     params:
         seeds=config["seeds"],
         config=json.dumps(config, sort_keys=True),
-        code_bytes=pgolf.provenance.code_bytes(),
+        code_bytes=pgolf.bundle.code_bytes(),
         run_dir=RUN,
         code=code("record"),
     log:

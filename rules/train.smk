@@ -17,6 +17,7 @@ rule train:
         loader=section("loader"),
         vocab=VOCAB,
         device=config["device"],
+        precision=config["precision"],
         out_dir=SEED_DIR,
         ckpt_dir=f"{SEED_DIR}/ckpt",
         code=code("train"),
@@ -30,6 +31,6 @@ rule train:
         f"{RUN}/benchmarks/train_seed{{seed}}.tsv"
     shell:
         TORCHRUN + " train --data {input.data:q} --vocab-size {params.vocab:q} --model-cfg {params.model:q} "
-        "--cfg {params.cfg:q} --seed {wildcards.seed:q} --device {params.device:q} "
+        "--cfg {params.cfg:q} --seed {wildcards.seed:q} --device {params.device:q} --precision {params.precision:q} "
         "--out-dir {params.out_dir:q} --ckpt-dir {params.ckpt_dir:q} --loader-cfg {params.loader:q} "
         "--shard-order={input.order:q} > {log:q} 2>&1"

@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-from pgolf import tensorfile
+from pgolf import bundle, tensorfile
 from pgolf.cli import main
-from pgolf.provenance import PACKAGE
 from pgolf.quant import artifact
-from pgolf.quant.compress import BudgetError, check_size, compress, prune_to_fit
+from pgolf.quant.compress import BudgetError, compress, prune_to_fit
+from pgolf.quant.size import check_size
 
 COMPRESS = {"codec": "zstd", "level": 3, "pack": True, "shuffle": 2, "prune": False, "budget_bytes": 16_000_000}
 
@@ -153,9 +153,8 @@ def test_size_counts_code_and_model_bytes(good_artifact, tmp_path):
     report = check_size(path, COMPRESS, tmp_path / "size.json")
     assert json.loads((tmp_path / "size.json").read_text()) == report
     assert report["model_bytes"] == path.stat().st_size
-    sources = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
-    assert report["code_files"] == {f"pgolf/{p.relative_to(PACKAGE)}": len(p.read_bytes()) for p in sources}
-    assert report["code_bytes"] == sum(len(p.read_bytes()) for p in sources)
+    assert report["code_bytes"] == len(bundle.build()) and report["code_file"] == "train_gpt.py"
+    assert "pgolf/model.py" in report["code_sources"] and "pgolf/config.py" not in report["code_sources"]
     assert report["total_bytes"] == report["model_bytes"] + report["code_bytes"]
     assert report["fits"] and report["headroom_bytes"] == 16_000_000 - report["total_bytes"]
     assert report["codec"] == "zstd" and report["budget_bytes"] == 16_000_000 and report["pruned_codes"] == 0
@@ -174,11 +173,11 @@ def test_over_budget_fails_with_the_amount(good_artifact, tmp_path, capsys):
     assert not (tmp_path / "size2.json").exists()
 
 
-def test_compress_prunes_to_budget_minus_code_bytes(tmp_path):
+def test_compress_prunes_to_budget_minus_code_reserve(tmp_path):
     (tmp_path / "q.pgt").write_bytes(quantized_file(rows=64, cols=64, bits=6, std=1.5))
     full = compress(tmp_path / "q.pgt", COMPRESS, tmp_path / "a.pgz")
-    cfg = {**COMPRESS, "prune": True, "budget_bytes": full + 1000}
-    n = compress(tmp_path / "q.pgt", cfg, tmp_path / "b.pgz", code_bytes=1200)
+    cfg = {**COMPRESS, "prune": True, "budget_bytes": full + 1000, "code_reserve": 1200}
+    n = compress(tmp_path / "q.pgt", cfg, tmp_path / "b.pgz")
     assert n <= full - 200 and artifact.read_header(tmp_path / "b.pgz")["pruned_codes"] > 0
     report = check_size(tmp_path / "b.pgz", {**cfg, "budget_bytes": 16_000_000}, tmp_path / "size.json")
     assert report["pruned_codes"] == artifact.read_header(tmp_path / "b.pgz")["pruned_codes"]

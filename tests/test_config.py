@@ -1,4 +1,7 @@
+import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.config import ConfigError, grad_accum_steps, load, load_schema, validate
+from pgolf.config import ConfigError, grad_accum_steps, load, load_schema, read_file, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,3 +140,58 @@ def test_ordinary_names_pass():
     cfg = validate({"run": "pr1517.seed-2_b", "data": {"name": "fineweb10B_sp1024"},
                     "compare": {"baseline_run": "a.b"}})
     assert cfg["run"] == "pr1517.seed-2_b"
+
+
+PRESETS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def shell_cfg(dry_run: str, stage: str) -> dict:
+    """The --cfg JSON a dry run's shell command passes to `pgolf <stage>`."""
+    line = next(ln for ln in dry_run.splitlines() if f" {stage} " in ln and "--cfg" in ln and "probe" not in ln)
+    words = shlex.split(line[line.index("pgolf"):].split(" > ")[0])
+    return json.loads(words[words.index("--cfg") + 1])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_snakemake_resolves_a_preset_as_pgolf_config_does(preset, tmp_path):
+    """`snakemake --configfile configs/X.yaml` and `pgolf config configs/X.yaml` give one config: the
+    preset on the schema's defaults (or on what it extends), never config.yaml by accident."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    baseline = tmp_path / "results" / "default" / "summary.json"  # order-ablation compares with the default run
+    baseline.parent.mkdir(parents=True)
+    baseline.write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
+                           "-n", "-p", "--cores", "1", "--configfile", str(ROOT / "configs" / preset)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ours = load(ROOT / "configs" / preset)
+    for stage, section in (("train", "train"), ("evaluate", "eval"), ("quantize", "quant")):
+        assert shell_cfg(proc.stdout, stage) == ours[section], (stage, preset)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.startswith("pr")])
+def test_a_record_preset_owes_every_non_default_value_to_itself(preset):
+    """Each value that differs from the schema's default is written in the preset file: nothing is
+    inherited from the CPU toy run (a preset that leans on another file says so with `extends`)."""
+    written = flatten(read_file(ROOT / "configs" / preset))
+    defaults, resolved = flatten(validate({})), flatten(load(ROOT / "configs" / preset))
+    changed = {k for k in resolved if resolved[k] != defaults.get(k)}
+    assert changed <= set(written), sorted(changed - set(written))
+    assert "extends" not in written
+
+
+def test_extends_builds_on_another_file_and_refuses_a_cycle(tmp_path):
+    (tmp_path / "base.yaml").write_text("run: base\ntrain: {iterations: 7}\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\ntrain: {seq_len: 64}\n")
+    cfg = load(tmp_path / "top.yaml")
+    assert cfg["run"] == "base" and cfg["train"]["iterations"] == 7 and cfg["train"]["seq_len"] == 64
+    (tmp_path / "base.yaml").write_text("extends: top.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load(tmp_path / "top.yaml")

@@ -89,7 +89,7 @@ def test_gptq_orders_and_blocks_do_not_break_it():
     x = torch.randn(512, 48) * torch.linspace(0.1, 3, 48)
     x[:, 7] = 0  # a dead input column
     h, w = x.T @ x / 512, torch.randn(16, 48)
-    scale = row_scales(w, 4, {"clip": "quantile", "clip_quantile": 1.0}, "attn")
+    scale = row_scales(w, 4, {**CFG["quant"], "clip": "quantile", "clip_quantile": 1.0}, "attn")
     rtn = output_error(w, dequantize_rows(rtn_matrix(w, scale, 4, None, {}), scale), h)
     for block, act_order in ((1, False), (8, True), (48, True), (100, False)):
         codes = gptq_codes(w, h, scale, 4, block, 0.01, act_order)

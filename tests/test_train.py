@@ -26,11 +26,13 @@ def configs(model: dict | None = None, **train):
 
 
 def train(ds, out: Path, nproc: int = 1, stop_after: int = 0, seed: int = 7, model: dict | None = None,
-          loader: str = "", order: Path | None = None, **over) -> subprocess.CompletedProcess:
+          loader: str = "", order: Path | None = None, precision: str = "auto", device: str = "cpu",
+          **over) -> subprocess.CompletedProcess:
     model, tr = configs(model, **over)
     cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", "-m", "pgolf", "train", "--data", str(ds.dataset_dir),
            "--vocab-size", str(ds.vocab_size), "--model-cfg", json.dumps(model), "--cfg", json.dumps(tr),
-           "--seed", str(seed), "--device", "cpu", "--out-dir", str(out), "--ckpt-dir", str(out / "ckpt")]
+           "--seed", str(seed), "--device", device, "--precision", precision, "--out-dir", str(out),
+           "--ckpt-dir", str(out / "ckpt")]
     if stop_after:
         cmd += ["--stop-after-step", str(stop_after)]
     if loader:

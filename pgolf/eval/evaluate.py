@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,39 +19,16 @@ from pgolf.data.shards import check_tokenizer, check_vocab, load_split, open_dat
 from pgolf.distributed import setup_distributed
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
-from pgolf.eval.ttt import ttt_eval
+from pgolf.eval.ttt import freeze, ttt_eval
+from pgolf.eval.windows import plain_windows, score_windows, windows
 from pgolf.io import write_json
-from pgolf.model import GPT, load_weights, token_losses
-from pgolf.quant.artifact import read_artifact
+from pgolf.model import GPT, load_weights
+from pgolf.quant.artifact import read_artifact, read_header
 from pgolf.quant.quantize import dequantize
 from pgolf.results import first_nonfinite
+from pgolf.runtime import PRECISIONS, compiled
 
-
-def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored offset) of each window over a stream of n_tokens tokens (n_tokens-1 targets).
-
-    Each window holds seq_len inputs from `start`; it scores its targets from offset `first` on, so
-    every target is scored exactly once, with as much context as the window allows. stride ==
-    seq_len gives the challenge's plain non-overlapping evaluation.
-    """
-    n_targets = n_tokens - 1
-    if n_targets < seq_len:
-        raise PgolfError(f"{n_tokens} val tokens are fewer than one window of {seq_len}")
-    if not 1 <= stride <= seq_len:
-        raise PgolfError(f"eval.stride={stride} must lie in 1..eval.seq_len={seq_len}")
-    out, scored = [(0, 0)], seq_len
-    while scored < n_targets:
-        end = min(scored + stride, n_targets)
-        start = end - seq_len
-        out.append((start, scored - start))
-        scored = end
-    return out
-
-
-def plain_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
-    """The challenge's eval_val: non-overlapping windows, the tail that does not fill one dropped."""
-    usable = (n_tokens - 1) // seq_len * seq_len
-    return [(s, 0) for s in range(0, usable, seq_len)]
+__all__ = ["evaluate", "plain_windows", "score", "val_tokens", "windows"]
 
 
 def val_tokens(data: str | Path, max_tokens: int, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
@@ -65,37 +43,40 @@ def val_tokens(data: str | Path, max_tokens: int, seq_len: int, vocab_size: int 
     return tokens
 
 
-def _scored_mask(chunk: list[tuple[int, int]], seq_len: int) -> torch.Tensor:
-    firsts = torch.tensor([first for _, first in chunk])
-    return torch.arange(seq_len)[None, :] >= firsts[:, None]
-
-
 @torch.inference_mode()
 def score(model: GPT, tokens: torch.Tensor, wins: list[tuple[int, int]], seq_len: int, batch: int,
-          meter: BPBMeter, rank: int = 0, world: int = 1, label: str = "") -> dict:
-    """BPB over windows `wins` (this process takes every world-th one), summed over all processes."""
+          meter: BPBMeter, rank: int = 0, world: int = 1, label: str = "", precision: str = "auto",
+          forward: torch.nn.Module | None = None) -> dict:
+    """BPB over windows `wins` (this process takes every world-th one), summed over all processes.
+    `forward` is the model to run (its compiled form), `model` by default."""
     device = next(model.parameters()).device
-    mine = wins[rank::world]
-    n_batches = -(-len(mine) // batch)
-    for b, i in enumerate(range(0, len(mine), batch)):
-        chunk = mine[i : i + batch]
-        idx = torch.stack([tokens[s : s + seq_len + 1] for s, _ in chunk]).to(device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            losses = token_losses(model, idx[:, :-1], idx[:, 1:]).float().cpu()
-        idx, keep = idx.cpu(), _scored_mask(chunk, seq_len)
-        meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep])
-        if label and rank == 0 and (b + 1) % max(1, n_batches // 10) == 0:
-            print(f"{label}: batch {b + 1}/{n_batches}", flush=True)
+    run = forward if forward is not None else model  # a compiled module has no truth value
+    score_windows(run, tokens, wins[rank::world], seq_len, batch, meter, device, precision,
+                  label=label if rank == 0 else "")
     meter.all_reduce()
     return meter.result()
 
 
 def artifact_model(path: str | Path) -> GPT:
     """The model as the artifact holds it: read, checked, decompressed and dequantized."""
-    state, meta = dequantize(*tensorfile.loads(read_artifact(path), str(path)))
+    return quantized_model(*dequantize(*tensorfile.loads(read_artifact(path), str(path))))
+
+
+def quantized_model(state: dict[str, torch.Tensor], meta: dict) -> GPT:
     model = GPT.from_meta(meta)
     model.load_state_dict(state)
     return model
+
+
+def pruning(args: argparse.Namespace, post_quant: dict, score_model: Callable[[GPT], dict]) -> dict:
+    """How many +-1 codes compress pruned and the BPB before pruning: the quantized tensors compress
+    read (--unpruned), scored as post_quant is; post_quant itself when nothing was pruned. Without
+    --unpruned, a pruned artifact reports only its count."""
+    pruned = int(read_header(args.artifact).get("pruned_codes", 0))
+    if pruned and getattr(args, "unpruned", None) is None:
+        return {"pruned_codes": pruned}
+    unpruned = score_model(quantized_model(*dequantize(args.unpruned))) if pruned else post_quant
+    return {"pruned_codes": pruned, "unpruned": unpruned, "prune_cost_bpb": post_quant["val_bpb"] - unpruned["val_bpb"]}
 
 
 def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device: torch.device) -> dict:
@@ -108,18 +89,31 @@ def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device:
     tokens = val_tokens(args.data, cfg["max_tokens"], T, ema.vocab_size)
     luts = build_byte_luts(args.tokenizer, ema.vocab_size)
     plain, sliding = plain_windows(len(tokens), T), windows(len(tokens), T, cfg["stride"])
+    if cfg["ttt"]["enabled"]:  # frozen before the first compile: requires_grad is part of a compiled graph's guards
+        freeze(art, cfg["ttt"])
+    precision = getattr(args, "precision", "auto")
+    fwd = {id(m): compiled(m, cfg.get("compile", "auto"), device) for m in (ema, art)}
     parts = {"pre_quant": (ema, plain), "post_quant": (art, plain), "sliding": (art, sliding)}
     result, seconds = {}, {}
     for name, (model, wins) in parts.items():
         t0 = time.perf_counter()
-        result[name] = score(model, tokens, wins, T, B, BPBMeter(luts), rank, world, label=name)
+        result[name] = score(model, tokens, wins, T, B, BPBMeter(luts), rank, world, label=name,
+                             precision=precision, forward=fwd[id(model)])
         seconds[name] = time.perf_counter() - t0
         log(rank, f"{name}: bpb {result[name]['val_bpb']:.4f} loss {result[name]['val_loss']:.4f} "
                   f"({len(wins)} windows, {seconds[name]:.1f}s)")
     result["sliding"].update(seq_len=T, stride=cfg["stride"])
+    t0 = time.perf_counter()  # not part of the scored path: a diagnostic of pruning's cost
+    result.update(pruning(args, result["post_quant"], lambda m: score(
+        m.to(device).eval(), tokens, plain, T, B, BPBMeter(luts), rank, world, label="unpruned", precision=precision)))
+    if "unpruned" in result and result["pruned_codes"]:
+        seconds["unpruned"] = time.perf_counter() - t0
+        log(rank, f"unpruned: bpb {result['unpruned']['val_bpb']:.4f}, pruning {result['pruned_codes']:,} codes cost "
+                  f"{result['prune_cost_bpb']:+.4f} ({seconds['unpruned']:.1f}s)")
     if cfg["ttt"]["enabled"]:  # adapts `art` in place: it runs last
         t0 = time.perf_counter()
-        result["ttt"] = ttt_eval(art, tokens, sliding, T, B, cfg["ttt"], BPBMeter(luts), rank, world)
+        result["ttt"] = ttt_eval(art, tokens, sliding, T, B, cfg["ttt"], BPBMeter(luts), rank, world,
+                                 precision=precision, forward=fwd[id(art)])
         seconds["ttt"] = time.perf_counter() - t0
         result["ttt_gain_bpb"] = result["ttt"]["val_bpb"] - result["sliding"]["val_bpb"]
         log(rank, f"ttt: bpb {result['ttt']['val_bpb']:.4f} (gain {result['ttt_gain_bpb']:+.4f}) over "
@@ -159,7 +153,9 @@ def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf evaluate", description=__doc__)
     for name in ("--data", "--tokenizer", "--ema", "--artifact", "--cfg", "--out"):
         ap.add_argument(name, required=True)
+    ap.add_argument("--unpruned", help="the quantized tensors before pruning, to score what pruning cost")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast: bf16, fp32, auto (bf16 on CUDA)")
     args = ap.parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     result = evaluate(args, json.loads(args.cfg), rank, world, device)

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.eval.bpb import BPBMeter
+from pgolf.eval.windows import Window, score_windows
 from pgolf.model import GPT, token_losses
-
-Window = tuple[int, int]  # (start, first scored offset), as pgolf.eval.evaluate.windows makes them
+from pgolf.runtime import autocast
 
 
 @dataclass
@@ -56,25 +56,12 @@ def chunk_windows(wins: list[Window], seq_len: int, chunk_tokens: int) -> list[C
     return [chunks[k] for k in sorted(chunks)]
 
 
-@torch.inference_mode()
-def score_chunk(model: GPT, tokens: Tensor, chunk: Chunk, seq_len: int, batch: int, meter: BPBMeter,
-                scores: Scores | None, rank: int, world: int) -> None:
+def score_chunk(forward: torch.nn.Module, tokens: Tensor, chunk: Chunk, seq_len: int, batch: int,
+                meter: BPBMeter, scores: Scores | None, rank: int, world: int, precision: str = "auto") -> None:
     """Score this process's share of the chunk's windows into the meter (and `scores`)."""
-    device = next(model.parameters()).device
-    mine = chunk.windows[rank::world]
-    for i in range(0, len(mine), batch):
-        part = mine[i : i + batch]
-        idx = torch.stack([tokens[s : s + seq_len + 1] for s, _ in part]).to(device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            losses = token_losses(model, idx[:, :-1], idx[:, 1:]).float().cpu()
-        firsts = torch.tensor([first for _, first in part])
-        keep = torch.arange(seq_len)[None, :] >= firsts[:, None]
-        idx = idx.cpu()
-        meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep])
-        if scores is not None:
-            pos = torch.tensor([s for s, _ in part])[:, None] + torch.arange(seq_len)[None, :]
-            scores.targets.append(pos[keep])
-            scores.losses.append(losses[keep])
+    device = next(forward.parameters()).device
+    score_windows(forward, tokens, chunk.windows[rank::world], seq_len, batch, meter, device, precision,
+                  scores.targets if scores is not None else None, scores.losses if scores is not None else None)
 
 
 def training_sequences(tokens: Tensor, chunk: Chunk, seq_len: int) -> Tensor:
@@ -100,7 +87,7 @@ def chunk_lr(cfg: dict, c: int, n_trained: int) -> float:
 
 
 def train_chunk(model: GPT, opt: torch.optim.Optimizer, rows: Tensor, cfg: dict, lr: float,
-                rank: int, world: int) -> None:
+                rank: int, world: int, precision: str = "auto") -> None:
     """`epochs` passes over the chunk's rows in global batches of batch_seqs; the gradient is the
     mean over the whole batch, whatever the number of processes."""
     device = next(model.parameters()).device
@@ -114,7 +101,7 @@ def train_chunk(model: GPT, opt: torch.optim.Optimizer, rows: Tensor, cfg: dict,
             mine = batch[rank::world].to(device)
             opt.zero_grad(set_to_none=False)
             if len(mine):
-                with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                with autocast(device, precision):
                     loss = token_losses(model, mine[:, :-1], mine[:, 1:]).sum() / n_targets
                 loss.backward()
             average(params, world)
@@ -148,27 +135,36 @@ def run_chunks(chunks: list[Chunk], score: Step, train: Step) -> None:
             train(c, chunk)
 
 
-def ttt_eval(model: GPT, tokens: Tensor, wins: list[Window], seq_len: int, batch: int, cfg: dict,
-             meter: BPBMeter, rank: int = 0, world: int = 1, scores: Scores | None = None,
-             order: Callable[[list[Chunk], Step, Step], None] = run_chunks) -> dict:
-    """BPB of the windows `wins` under legal TTT; the model is adapted in place. `order` exists for
-    the audit's tests only (they pass a deliberately illegal one to prove the audit catches it)."""
+def freeze(model: GPT, cfg: dict) -> None:
+    """TTT leaves the first `freeze_blocks` blocks as they are."""
     for block in model.blocks[: cfg["freeze_blocks"]]:
         block.requires_grad_(False)
+
+
+def ttt_eval(model: GPT, tokens: Tensor, wins: list[Window], seq_len: int, batch: int, cfg: dict,
+             meter: BPBMeter, rank: int = 0, world: int = 1, scores: Scores | None = None,
+             order: Callable[[list[Chunk], Step, Step], None] = run_chunks, precision: str = "auto",
+             forward: torch.nn.Module | None = None) -> dict:
+    """BPB of the windows `wins` under legal TTT; the model is adapted in place. Scoring runs
+    `forward` (the model's compiled form; `model` by default), training the model itself. `order`
+    exists for the audit's tests only (they pass a deliberately illegal one to prove the audit
+    catches it)."""
+    freeze(model, cfg)
+    run = forward if forward is not None else model  # a compiled module has no truth value
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     chunks = chunk_windows(wins, seq_len, cfg["chunk_tokens"])
 
     def score(c: int, chunk: Chunk) -> None:
         model.eval()
-        score_chunk(model, tokens, chunk, seq_len, batch, meter, scores, rank, world)
+        score_chunk(run, tokens, chunk, seq_len, batch, meter, scores, rank, world, precision)
 
     def train(c: int, chunk: Chunk) -> None:
         if cfg["epochs"] == 0:
             return
         model.train()
         train_chunk(model, opt, training_sequences(tokens, chunk, seq_len), cfg,
-                    chunk_lr(cfg, c, len(chunks) - 1), rank, world)
+                    chunk_lr(cfg, c, len(chunks) - 1), rank, world, precision)
 
     order(chunks, score, train)
     meter.all_reduce()

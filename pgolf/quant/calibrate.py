@@ -25,6 +25,7 @@ from pgolf.data.shards import list_shards, load_shard, open_dataset
 from pgolf.distributed import setup_distributed
 from pgolf.errors import PgolfError
 from pgolf.model import GPT, load_weights
+from pgolf.runtime import PRECISIONS, autocast
 
 EMBED = "tok_emb.weight"  # the tied embedding, whose input is head_input's output
 
@@ -87,7 +88,8 @@ class HessianHooks:
 
     def add(self, key: str, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.size(-1)).float()
-        xtx = (x.T @ x).double()
+        with autocast(x.device, "fp32"):  # X^T X in float32 even when the forward runs in bf16
+            xtx = (x.T @ x).double()
         self.sums[key] = self.sums[key] + xtx if key in self.sums else xtx
         self.rows[key] = self.rows.get(key, 0) + x.size(0)
 
@@ -126,11 +128,12 @@ def calibration_tokens(model: GPT, data: str | Path | None, cfg: dict, seed: int
 
 
 def calibrate(weights: str | Path, data: str | Path | None, cfg: dict, seed: int, out: str | Path,
-              device: torch.device) -> dict[str, Tensor]:
+              device: torch.device, precision: str = "auto") -> dict[str, Tensor]:
     t0 = time.perf_counter()
     model = load_weights(weights).to(device).eval()
-    tokens = calibration_tokens(model, data, cfg, seed)
-    hessians = collect_hessians(model, tokens, cfg["batch_seqs"])
+    with autocast(device, precision):  # the activations GPTQ sees are the ones the model runs with
+        tokens = calibration_tokens(model, data, cfg, seed)
+        hessians = collect_hessians(model, tokens, cfg["batch_seqs"])
     bad = tensorfile.first_nonfinite(hessians)
     if bad is not None:  # finite weights can still overflow float32 activations: GPTQ must not see them
         raise PgolfError(f"{weights}: the Hessian of {bad!r} computed from these weights holds NaN/Inf "
@@ -150,7 +153,8 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--cfg", required=True, help="the calibrate config section as JSON")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast: bf16, fp32, auto (bf16 on CUDA)")
     ap.add_argument("--out", required=True, help="Hessians tensor file to write")
     args = ap.parse_args(argv)
     calibrate(args.weights, args.data, json.loads(args.cfg), args.seed, args.out,
-              setup_distributed(args.device)[2])
+              setup_distributed(args.device)[2], args.precision)

@@ -1,13 +1,17 @@
-"""`pgolf compress`: quantized tensors into the artifact; `pgolf size`: code plus model bytes vs the cap.
+"""`pgolf compress`: quantized tensors into the artifact, pruned to the budget when compress.prune is on.
 
-Code bytes are the source bytes of every .py file of the pgolf package: the code that trains,
-quantizes and evaluates the model. They are counted in their own stage so that editing code
-reruns only the size check, not compression and evaluation, unless pruning is on: then compress
-itself aims at the budget minus the code bytes.
+Code bytes (pgolf.bundle's packed file) are counted by `pgolf size` (pgolf/quant/size.py), its own
+stage, so that editing code reruns only the size check, not compression and evaluation. With
+pruning on, compress aims at the budget minus compress.code_reserve, a fixed allowance for the code
+(30,000 bytes; the packed code is about 28.6 KB), not the code's exact size: then too a code edit
+reruns only the size check, which counts the real total.
 
-Pruning (PR #1019's selective +-1 pruning): zeroing a +-1 code adds scale^2 of squared error to its
-weight and makes the codes more compressible, so codes are zeroed from the smallest row scale up,
-and a bisection finds the fewest that make the artifact fit.
+Pruning (PRs #1019/#1334's selective +-1 pruning): zeroing a +-1 code of row r, column c moves its
+weight by the row's scale s_r, which adds s_r^2 * H_cc to the layer's output error (H = X^T X / n
+from the calibrate stage; s_r^2 alone when there are no Hessians, as in the records), and makes the
+codes more compressible. Codes are zeroed from the smallest error up; a search that interpolates
+between the sizes it has seen (_search) finds the fewest that fit, to within SEARCH_TOLERANCE of
+the target.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,10 +27,13 @@ import torch
 from pgolf import tensorfile
 from pgolf.container import read_file
 from pgolf.errors import PgolfError
-from pgolf.io import write_bytes, write_json
-from pgolf.provenance import PACKAGE, code_files
-from pgolf.quant.artifact import ArtifactError, encode, read_header, read_tensors
-from pgolf.quant.quantize import dequantize
+from pgolf.io import write_bytes
+from pgolf.quant.artifact import encode
+
+# The search stops at a fitting size this close below its target (a fraction of it): 1,600 bytes of
+# a 16 MB artifact. Sizes are not monotone to the byte (one more pruned code moved a 300 KB brotli
+# artifact by up to 270 bytes), so a tighter stop buys nothing.
+SEARCH_TOLERANCE = 1e-4
 
 
 class BudgetError(PgolfError):
@@ -33,9 +41,11 @@ class BudgetError(PgolfError):
 
 
 class Candidates:
-    """Every +-1 code, smallest impact (its row's scale^2) first: codes tensor index and flat position."""
+    """Every +-1 code, smallest error first (s_r^2 * H_cc, or s_r^2 without a Hessian): codes tensor
+    index and flat position."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict,
+                 hessians: dict[str, torch.Tensor] | None = None) -> None:
         plan = meta.get("quant", {}).get("plan", {})
         self.keys = [f"{n}.codes" for n, how in plan.items() if how == "int"]
         none = torch.zeros(0, dtype=torch.long)
@@ -43,7 +53,7 @@ class Candidates:
         for i, key in enumerate(self.keys):
             codes, scale = tensors[key], tensors[key[: -len("codes")] + "scale"].float()
             flat = torch.nonzero(codes.flatten().abs() == 1).squeeze(1)
-            impacts.append(scale.square().repeat_interleave(codes.size(1))[flat])
+            impacts.append(_impact(scale, codes.shape, (hessians or {}).get(key[: -len(".codes")]))[flat])
             owners.append(torch.full_like(flat, i))
             flats.append(flat)
         order = torch.argsort(torch.cat(impacts), stable=True)
@@ -63,34 +73,77 @@ class Candidates:
         return tensorfile.dumps(out, meta)
 
 
-def prune_to_fit(raw: bytes, cfg: dict, target: int, source: str = "quantized tensors") -> tuple[bytes, int]:
-    """(artifact, codes pruned): the fewest +-1 codes zeroed so the artifact is at most `target` bytes.
-    `raw` is the tensor file read from `source`."""
+def _impact(scale: torch.Tensor, shape: torch.Size, hessian: torch.Tensor | None) -> torch.Tensor:
+    """Added output error of zeroing a +-1 code, flat over the matrix: s_r^2 * H_cc (s_r^2 without H)."""
+    rows, cols = shape
+    col = torch.ones(cols) if hessian is None else hessian.diagonal().float().clamp_min(0)
+    if col.numel() != cols:
+        raise PgolfError(f"Hessian of shape {tuple(hessian.shape)} does not fit a matrix of {cols} columns")
+    return (scale.square()[:, None] * col[None, :]).flatten()
+
+
+def _search(size_of: Callable[[int], int], lo: int, hi: int, size_lo: int, size_hi: int, target: int) -> int:
+    """The smallest n in (lo, hi] with size_of(n) <= target, or a fitting n whose size is within
+    SEARCH_TOLERANCE * target of it (size_of(lo) = size_lo is over, size_of(hi) = size_hi fits).
+
+    Regula falsi with the Illinois fix: sizes fall smoothly (if not linearly) with n, so each guess
+    interpolates between the bracket's sizes, and an end kept twice has its size pulled halfway to
+    the aim so the guesses cannot creep from one side. A bisection replaces a guess whenever the
+    bracket has not halved in three steps. On the default model: 4-15 encodes, where bisection
+    takes 17."""
+    tolerance, kept, widths = int(SEARCH_TOLERANCE * target), 0, []
+    aim = target - tolerance // 2  # inside the tolerance band, not at its edge
+    while hi - lo > 1 and size_hi < target - tolerance:
+        stalled = len(widths) >= 3 and hi - lo > widths[-3] / 2
+        mid = (lo + hi) // 2
+        if not stalled and size_lo > size_hi:
+            mid = lo + round((hi - lo) * (size_lo - aim) / (size_lo - size_hi))
+        widths.append(hi - lo)
+        mid = min(max(mid, lo + 1), hi - 1)
+        size = size_of(mid)
+        if size <= target:
+            hi, size_hi = mid, size
+            size_lo = aim + (size_lo - aim) / 2 if kept == -1 else size_lo
+            kept = -1  # lo kept
+        else:
+            lo, size_lo = mid, size
+            size_hi = aim - (aim - size_hi) / 2 if kept == 1 else size_hi
+            kept = 1  # hi kept
+    return hi
+
+
+def prune_to_fit(raw: bytes, cfg: dict, target: int, source: str = "quantized tensors",
+                 hessians: dict[str, torch.Tensor] | None = None) -> tuple[bytes, int]:
+    """(artifact, codes pruned): the fewest +-1 codes zeroed (see _search) so the artifact is at most
+    `target` bytes. `raw` is the tensor file read from `source`; `hessians` weight the errors."""
     data = encode(raw, cfg, source=source)
     if len(data) <= target:
         return data, 0
     tensors, meta = tensorfile.loads(raw, source)
-    cands = Candidates(tensors, meta)
-    smallest = encode(cands.pruned(tensors, meta, len(cands)), cfg, len(cands))
-    if len(smallest) > target:
-        raise BudgetError(f"pruning all {len(cands):,} +-1 codes still leaves {len(smallest) - target:,} bytes "
+    cands = Candidates(tensors, meta, hessians)
+    encoded = {0: data}
+
+    def size_of(n: int) -> int:
+        encoded[n] = encode(cands.pruned(tensors, meta, n), cfg, n)
+        return len(encoded[n])
+
+    smallest = size_of(len(cands))
+    if smallest > target:
+        raise BudgetError(f"pruning all {len(cands):,} +-1 codes still leaves {smallest - target:,} bytes "
                           f"over the {target:,}-byte target")
-    lo, hi, best = 0, len(cands), smallest  # encode(lo) is too big, encode(hi) fits
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        data = encode(cands.pruned(tensors, meta, mid), cfg, mid)
-        if len(data) <= target:
-            hi, best = mid, data
-        else:
-            lo = mid
-    return best, hi
+    n = _search(size_of, 0, len(cands), len(data), smallest, target)
+    return encoded[n], n
 
 
-def compress(quant: str | Path, cfg: dict, out: str | Path, code_bytes: int = 0) -> int:
+def compress(quant: str | Path, cfg: dict, out: str | Path, hessians: str | Path | None = None) -> int:
+    """Write the artifact; with cfg["prune"], pruned to budget_bytes - code_reserve bytes, the +-1
+    codes' errors weighted by the calibrate stage's `hessians` when given."""
     t0 = time.perf_counter()
     raw = read_file(quant, tensorfile.TensorFileError)
     if cfg.get("prune"):
-        data, n = prune_to_fit(raw, cfg, cfg["budget_bytes"] - code_bytes, str(quant))
+        target = cfg["budget_bytes"] - cfg["code_reserve"]
+        h = tensorfile.load(hessians)[0] if hessians is not None else None
+        data, n = prune_to_fit(raw, cfg, target, str(quant), h)
     else:
         data, n = encode(raw, cfg, source=str(quant)), 0
     write_bytes(out, data)
@@ -100,56 +153,11 @@ def compress(quant: str | Path, cfg: dict, out: str | Path, code_bytes: int = 0)
     return len(data)
 
 
-def verify(artifact: str | Path) -> None:
-    """Read the artifact exactly as evaluate does (framing, lengths, codec, checksum, tensor file,
-    decoding plan): a size is certified only for an artifact that evaluate would accept."""
-    tensors, meta = read_tensors(artifact)
-    try:
-        dequantize(tensors, meta)
-    except ValueError as e:  # the readers name the file; dequantize does not
-        raise ArtifactError(f"{artifact}: {e}") from None
-
-
-def size_report(artifact: str | Path, cfg: dict) -> dict:
-    verify(artifact)
-    files = {str(p.relative_to(PACKAGE.parent)): p.stat().st_size for p in code_files()}
-    model, code = Path(artifact).stat().st_size, sum(files.values())
-    total, budget = model + code, cfg["budget_bytes"]
-    header = read_header(artifact)
-    params = header.get("params") or 0
-    return {"model_bytes": model, "code_bytes": code, "total_bytes": total, "budget_bytes": budget,
-            "fits": total <= budget, "headroom_bytes": budget - total, "codec": header.get("codec"),
-            "level": header.get("level"), "shuffle": header.get("shuffle"), "packed": bool(header.get("packed")),
-            "params": params, "bytes_per_param": model / params if params else None,
-            "pruned_codes": header.get("pruned_codes", 0), "code_files": files}
-
-
-def check_size(artifact: str | Path, cfg: dict, out: str | Path) -> dict:
-    report = size_report(artifact, cfg)
-    print(f"model {report['model_bytes']:,} + code {report['code_bytes']:,} = "
-          f"{report['total_bytes']:,} bytes of {report['budget_bytes']:,}", flush=True)
-    if not report["fits"]:
-        hint = "" if cfg.get("prune") else "; compress.prune: true zeroes +-1 codes until it fits"
-        raise BudgetError(f"{artifact}: code plus model is {report['total_bytes']:,} bytes, "
-                          f"{-report['headroom_bytes']:,} over the {report['budget_bytes']:,}-byte budget{hint}")
-    write_json(out, report)
-    return report
-
-
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf compress", description=__doc__)
     ap.add_argument("--quant", required=True, help="quantized tensor file")
     ap.add_argument("--cfg", required=True, help="the compress config section as JSON")
-    ap.add_argument("--code-bytes", type=int, default=0, help="code bytes, for pruning to the budget")
+    ap.add_argument("--hessians", help="the calibrate stage's Hessians, to weight pruning errors (optional)")
     ap.add_argument("--out", required=True, help="artifact to write")
     args = ap.parse_args(argv)
-    compress(args.quant, json.loads(args.cfg), args.out, args.code_bytes)
-
-
-def size_cli(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="pgolf size", description=__doc__)
-    ap.add_argument("--artifact", required=True)
-    ap.add_argument("--cfg", required=True, help="the compress config section as JSON")
-    ap.add_argument("--out", required=True, help="size.json to write")
-    args = ap.parse_args(argv)
-    check_size(args.artifact, json.loads(args.cfg), args.out)
+    compress(args.quant, json.loads(args.cfg), args.out, args.hessians)

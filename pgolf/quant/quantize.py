@@ -5,7 +5,8 @@ The output's meta is the input's model meta plus `quant`: the method, the clip, 
 tensor how it is stored: "int": `<name>.codes` int8 + `<name>.scale` fp16; "fp16"; "fp32"; "keep")
 and the bits of each "int" tensor, so reading it back and packing it need no config.
 
-Matrices fall into groups by name (`group_of`), each with its own bits and SDClip factor.
+Matrices fall into groups by name (`group_of`), each with its own bits, clip and SDClip factor.
+With quant.magnitude_prune, each large matrix first loses its smallest |w| (PR #461's stack).
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from pgolf import tensorfile
 from pgolf.errors import PgolfError
 from pgolf.quant.clip import row_scales
 from pgolf.quant.gptq import gptq_matrix, output_error
-from pgolf.quant.rtn import dequantize_rows, dequantize_state, rtn_matrix, storage_for, store_plain
+from pgolf.quant.rtn import (
+    dequantize_rows,
+    dequantize_state,
+    is_large_matrix,
+    magnitude_prune,
+    rtn_matrix,
+    storage_for,
+    store_plain,
+)
 
 # method -> (w, fp16 row scales, bits, Hessian or None, quant config) -> int8 codes.
 METHODS: dict[str, Callable[[Tensor, Tensor, int, Tensor | None, dict], Tensor]] = {
@@ -50,7 +59,9 @@ def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tens
     hessians = hessians or {}
     tensors, plan, bits, errors = {}, {}, {}, {}
     for name, t in state.items():
-        how = plan[name] = storage_for(name, t, cfg["min_numel"])
+        if cfg["magnitude_prune"] and is_large_matrix(name, t, cfg["min_numel"]):
+            t = magnitude_prune(t, cfg["magnitude_prune"])
+        how = plan[name] = storage_for(name, t, cfg["min_numel"], cfg["control_dtype"], tuple(cfg["keep_fp16"]))
         if how != "int":
             tensors[name] = store_plain(t, how)
             continue

@@ -5,10 +5,12 @@ codes with one fp16 scale per row ("int" storage: `<name>.codes` + `<name>.scale
 
 Which tensors (`storage_for`), checked in this order:
 - not floating point: kept as they are ("keep");
+- a name that contains one of quant.keep_fp16's patterns: fp16 (PR #461's stack keeps tok_emb so);
 - 2-D float with more than min_numel elements: integer codes ("int");
-- control tensors, fp32: every tensor whose name does not end in ".weight". In the model the
-  Linear and Embedding matrices are the only `.weight`s; the gains, scales, mixes and skip weights
-  (q_gain, attn_scale, mlp_scale, resid_mix, skip_weights) are bare parameters, tiny and sensitive;
+- control tensors, in quant.control_dtype (fp32, or fp16 as the records store every small tensor):
+  every tensor whose name does not end in ".weight". In the model the Linear and Embedding
+  matrices are the only `.weight`s; the gains, scales, mixes and skip weights (q_gain, attn_scale,
+  mlp_scale, resid_mix, skip_weights) are bare parameters, tiny and sensitive;
 - the rest (small matrices): fp16.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from pgolf.errors import PgolfError
-from pgolf.quant.clip import quantile_scale, round_codes
+from pgolf.quant.clip import quantile_scale, round_codes, row_quantile
 
 
 def quantize_rows(w: Tensor, bits: int, clip_quantile: float) -> tuple[Tensor, Tensor]:
@@ -35,13 +37,20 @@ def dequantize_rows(codes: Tensor, scale: Tensor) -> Tensor:
     return codes.float() * scale.float()[:, None]
 
 
-def storage_for(name: str, t: Tensor, min_numel: int) -> str:
+def storage_for(name: str, t: Tensor, min_numel: int, control: str = "fp32", keep_fp16: tuple[str, ...] = ()) -> str:
     """How a tensor is stored: 'keep', 'int', 'fp32' or 'fp16' (the rule is in the module docstring)."""
     if not t.is_floating_point():
         return "keep"
-    if t.ndim == 2 and t.numel() > min_numel and name.endswith(".weight"):  # control tensors stay float
+    if any(p in name for p in keep_fp16):
+        return "fp16"
+    if is_large_matrix(name, t, min_numel):  # control tensors stay float
         return "int"
-    return "fp16" if name.endswith(".weight") else "fp32"
+    return "fp16" if name.endswith(".weight") else control
+
+
+def is_large_matrix(name: str, t: Tensor, min_numel: int) -> bool:
+    """A Linear or Embedding matrix of more than min_numel elements (a float .weight)."""
+    return t.is_floating_point() and t.ndim == 2 and t.numel() > min_numel and name.endswith(".weight")
 
 
 def store_plain(t: Tensor, how: str) -> Tensor:
@@ -61,3 +70,10 @@ def dequantize_state(tensors: dict[str, Tensor], plan: dict[str, str]) -> dict[s
         else:
             raise PgolfError(f"tensor {name!r}: unknown storage {how!r}")
     return out
+
+
+def magnitude_prune(w: Tensor, fraction: float) -> Tensor:
+    """w with every |w| below the `fraction` quantile of the matrix's |w| zeroed (PR #461's stack prunes
+    3% so before quantizing: zeros compress well)."""
+    threshold = row_quantile(w.float().abs().flatten()[None], fraction)[0]
+    return w.masked_fill(w.abs() < threshold, 0.0)

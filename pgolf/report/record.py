@@ -1,9 +1,12 @@
 """`pgolf record`: a submission folder in the challenge's format (records/track_10min_16mb/<name>/).
 
-It holds README.md, submission.json, each seed's training log, and the code that reproduces the run
-from inside the folder: the pgolf package (the counted code: bytes_code is measured on these very
-copies, as size.json measures them in the package), plus the pipeline definition and the resolved
-config, which only orchestrate and are not counted.
+It holds README.md, submission.json, each seed's training log, and the code:
+- train_gpt.py, the counted code: pgolf.bundle's self-extracting file of the modules that train,
+  quantize, compress and evaluate (`python train_gpt.py <stage> ...`); bytes_code is its size, the
+  same bytes size.json counts;
+- the readable pgolf package those modules come from, with the data stages, and the pipeline
+  definition and resolved config that reproduce the whole run from inside the folder. These only
+  prepare data and orchestrate, as the challenge's data scripts do, and are not counted.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+from pgolf import bundle
 from pgolf.config import validate
 from pgolf.io import atomic_dir, write_bytes, write_json
 from pgolf.provenance import PACKAGE, code_files
@@ -25,21 +29,21 @@ PIPELINE_FILES = ("Snakefile", "pyproject.toml", "rules", "schemas", "profiles")
 
 
 def copy_code(dest: Path) -> int:
-    """Copy the package and the pipeline definition into dest; return the counted code bytes."""
+    """Write the packed train_gpt.py, copy the package and the pipeline definition into dest; return
+    the counted code bytes (train_gpt.py's size)."""
     root = PACKAGE.parent
-    counted = 0
+    write_bytes(dest / bundle.FILE_NAME, bundle.build())
     for src in code_files():
         target = dest / src.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
-        counted += target.stat().st_size
     for name in PIPELINE_FILES:
         src = root / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             shutil.copyfile(src, dest / name)
-    return counted
+    return (dest / bundle.FILE_NAME).stat().st_size
 
 
 def seed_results(run_dir: Path, seeds: list[int], metric: str, code_bytes: int) -> dict:
@@ -47,7 +51,7 @@ def seed_results(run_dir: Path, seeds: list[int], metric: str, code_bytes: int) 
     for s in seeds:
         d = run_dir / f"seed{s}"
         ev, size, tr = (read_object(d / f"{name}.json") for name in ("eval", "size", "train"))
-        part = {"sliding_bpb": "sliding", "ttt_bpb": "ttt"}.get(metric, "post_quant")
+        part = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre_quant"}.get(metric, "post_quant")
         model_bytes, steps = integer(size, ("model_bytes",), d / "size.json"), integer(tr, ("steps",), d / "train.json")
         seconds = number(tr, ("train_seconds",), d / "train.json")
         out[str(s)] = {"val_bpb": number(ev, (part, "val_bpb"), d / "eval.json"),
@@ -105,6 +109,11 @@ def changed(cfg: dict, section: str, skip: set[str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg[section].items() if k not in skip and defaults.get(k) != v)
 
 
+def clip_text(quant: dict) -> str:
+    clip = quant["clip"]
+    return clip if isinstance(clip, str) else ", ".join(f"{g} {c}" for g, c in clip.items())
+
+
 def readme(cfg: dict, sub: dict, table: str) -> str:
     m, t, q = cfg["model"], cfg["train"], cfg["quant"]
     techniques = [
@@ -117,18 +126,21 @@ def readme(cfg: dict, sub: dict, table: str) -> str:
         "training keys off their defaults: " + (changed(cfg, "train", RUN_KEYS) or "none"),
         f"{t['iterations']} steps of {t['batch_tokens']:,} tokens at seq {t['seq_len']}",
         f"{q['method']} per-row quantization ({', '.join(f'{g} int{b}' for g, b in q['bits'].items())}; "
-        f"{q['clip']} clip), "
+        f"{clip_text(q)} clip), "
         f"{cfg['compress']['codec']} level {cfg['compress']['level']}",
     ]
     return "\n".join([
         f"# {sub['name']}", "", sub["blurb"] or "Trained with pgolf.", "",
         f"**val_bpb {sub['val_bpb']:.4f}** ({sub['metric']}, mean of {len(sub['seeds'])} seeds, "
         f"std {sub['val_bpb_std']:.4f}); at most {sub['bytes_total']:,} bytes "
-        f"(code {sub['bytes_code']:,}: the `pgolf/` package here).", "",
+        f"(code {sub['bytes_code']:,}: `{bundle.FILE_NAME}`, the packed training, quantization and evaluation "
+        "code; `pgolf/` here is its readable source).", "",
         table, "## Techniques", "", *[f"- {x}" for x in techniques], "",
         "## Reproduce", "", "From inside this folder:", "", "```bash",
         "pip install torch==2.13.0 && pip install -e . && snakemake --cores all --configfile config.yaml",
-        "```", "", "`config.yaml` is the resolved config of the run; `Snakefile`, `rules/` and `schemas/` only",
+        "```", "", f"or stage by stage with the counted file: `python {bundle.FILE_NAME} train|calibrate|quantize|"
+        f"compress|evaluate ...` (`torchrun ... {bundle.FILE_NAME} train ...` on several GPUs).", "",
+        "`config.yaml` is the resolved config of the run; `Snakefile`, `rules/` and `schemas/` only",
         "orchestrate and are not counted as code.", ""])
 
 

@@ -39,8 +39,8 @@ class CheckpointError(PgolfError):
 def fingerprint(model_cfg: dict, train_cfg: dict, seed: int, vocab: int, dataset_dir: str | Path) -> str:
     """What a checkpoint must match to be resumed: the configs, the seed and the shards' sizes."""
     shards = sorted((p.name, p.stat().st_size) for p in Path(dataset_dir).glob("fineweb_train_*.bin"))
-    # Logging cadence does not change the result; everything else does.
-    train = {k: v for k, v in train_cfg.items() if k not in ("log_every", "checkpoint_every")}
+    # Logging cadence and compile priming do not change the result; everything else does.
+    train = {k: v for k, v in train_cfg.items() if k not in ("log_every", "checkpoint_every", "prime_steps")}
     blob = json.dumps([model_cfg, train, seed, vocab, shards], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

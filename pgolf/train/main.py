@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import resource
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,6 @@ import torch.distributed as dist
 from torch import nn
 
 from pgolf import tensorfile
-from pgolf.config import grad_accum_steps
 from pgolf.data.shards import open_dataset
 from pgolf.distributed import setup_distributed
 from pgolf.errors import PgolfError
@@ -25,19 +25,27 @@ from pgolf.io import write_json, write_parquet
 from pgolf.model import GPT, token_losses
 from pgolf.optim.muon import Muon
 from pgolf.process import lock_seed
+from pgolf.runtime import PRECISIONS, autocast, compiled
 from pgolf.train import checkpoint
 from pgolf.train.averaging import EMA, SWA
 from pgolf.train.loader import DistributedLoader
-from pgolf.train.schedule import lr_scale, muon_momentum, recurrence_on
+from pgolf.train.schedule import grad_accum_steps, lr_scale, muon_momentum, recurrence_on
 
 
-def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+class Diverged(PgolfError):
+    """Training produced a non-finite loss: nothing after it can be trusted."""
+
+
+def param_groups(model: GPT, side_matrices: str = "muon") -> dict[str, list[nn.Parameter]]:
     """Muon takes the Linear weights; Adam the embedding tables, the untied head and the control
     tensors (gains, scales, resid_mix, skip weights), which are not matrices in Muon's sense even
-    when they are 2-D."""
+    when they are 2-D. With side_matrices "adam" the BigramHash and value-embedding projections
+    join the control tensors in Adam (PR #549: small matrices not worth a Muon bank)."""
     head = [model.lm_head.weight] if model.lm_head is not None else []
     embeds = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
+    side = {id(m.proj.weight) for m in (model.bigram, model.ve) if m is not None and side_matrices == "adam"}
+    matrices = [m.weight for m in model.modules()
+                if isinstance(m, nn.Linear) and m is not model.lm_head and id(m.weight) not in side]
     taken = {id(p) for p in matrices + embeds + head}
     return {"muon": matrices, "embed": embeds, "head": head,
             "scalar": [p for p in model.parameters() if id(p) not in taken]}
@@ -45,10 +53,10 @@ def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
 
 def build_optimizers(model: GPT, cfg: dict, rank: int = 0, world: int = 1) -> list[torch.optim.Optimizer]:
     """[AdamW, Muon]; Muon runs in parallel (sharded) mode when there is more than one process."""
-    groups = param_groups(model)
+    groups = param_groups(model, cfg["side_matrices"])
     wd = cfg["adam_weight_decay"]
     adam_groups = [{"params": groups["embed"], "lr": cfg["embed_lr"], "weight_decay": wd},
-                   {"params": groups["scalar"], "lr": cfg["scalar_lr"], "weight_decay": 0.0}]
+                   {"params": groups["scalar"], "lr": cfg["scalar_lr"], "weight_decay": cfg["scalar_weight_decay"]}]
     if groups["head"]:
         adam_groups.append({"params": groups["head"], "lr": cfg["head_lr"], "weight_decay": wd})
     parallel = world > 1 and cfg["parallel_muon"]
@@ -78,18 +86,23 @@ def average_gradients(params: list[nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
-def sync_and_clip(model: nn.Module, muon: Muon, world: int, clip: float) -> float:
-    """Average the gradients over processes (Muon's own reduce-scatter in parallel mode), then clip
-    the global norm to `clip` when it is set. Returns the norm before clipping (0 when not clipping)."""
+def sync_and_clip(model: nn.Module, muon: Muon, world: int, clip: float, scope: str = "global") -> float:
+    """Average the gradients over processes (Muon's own reduce-scatter in parallel mode) and clip their
+    norm to `clip` when it is set: the averaged gradient's norm (scope global), or each process's own
+    gradient before averaging (scope local, as PR #549 does). Returns the norm before clipping (0
+    when not clipping)."""
     for p in model.parameters():  # e.g. a looped block's own controls before the loop switches on
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    local_norm = 0.0
+    if clip > 0 and scope == "local":
+        local_norm, clip = float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)), 0.0
     banked = {id(p) for bank in muon.banks for p in bank} if muon.parallel else set()
     replicated = [p for p in model.parameters() if id(p) not in banked]
     average_gradients(replicated, world)
     sumsq = muon.reduce_grads() if muon.parallel else None
     if clip <= 0:
-        return 0.0
+        return local_norm
     total = sum(p.grad.float().square().sum() for p in replicated)
     if sumsq is not None:  # each process holds a different shard of the banked gradients
         dist.all_reduce(sumsq)
@@ -135,13 +148,14 @@ class Trainer:
         self.opts = build_optimizers(self.model, self.cfg, self.rank, self.world)
         self.ema = EMA(self.model, self.cfg["ema_decay"])
         self.swa = SWA(self.cfg["swa_every"], self.cfg["swa_below"]) if self.cfg["swa"] else None
-        self.forward = self.compiled_model()
+        self.forward = compiled(self.model, self.cfg["compile"], self.device)
         self.loader = self.make_loader()
         self.step, self.elapsed, self.rows, self.qat = 0, 0.0, [], False
         # the data order is part of what a checkpoint must match, like the configs
-        stream = {**self.cfg, "loader": args.loader_cfg, "shard_order": self.shard_order}
+        self.precision = getattr(args, "precision", "auto")
+        stream = {**self.cfg, "loader": args.loader_cfg, "shard_order": self.shard_order, "precision": self.precision}
         self.fp = checkpoint.fingerprint(self.model_cfg, stream, args.seed, args.vocab_size, args.data)
-        self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext)
+        self.prime_seconds = 0.0
 
     def make_loader(self) -> DistributedLoader:
         # the model's vocabulary must be the shards' (the manifest), and every id below it
@@ -155,6 +169,18 @@ class Trainer:
         state = checkpoint.load(self.args.ckpt_dir, self.fp)
         if state is None:
             return
+        self.load_state(state)
+        self.log(f"resumed from {self.args.ckpt_dir} at step {self.step}")
+
+    def state(self) -> dict:
+        """Everything a training step changes (RNG aside): what a checkpoint holds and priming restores.
+        Every process must call it: Parallel Muon gathers its shards."""
+        return {"model": self.model.state_dict(), "ema": self.ema.shadow,
+                "swa": self.swa.state() if self.swa is not None else None,
+                "optimizers": [o.state_dict() for o in self.opts], "loader": self.loader.stream.state(),
+                "step": self.step, "elapsed": self.elapsed, "rows": self.rows}
+
+    def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         for opt, s in zip(self.opts, state["optimizers"], strict=True):
             opt.load_state_dict(s)
@@ -163,32 +189,53 @@ class Trainer:
             self.swa.load_state(state["swa"])
         self.loader.stream.load_state(state["loader"])
         self.step, self.elapsed, self.rows = state["step"], state["elapsed"], state["rows"]
-        self.log(f"resumed from {self.args.ckpt_dir} at step {self.step}")
-
-    def compiled_model(self) -> nn.Module:
-        on = self.cfg["compile"]
-        if on == "auto":
-            on = self.device.type == "cuda"
-        return torch.compile(self.model) if on else self.model
 
     def save_checkpoint(self) -> None:
-        optimizers = [o.state_dict() for o in self.opts]  # every process: Parallel Muon gathers its shards
+        state = self.state()
         if self.rank == 0:
-            checkpoint.save(self.args.ckpt_dir, {
-                "fingerprint": self.fp, "model": self.model.state_dict(), "ema": self.ema.shadow,
-                "swa": self.swa.state() if self.swa is not None else None,
-                "optimizers": optimizers, "loader": self.loader.stream.state(),
-                "step": self.step, "elapsed": self.elapsed, "rows": self.rows})
+            checkpoint.save(self.args.ckpt_dir, {"fingerprint": self.fp, **state})
         if self.world > 1:
             dist.barrier()
+
+    def prime(self) -> None:
+        """The records' compile warm-up, outside the clock: `prime_steps` real steps in each
+        recurrence phase the run will pass through (each is its own compiled graph; late QAT is a
+        tensor switch and needs none), then every piece of state restored, so the timed run is
+        step for step the run without priming."""
+        n = self.cfg["prime_steps"]
+        if n == 0 or self.step >= self.cfg["iterations"]:
+            return
+        t0 = time.perf_counter()
+        saved, rng, recur = copy.deepcopy(self.state()), checkpoint.rng_state(), self.model.recur_active
+        phases = [False, True] if self.model_cfg["recur_layers"] else [recur]
+        for phase in phases:  # as the records do: n steps without the loop, n with it
+            self.model.recur_active = phase
+            for _ in range(n):
+                self.optimize(lr_scale(self.cfg, self.step, self.elapsed))
+        self.sync()
+        self.load_state(saved)
+        checkpoint.set_rng_state(rng)
+        self.model.recur_active = recur
+        self.prime_seconds = time.perf_counter() - t0
+        self.log(f"primed {n * len(phases)} steps (compile and warm-up) in {self.prime_seconds:.1f}s, outside the "
+                 "training clock; state restored")
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
 
     def train_step(self) -> float:
-        cfg, scale = self.cfg, lr_scale(self.cfg, self.step, self.elapsed)
+        scale = lr_scale(self.cfg, self.step, self.elapsed)
         self.set_phase(scale)
+        return self.optimize(scale).item()
+
+    def optimize(self, scale: float) -> torch.Tensor:
+        """One optimizer step at LR scale `scale`: the mean loss over the global batch, on the device."""
+        cfg = self.cfg
         for opt in self.opts:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
@@ -196,11 +243,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(self.accum):
             x, y = self.loader.next_batch(self.micro_seqs, cfg["seq_len"])
-            with self.autocast():
+            with autocast(self.device, self.precision):
                 loss = token_losses(self.forward, x, y).mean()
             (loss / self.accum).backward()
             total += loss.detach() / self.accum
-        sync_and_clip(self.model, self.opts[1], self.world, cfg["grad_clip"])
+        sync_and_clip(self.model, self.opts[1], self.world, cfg["grad_clip"], cfg["clip_scope"])
         for opt in self.opts:
             opt.step()
         self.model.zero_grad(set_to_none=True)
@@ -210,7 +257,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(total)
             total /= self.world
-        return total.item()
+        return total
 
     def set_phase(self, scale: float) -> None:
         """Switch depth recurrence and late QAT on when their time comes; log each switch once."""
@@ -243,11 +290,16 @@ class Trainer:
         self.resume()
         cfg, n = self.cfg, self.cfg["iterations"]
         self.log(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {self.device} "
-                 f"x{self.world}, grad accum {self.accum}, {cfg['batch_tokens']:,} tokens/step")
+                 f"x{self.world} ({self.precision} precision), grad accum {self.accum}, "
+                 f"{cfg['batch_tokens']:,} tokens/step")
+        self.prime()
         while self.step < n and not self.out_of_time():
             t0 = time.perf_counter()
             loss = self.train_step()
             dt = time.perf_counter() - t0
+            if not math.isfinite(loss):  # the loss is on the host already: checking it costs no sync
+                raise Diverged(f"{self.args.out_dir}: loss became non-finite ({loss}) at step {self.step + 1}; "
+                               "no outputs written (lower the learning rates or raise train.grad_clip)")
             self.elapsed += dt
             self.step += 1
             self.record(loss, dt)
@@ -295,6 +347,7 @@ class Trainer:
         write_json(out / "train.json", {
             "steps": self.step, "tokens": tokens, "train_seconds": self.elapsed,
             "tokens_per_s": tokens / max(self.elapsed, 1e-9), "final_loss": self.rows[-1]["loss"],
+            "prime_seconds": self.prime_seconds, "precision": self.precision,
             "parameters": sum(p.numel() for p in self.model.parameters()), "world_size": self.world,
             "grad_accum": self.accum, "device": str(self.device), "peak_memory_mb": memory_mb(self.device),
             "exported_weights": source})
@@ -309,6 +362,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--cfg", required=True, help="the train config section as JSON")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast: bf16, fp32, auto (bf16 on CUDA)")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--ckpt-dir", required=True, help="resume checkpoints; keep it outside Snakemake's outputs")
     ap.add_argument("--loader-cfg", default="", help="the loader config section as JSON (default: sequential)")

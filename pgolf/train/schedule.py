@@ -3,6 +3,8 @@ budget) with an optional floor, Muon momentum warmup, and when depth recurrence 
 
 from __future__ import annotations
 
+from pgolf.errors import ConfigError
+
 
 def progress(cfg: dict, step: int, elapsed_s: float) -> float:
     """Fraction of training done: of the wall-clock budget when there is one, else of the iterations."""
@@ -45,3 +47,15 @@ def recurrence_on(model_cfg: dict, cfg: dict, step: int, elapsed_s: float) -> bo
     if model_cfg["recur_start_frac"] > 0:
         return progress(cfg, step, elapsed_s) >= model_cfg["recur_start_frac"]
     return step >= model_cfg["recur_start_step"]
+
+
+def grad_accum_steps(train: dict, world_size: int) -> int:
+    """Micro-steps per optimizer step so the global batch is the same for any process count."""
+    seqs = train["batch_tokens"] // train["seq_len"]
+    if seqs % world_size:
+        raise ConfigError(f"train: {seqs} sequences per batch do not split over {world_size} processes")
+    local = seqs // world_size
+    micro = min(train["micro_batch_seqs"], local)
+    if local % micro:
+        raise ConfigError(f"train: {local} sequences per process are not a multiple of micro_batch_seqs={micro}")
+    return local // micro

@@ -1,0 +1,241 @@
+"""The code a submission runs, packed into one self-extracting Python file: what `bytes_code` counts.
+
+Which code: the modules that the stages making and scoring the artifact import (RUNTIME_STAGES,
+followed through their pgolf imports by pgolf.provenance.closure), plus the CLI that runs them,
+its stage table cut to the stages packed. Data preparation, shard ordering, the size check,
+reports and config validation are not in it: a submission runs none of them.
+
+Minified without changing what runs: docstrings, comments, function annotations, `if
+TYPE_CHECKING:` blocks and argparse help texts go (nothing in these modules reads an annotation
+or a docstring; the one visible change is that --help lists the options without descriptions,
+which the readable source has). ast.unparse writes the rest, with one space per indentation
+level and spaces between tokens only where two tokens would otherwise run together. Every module
+is checked to parse back to the tree ast.unparse wrote, so no token can change.
+
+The file: `python train_gpt.py <stage> args` (or torchrun ... train_gpt.py <stage> args)
+decompresses the modules into a dict, serves them to `import` through a finder placed first on
+sys.meta_path (so an installed pgolf is never used), and runs pgolf's CLI. The modules are
+brotli-compressed (quality 11: 4% smaller than lzma -9e here) and held in a string literal of a
+latin-1 source file, where every byte is one character except the five that a literal must
+escape (NUL, CR, LF, backslash, the quote): about 2% over the compressed size, where the records'
+base85 (PR #1334) spends 25%. Kept free of torch, like provenance: parsing the Snakefile builds
+it to know the code bytes.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import io
+import tokenize
+from pathlib import Path
+
+import brotli
+
+from pgolf.provenance import PACKAGE, STAGE_ENTRIES, closure
+
+RUNTIME_STAGES = ("train", "calibrate", "quantize", "compress", "evaluate")
+ENTRY = PACKAGE / "cli.py"
+FILE_NAME = "train_gpt.py"  # the challenge's name for a submission's code
+
+# Serves the packed modules: a package is a module with packed submodules, so __package__ and
+# __path__ come out as they do from files; any other pgolf module is refused, so an installed pgolf
+# (an editable install finds its modules by name) can never stand in. Filenames look like paths.
+BOOTSTRAP = """# coding: latin-1
+import sys,brotli,importlib.util as u
+S=brotli.decompress('{data}'.encode('latin1')).decode().split('\\0');M=dict(zip(S[::2],S[1::2]))
+class F:
+ def find_spec(s,n,p,t=None):
+  if n in M:return u.spec_from_loader(n,s,is_package=any(k.startswith(n+'.')for k in M))
+  if n[:6]=='pgolf.':raise ImportError(n+' is not packed')
+ def create_module(s,p):0
+ def exec_module(s,m):n=m.__name__;exec(compile(M[n],n.replace('.','/')+'.py','exec'),m.__dict__)
+sys.meta_path.insert(0,F())
+from pgolf.cli import main
+main()
+"""
+# Bytes a single-quoted literal of a latin-1 file cannot hold as themselves.
+ESCAPES = {0: "\\x00", 10: "\\n", 13: "\\r", 39: "\\'", 92: "\\\\"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def runtime_files() -> list[Path]:
+    """The CLI and every module the runtime stages import, with the packages that hold them."""
+    files = set(closure(["pgolf.cli", *(STAGE_ENTRIES[s] for s in RUNTIME_STAGES)]))
+    for path in list(files):  # importing pgolf.quant.clip first imports pgolf and pgolf.quant
+        for parent in path.relative_to(PACKAGE).parents:
+            files.add(PACKAGE / parent / "__init__.py")
+    return sorted(files)
+
+
+class _OnlyPacked(ast.NodeTransformer):
+    """The CLI's stage table without the stages whose module is not packed: they could not run."""
+
+    def __init__(self, packed: set[str]) -> None:
+        self.packed = packed
+
+    def visit_Assign(self, node: ast.Assign) -> ast.AST:
+        if [getattr(t, "id", None) for t in node.targets] == ["STAGES"] and isinstance(node.value, ast.Dict):
+            keep = [(k, v) for k, v in zip(node.value.keys, node.value.values, strict=True)
+                    if ast.literal_eval(v)[0].partition(":")[0] in self.packed]
+            node.value.keys, node.value.values = [k for k, _ in keep], [v for _, v in keep]
+        return node
+
+
+class _Strip(ast.NodeTransformer):
+    """Drops what Python never executes (docstrings, function annotations, TYPE_CHECKING blocks) and
+    the help texts of command-line options."""
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and _is_docstring(body[0]):
+            node.body = body[1:] or [ast.Pass()]
+        return node
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
+        args = node.args
+        for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+            if a is not None:
+                a.annotation = None
+        node.returns = None
+        node.body = [_plain_assign(s) for s in node.body]
+        return self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_If(self, node: ast.If) -> ast.AST | None:
+        if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING" and not node.orelse:
+            return None
+        return self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
+            node.keywords = [k for k in node.keywords if k.arg != "help" or _suppressed(k.value)]
+        return self.generic_visit(node)
+
+
+def _suppressed(value: ast.expr) -> bool:
+    """help=argparse.SUPPRESS hides an option: that is behaviour, not a description, so it stays."""
+    return isinstance(value, ast.Attribute) and value.attr == "SUPPRESS"
+
+
+def _is_docstring(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
+
+
+def _plain_assign(stmt: ast.stmt) -> ast.stmt:
+    """`x: T = v` inside a function is `x = v`: local annotations are never evaluated."""
+    if isinstance(stmt, ast.AnnAssign) and stmt.value is not None and isinstance(stmt.target, ast.Name):
+        return ast.Assign(targets=[stmt.target], value=stmt.value, lineno=stmt.lineno)
+    return stmt
+
+
+def minify(source: str, name: str = "<source>", packed: set[str] | None = None) -> str:
+    """The module with what never runs removed, written by ast.unparse with one-space indents;
+    given the `packed` module names, the CLI's stage table keeps only theirs."""
+    tree = _Strip().visit(ast.parse(source, filename=name))
+    if packed is not None:
+        tree = _OnlyPacked(packed).visit(tree)
+    text = ast.unparse(ast.fix_missing_locations(tree))
+    out = _squeeze(text)
+    if ast.dump(ast.parse(out)) != ast.dump(ast.parse(text)):
+        raise RuntimeError(f"{name}: minifying changed the code")
+    return out
+
+
+def _squeeze(text: str) -> str:
+    """ast.unparse's output with one-space indents and no space between tokens that do not need one.
+    Token texts are copied verbatim (an f-string whole, from its start to its end token)."""
+    lines = text.split("\n")
+    out: list[str] = []
+    prev: tokenize.TokenInfo | None = None
+    depth, start = 0, None  # f-string nesting (Python 3.12+ tokenizes their insides) and where it began
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type in (tokenize.NEWLINE, tokenize.NL):
+            if prev is not None:  # blank lines go
+                out.append("\n")
+            prev = None
+            continue
+        if tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT):
+            continue
+        if tok.type == FSTRING_START:
+            depth, start = depth + 1, start if depth else tok
+        if depth:
+            if tok.type == FSTRING_END:
+                depth -= 1
+            if depth:
+                continue
+            tok = tok._replace(string=_span(lines, start.start, tok.end), start=start.start)
+        if prev is None:
+            indent = len(lines[tok.start[0] - 1]) - len(lines[tok.start[0] - 1].lstrip(" "))
+            out.append(" " * (indent // 4))
+        elif tok.start[1] > prev.end[1] and _needs_space(prev, tok):
+            out.append(" ")
+        out.append(tok.string)
+        prev = tok
+    return "".join(out).rstrip("\n")
+
+
+FSTRING_START, FSTRING_END = getattr(tokenize, "FSTRING_START", -1), getattr(tokenize, "FSTRING_END", -1)
+
+
+def _span(lines: list[str], start: tuple[int, int], end: tuple[int, int]) -> str:
+    if start[0] == end[0]:
+        return lines[start[0] - 1][start[1] : end[1]]
+    middle = lines[start[0] : end[0] - 1]
+    return "\n".join([lines[start[0] - 1][start[1] :], *middle, lines[end[0] - 1][: end[1]]])
+
+
+def _needs_space(prev: tokenize.TokenInfo, tok: tokenize.TokenInfo) -> bool:
+    """Whether two tokens would run together: a name, keyword or number against a name, keyword,
+    number or prefixed string; a number against a dot (`1 .real`)."""
+    word = lambda c: c.isalnum() or c == "_"  # noqa: E731
+    if prev.type == tokenize.NUMBER and (word(tok.string[0]) or tok.string[0] == "."):
+        return True
+    return word(prev.string[-1]) and word(tok.string[0])
+
+
+def literal(data: bytes) -> str:
+    """`data` as the inside of a single-quoted literal in a latin-1 file: byte i is character i."""
+    out = []
+    for i, b in enumerate(data):
+        esc = ESCAPES.get(b)
+        if b == 0 and data[i + 1 : i + 2] not in (b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7"):
+            esc = "\\0"  # two bytes instead of four where no octal digit follows
+        out.append(esc or chr(b))
+    return "".join(out)
+
+
+def modules() -> dict[str, str]:
+    """Module name -> minified source, as the packed file holds them."""
+    files = runtime_files()
+    names = {module_name(p) for p in files}
+    return {module_name(p): minify(p.read_text(), str(p), names if p == ENTRY else None) for p in files}
+
+
+@functools.lru_cache(maxsize=1)
+def _build(stamp: tuple[tuple[str, int, int], ...]) -> bytes:
+    joined = "\0".join(part for item in modules().items() for part in item)
+    packed = brotli.compress(joined.encode(), quality=11, lgwin=24)
+    return BOOTSTRAP.replace("{data}", literal(packed)).encode("latin-1")
+
+
+def build() -> bytes:
+    """The packed file's bytes; rebuilt only when a source file changed (parsing the Snakefile asks twice)."""
+    files = [*runtime_files(), Path(__file__)]
+    return _build(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+def code_bytes() -> int:
+    return len(build())
+
+
+def sources() -> dict[str, int]:
+    """Source bytes of each packed module, for size.json: what the packed file is made of."""
+    return {str(p.relative_to(PACKAGE.parent)): p.stat().st_size for p in runtime_files()}
