@@ -195,6 +195,26 @@ def read_file(path: str | Path) -> dict:
     return data
 
 
+def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Snakemake's --config values with their types back: it types a top-level value itself, but
+    reads a list or mapping with YAML's BaseLoader, so `seeds=[1337]` arrives as ['1337']. Each
+    string inside one is read again as a YAML 1.2 scalar (1337, 3e-4, true), as a config file's is."""
+    return {k: _retyped(v) if isinstance(v, (dict, list)) else v for k, v in overrides.items()}
+
+
+def _retyped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _retyped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_retyped(v) for v in value]
+    if isinstance(value, str) and value.strip():
+        try:
+            return yaml.load(value, Loader=_StrictLoader)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
 def read_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file merged over the file its top-level `extends` names (relative to it), recursively:
     a preset either stands on the schema's defaults alone or says what it builds on."""

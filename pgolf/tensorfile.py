@@ -50,40 +50,46 @@ class TensorFileError(PgolfError):
     """A tensor file that is corrupt, truncated or not ours."""
 
 
-def dumps(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> bytes:
+def dumps(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None, checksums: bool = True) -> bytes:
+    """The tensor file; without `checksums` (the artifact's payload, which its own sha256 covers) the
+    header holds no digests, which would cost the artifact ~65 bytes per tensor."""
     entries, chunks, offset = {}, [], 0
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
         if t.dtype not in _NAMES:
             raise TypeError(f"tensor {name!r}: unsupported dtype {t.dtype}")
         raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-        entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(raw),
-                         "sha256": hashlib.sha256(raw).hexdigest()}
+        entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(raw)}
+        if checksums:
+            entries[name]["sha256"] = hashlib.sha256(raw).hexdigest()
         chunks.append(raw)
         offset += len(raw)
-    return _head(entries, meta or {}) + b"".join(chunks)
+    return _head(entries, meta or {}, checksums) + b"".join(chunks)
 
 
-def _head(entries: dict, meta: dict) -> bytes:
+def _head(entries: dict, meta: dict, checksums: bool = True) -> bytes:
     """Everything before the body. The header's own sha256 covers the tensor table (and through it
     every tensor's bytes) and the meta, so a changed value there cannot pass for the original."""
     table = {"tensors": entries, "meta": meta}
+    if not checksums:
+        return frame(MAGIC, VERSION, table)
     digest = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
     return frame(MAGIC, VERSION, {**table, "sha256": digest})
 
 
-def loads(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, meta) of tensor file `data`; raise TensorFileError naming `source` unless every check passes."""
+def loads(data: bytes, source: str, checksums: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of tensor file `data`; raise TensorFileError naming `source` unless every check
+    passes. `checksums=False` reads a file written without digests (its caller checks a sha256 of its own)."""
     header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, TensorFileError, "tensor file")
     entries, meta = header.get("tensors"), header.get("meta")
     if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
         raise TensorFileError(f"{source}: header has no valid tensor table")
-    if not isinstance(meta, dict) or _head(entries, meta) != bytes(data[: len(data) - len(body)]):
+    if not isinstance(meta, dict) or _head(entries, meta, checksums) != bytes(data[: len(data) - len(body)]):
         raise TensorFileError(f"{source}: checksum mismatch in the header: {CORRUPT}")
     out, end = {}, 0
     # In body order, not the header's sorted order, so that dumps(*loads(data)) == data.
     for name, e in sorted(entries.items(), key=_body_order):
-        out[name] = _decode(name, e, body, source)
+        out[name] = _decode(name, e, body, source, checksums)
         if e["offset"] != end:
             raise TensorFileError(f"{source}: tensor {name!r} does not start where the one before it ends: {CORRUPT}")
         end += e["nbytes"]
@@ -98,7 +104,7 @@ def _body_order(item: tuple[str, dict]) -> tuple[int, int]:
     return (off if isinstance(off, int) else 0, nbytes if isinstance(nbytes, int) else 0)
 
 
-def _decode(name: str, e: dict, body: memoryview, source: str) -> torch.Tensor:
+def _decode(name: str, e: dict, body: memoryview, source: str, checksums: bool = True) -> torch.Tensor:
     if e.get("dtype") not in _DTYPES:
         raise TensorFileError(f"{source}: tensor {name!r} has unknown dtype {e.get('dtype')!r}")
     tdt, ndt = _DTYPES[e["dtype"]]
@@ -110,7 +116,7 @@ def _decode(name: str, e: dict, body: memoryview, source: str) -> torch.Tensor:
         raise TensorFileError(f"{source}: tensor {name!r} byte count does not match its shape {shape}")
     if off < 0 or off + nbytes > len(body):
         raise TensorFileError(f"{source}: tensor {name!r} lies past the end of the file (truncated?)")
-    if hashlib.sha256(body[off : off + nbytes]).hexdigest() != e.get("sha256"):
+    if checksums and hashlib.sha256(body[off : off + nbytes]).hexdigest() != e.get("sha256"):
         raise TensorFileError(f"{source}: checksum mismatch in tensor {name!r}: {CORRUPT}")
     arr = np.frombuffer(body[off : off + nbytes], dtype=ndt).reshape(shape).copy()
     t = torch.from_numpy(arr)

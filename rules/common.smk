@@ -16,7 +16,8 @@ _cli_files = [Path(f).absolute() for f in workflow.config_settings.configfiles]
 # never on config.yaml, the CPU toy run, by accident: the Snakefile's configfile is for a plain run.
 _own_files = [] if workflow.config_settings.replace_workflow_config or _cli_files else [
     f for f in workflow.configfiles if Path(f).absolute() not in _cli_files]
-_resolved = pgolf.config.load(*_own_files, *_cli_files, overrides=dict(workflow.config_settings.config))
+_overrides = pgolf.config.typed_overrides(dict(workflow.config_settings.config))  # --config seeds=[1337]
+_resolved = pgolf.config.load(*_own_files, *_cli_files, overrides=_overrides)
 config.clear()
 config.update(_resolved)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.config import ConfigError, grad_accum_steps, load, load_schema, read_file, validate
+from pgolf.config import ConfigError, grad_accum_steps, load, load_schema, read_file, typed_overrides, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,3 +195,18 @@ def test_extends_builds_on_another_file_and_refuses_a_cycle(tmp_path):
     (tmp_path / "base.yaml").write_text("extends: top.yaml\n")
     with pytest.raises(ConfigError, match="leads back to itself"):
         load(tmp_path / "top.yaml")
+
+
+def test_snakemake_config_overrides_keep_their_types(tmp_path):
+    """--config reads lists and mappings with YAML's BaseLoader (all strings); pgolf types them back."""
+    assert typed_overrides({"seeds": ["1337", "42"], "train": {"matrix_lr": "3e-4", "compile": "true"},
+                            "run": "x1"}) == {"seeds": [1337, 42], "train": {"matrix_lr": 3e-4, "compile": True},
+                                              "run": "x1"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
+                           "-n", "-p", "--cores", "1", "--configfile", str(ROOT / "config.yaml"),
+                           "--config", "seeds=[1337]", "train={iterations: 5, matrix_lr: 3e-4}"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    train = shell_cfg(proc.stdout, "train")
+    assert train["iterations"] == 5 and train["matrix_lr"] == 3e-4 and "--seed 1337" in proc.stdout

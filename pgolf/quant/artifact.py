@@ -4,8 +4,10 @@ Layout (pgolf.container): b"PGOLFART" | u32 version | u64 header length | JSON h
 The body is the codec's compression of the payload: the quantized tensor file with sub-byte codes
 packed densely (pgolf.quant.pack), then optionally byte-shuffled. The header names the codec and
 level, the shuffle stride, the packed tensors (bits, shape), the body, payload and raw lengths and
-the raw tensor file's sha256. The raw tensor file carries its own checksums and is verified before
-it is packed, so the artifact's sha256 is taken over exactly the tensors the quantize stage wrote.
+the raw tensor file's sha256. The quantize stage's tensor file is verified (its own checksums)
+before it is packed, and stored without its per-tensor digests (about 65 bytes a tensor, which the
+artifact's one sha256 makes redundant): the artifact's sha256 is taken over exactly those tensors,
+and reading rebuilds the quantize stage's file byte for byte.
 
 Reading refuses a file over MAX_FILE_BYTES before reading it, checks the body length against the
 header (a truncated or padded file fails), decompresses at most the promised payload length,
@@ -29,7 +31,7 @@ from pgolf.io import write_bytes
 from pgolf.quant.pack import PackError, pack_codes, shuffle, unpack_codes, unshuffle
 
 MAGIC = b"PGOLFART"
-VERSION = 3  # 3: the payload is a checksummed tensor file (tensorfile version 2)
+VERSION = 4  # 4: the payload is a tensor file without per-tensor digests (3 carried them)
 MAX_HEADER_BYTES = 1 << 20
 MAX_RAW_BYTES = 1 << 30  # far above any 16 MB artifact's decompressed size
 MAX_FILE_BYTES = 1 << 28  # sixteen times the challenge's cap: anything larger is not an artifact
@@ -90,7 +92,7 @@ def pack_payload(raw: bytes, tensors: dict, meta: dict, pack: bool) -> tuple[byt
             key = f"{name}.codes"
             info[key] = [b, list(tensors[key].shape)]
             tensors[key] = pack_codes(tensors[key], b)
-    return (tensorfile.dumps(tensors, meta) if info else raw), info
+    return (tensorfile.dumps(tensors, meta, checksums=False) if info else raw), info
 
 
 def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned tensors") -> bytes:
@@ -99,11 +101,12 @@ def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned t
     if cfg["codec"] not in CODECS:
         raise ArtifactError(f"compress.codec: unknown codec {cfg['codec']!r}; known: {', '.join(CODECS)}")
     tensors, meta = tensorfile.loads(raw, source)
-    payload, info = pack_payload(raw, tensors, meta, cfg.get("pack", False))
+    slim = tensorfile.dumps(tensors, meta, checksums=False)  # the artifact's own sha256 covers it
+    payload, info = pack_payload(slim, tensors, meta, cfg.get("pack", False))
     body = CODECS[cfg["codec"]][0](shuffle(payload, cfg.get("shuffle", 0)), cfg["level"])
     header = {"codec": cfg["codec"], "level": cfg["level"], "shuffle": cfg.get("shuffle", 0), "packed": info,
-              "body_bytes": len(body), "payload_bytes": len(payload), "raw_bytes": len(raw),
-              "sha256": hashlib.sha256(raw).hexdigest(), "params": param_count(tensors, meta),
+              "body_bytes": len(body), "payload_bytes": len(payload), "raw_bytes": len(slim),
+              "sha256": hashlib.sha256(slim).hexdigest(), "params": param_count(tensors, meta),
               "pruned_codes": pruned_codes}
     return frame(MAGIC, VERSION, header) + body
 
@@ -140,14 +143,14 @@ def _unpack_payload(payload: bytes, packed: object, source: str) -> bytes:
         return payload
     if not isinstance(packed, dict):
         raise ArtifactError(f"{source}: bad 'packed' entry in the header")
-    tensors, meta = tensorfile.loads(payload, source)
+    tensors, meta = tensorfile.loads(payload, source, checksums=False)
     for key, spec in packed.items():
         try:
             bits, shape = spec
             tensors[key] = unpack_codes(tensors[key], int(bits), [int(s) for s in shape])
         except (KeyError, TypeError, ValueError, PackError) as e:
             raise ArtifactError(f"{source}: packed tensor {key!r} is damaged ({e})") from None
-    return tensorfile.dumps(tensors, meta)
+    return tensorfile.dumps(tensors, meta, checksums=False)
 
 
 def decode(data: bytes, source: str = "<bytes>") -> bytes:
@@ -162,7 +165,10 @@ def decode(data: bytes, source: str = "<bytes>") -> bytes:
         raise ArtifactError(f"{source}: rebuilt {len(raw)} bytes, header promises {n} (corrupt)")
     if hashlib.sha256(raw).hexdigest() != header.get("sha256"):
         raise ArtifactError(f"{source}: checksum mismatch; the artifact is corrupt")
-    return raw
+    try:  # the quantize stage's tensor file again, digests and all, byte for byte
+        return tensorfile.dumps(*tensorfile.loads(raw, source, checksums=False))
+    except tensorfile.TensorFileError as e:
+        raise ArtifactError(f"{source}: payload is corrupt ({e})") from None
 
 
 def _read(path: str | Path) -> bytes:
