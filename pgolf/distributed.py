@@ -23,3 +23,11 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, dev
+
+
+def teardown(world: int) -> None:
+    """Leave the process group together: a process that destroys it while another still writes its
+    outputs can abort gloo's connection threads ("terminate called without an active exception")."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -5,6 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from pgolf.distributed import teardown
 from pgolf.optim.muon import Muon
 
 SHAPES = [(8, 4), (8, 4), (8, 4), (4, 8), (6, 6)]  # a bank of 3 (padded over 2 ranks), 1 and 1
@@ -37,7 +38,7 @@ def main(out: str) -> None:
     state = opt.state_dict()
     if rank == 0:
         torch.save({"params": [p.detach() for p in ps], "state": state}, out)
-    dist.destroy_process_group()
+    teardown(world)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pgolf import tensorfile
 from pgolf.data.shards import check_tokenizer, check_vocab, load_split, open_dataset
-from pgolf.distributed import setup_distributed
+from pgolf.distributed import setup_distributed, teardown
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
 from pgolf.eval.ttt import freeze, ttt_eval
@@ -162,5 +161,4 @@ def cli(argv: list[str]) -> None:
     refuse_nonfinite(result, args)  # every process holds the same all-reduced result, so all stop alike
     if rank == 0:
         write_json(args.out, result)
-    if world > 1:
-        dist.destroy_process_group()
+    teardown(world)

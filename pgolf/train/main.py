@@ -19,7 +19,7 @@ from torch import nn
 
 from pgolf import tensorfile
 from pgolf.data.shards import open_dataset
-from pgolf.distributed import setup_distributed
+from pgolf.distributed import setup_distributed, teardown
 from pgolf.errors import PgolfError
 from pgolf.io import write_json, write_parquet
 from pgolf.model import GPT, token_losses
@@ -329,9 +329,7 @@ class Trainer:
     def finish(self) -> None:
         if self.rank == 0:
             self.write_outputs(Path(self.args.out_dir))
-        if self.world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
+        teardown(self.world)
 
     def write_outputs(self, out: Path) -> None:
         meta = {**self.model.meta(), "step": self.step, "seed": self.args.seed}
