@@ -15,6 +15,7 @@ from pgolf.distributed import setup_distributed
 from pgolf.eval.evaluate import evaluate
 from pgolf.eval.windows import window_batch
 from pgolf.model import GPT
+from pgolf.optim.muon import newton_schulz
 from pgolf.runtime import autocast, bf16
 
 # Every phase switch at once: recurrence from step 5, late QAT and SWA once the LR falls, shuffled loader.
@@ -31,6 +32,14 @@ def test_precision_is_data_not_a_device_branch():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(ValueError, match="precision 'fp16'"):
         bf16(cpu, "fp16")
+
+
+def test_newton_schulz_runs_in_the_precisions_dtype():
+    """Muon's iteration dtype is data too (bf16 under bf16 precision, on any device), not a CUDA branch."""
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    fp32, half = newton_schulz(g, 5), newton_schulz(g, 5, dtype=torch.bfloat16)
+    assert half.dtype == fp32.dtype == torch.float32 and not torch.equal(half, fp32)
+    assert (half - fp32).abs().max() < 0.05
 
 
 def test_bf16_autocast_trains_on_cpu(baseline, tiny_dataset, tmp_path):  # noqa: F811

@@ -25,7 +25,7 @@ from pgolf.io import write_json, write_parquet
 from pgolf.model import GPT, token_losses
 from pgolf.optim.muon import Muon
 from pgolf.process import lock_seed
-from pgolf.runtime import PRECISIONS, autocast, compiled
+from pgolf.runtime import PRECISIONS, autocast, bf16, compiled
 from pgolf.train import checkpoint
 from pgolf.train.averaging import EMA, SWA
 from pgolf.train.loader import DistributedLoader
@@ -51,8 +51,10 @@ def param_groups(model: GPT, side_matrices: str = "muon") -> dict[str, list[nn.P
             "scalar": [p for p in model.parameters() if id(p) not in taken]}
 
 
-def build_optimizers(model: GPT, cfg: dict, rank: int = 0, world: int = 1) -> list[torch.optim.Optimizer]:
-    """[AdamW, Muon]; Muon runs in parallel (sharded) mode when there is more than one process."""
+def build_optimizers(model: GPT, cfg: dict, rank: int = 0, world: int = 1,
+                     ns_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
+    """[AdamW, Muon]; Muon runs in parallel (sharded) mode when there is more than one process, and
+    its Newton-Schulz iteration in `ns_dtype`."""
     groups = param_groups(model, cfg["side_matrices"])
     wd = cfg["adam_weight_decay"]
     adam_groups = [{"params": groups["embed"], "lr": cfg["embed_lr"], "weight_decay": wd},
@@ -64,7 +66,7 @@ def build_optimizers(model: GPT, cfg: dict, rank: int = 0, world: int = 1) -> li
         torch.optim.AdamW(adam_groups, betas=(cfg["adam_beta1"], cfg["adam_beta2"]), eps=cfg["adam_eps"]),
         Muon(groups["muon"], lr=cfg["matrix_lr"], momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"],
              ns=cfg["muon_ns"], row_norm=cfg["muon_row_norm"], weight_decay=cfg["muon_weight_decay"],
-             rank=rank if parallel else 0, world=world if parallel else 1),
+             rank=rank if parallel else 0, world=world if parallel else 1, ns_dtype=ns_dtype),
     ]
     for opt in opts:
         for g in opt.param_groups:
@@ -145,14 +147,15 @@ class Trainer:
         self.micro_seqs = self.cfg["batch_tokens"] // self.cfg["seq_len"] // (self.world * self.accum)
         torch.manual_seed(args.seed)
         self.model = GPT(args.vocab_size, self.model_cfg).to(self.device)
-        self.opts = build_optimizers(self.model, self.cfg, self.rank, self.world)
+        self.precision = getattr(args, "precision", "auto")
+        ns_dtype = torch.bfloat16 if bf16(self.device, self.precision) else torch.float32
+        self.opts = build_optimizers(self.model, self.cfg, self.rank, self.world, ns_dtype)
         self.ema = EMA(self.model, self.cfg["ema_decay"])
         self.swa = SWA(self.cfg["swa_every"], self.cfg["swa_below"]) if self.cfg["swa"] else None
         self.forward = compiled(self.model, self.cfg["compile"], self.device)
         self.loader = self.make_loader()
         self.step, self.elapsed, self.rows, self.qat = 0, 0.0, [], False
         # the data order is part of what a checkpoint must match, like the configs
-        self.precision = getattr(args, "precision", "auto")
         stream = {**self.cfg, "loader": args.loader_cfg, "shard_order": self.shard_order, "precision": self.precision}
         self.fp = checkpoint.fingerprint(self.model_cfg, stream, args.seed, args.vocab_size, args.data)
         self.prime_seconds = 0.0
