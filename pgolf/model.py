@@ -173,7 +173,7 @@ class GPT(nn.Module):
         self.ve = ValueEmbedding(vocab_size, cfg, self.blocks[0].attn.kv_heads * self.blocks[0].attn.head_dim) \
             if cfg["ve_layers"] else None
         self.lm_head = None if cfg["tie_embeddings"] else Linear(d, vocab_size, zero=True)
-        self.lanes_from = cfg["parallel_from"] if cfg["parallel_mode"] == "lanes" and cfg["parallel_from"] < n else -1
+        self.lanes_from = cfg["parallel_from"] if cfg["parallel_mode"] == "lanes" else -1
         if self.lanes_from >= 0:
             self.lane_merge = nn.Parameter(torch.tensor(0.5))  # the attention lane's share at the merge
         if cfg["init"] == "orthogonal":

@@ -22,7 +22,8 @@ import torch
 from pgolf.config import load
 from pgolf.eval.bpb import BPBMeter, ByteLUTs, build_byte_luts
 from pgolf.eval.evaluate import artifact_model, val_tokens, windows
-from pgolf.eval.ttt import Scores, run_chunks, ttt_eval
+from pgolf.eval.ttt import run_chunks, ttt_eval
+from pgolf.eval.windows import Scores
 from pgolf.model import GPT
 
 

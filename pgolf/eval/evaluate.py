@@ -91,7 +91,7 @@ def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device:
     if cfg["ttt"]["enabled"]:  # frozen before the first compile: requires_grad is part of a compiled graph's guards
         freeze(art, cfg["ttt"])
     precision = getattr(args, "precision", "auto")
-    fwd = {id(m): compiled(m, cfg.get("compile", "auto"), device) for m in (ema, art)}
+    fwd = {id(m): compiled(m, cfg["compile"], device) for m in (ema, art)}
     parts = {"pre_quant": (ema, plain), "post_quant": (art, plain), "sliding": (art, sliding)}
     result, seconds = {}, {}
     for name, (model, wins) in parts.items():

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.eval.bpb import BPBMeter
-from pgolf.eval.windows import Window, score_windows
+from pgolf.eval.windows import Scores, Window, score_windows
 from pgolf.model import GPT, token_losses
 from pgolf.runtime import autocast
 
@@ -29,20 +29,6 @@ class Chunk:
     windows: list[Window]
     lo: int  # first target index scored by the chunk's windows
     hi: int  # one past the last
-
-
-@dataclass
-class Scores:
-    """Per-target losses this process recorded, in scoring order (the audit compares them)."""
-
-    targets: list[Tensor] = field(default_factory=list)
-    losses: list[Tensor] = field(default_factory=list)
-
-    def by_target(self) -> dict[int, float]:
-        if not self.targets:
-            return {}
-        t, loss = torch.cat(self.targets).tolist(), torch.cat(self.losses).tolist()
-        return dict(zip(t, loss, strict=True))
 
 
 def chunk_windows(wins: list[Window], seq_len: int, chunk_tokens: int) -> list[Chunk]:
@@ -60,8 +46,7 @@ def score_chunk(forward: torch.nn.Module, tokens: Tensor, chunk: Chunk, seq_len:
                 meter: BPBMeter, scores: Scores | None, rank: int, world: int, precision: str = "auto") -> None:
     """Score this process's share of the chunk's windows into the meter (and `scores`)."""
     device = next(forward.parameters()).device
-    score_windows(forward, tokens, chunk.windows[rank::world], seq_len, batch, meter, device, precision,
-                  scores.targets if scores is not None else None, scores.losses if scores is not None else None)
+    score_windows(forward, tokens, chunk.windows[rank::world], seq_len, batch, meter, device, precision, scores)
 
 
 def training_sequences(tokens: Tensor, chunk: Chunk, seq_len: int) -> Tensor:

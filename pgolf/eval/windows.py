@@ -7,6 +7,8 @@ into a BPB meter.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +18,20 @@ from pgolf.model import token_losses
 from pgolf.runtime import autocast
 
 Window = tuple[int, int]  # (start, first scored offset)
+
+
+@dataclass
+class Scores:
+    """Per-target losses this process recorded, in scoring order (the audit compares them)."""
+
+    targets: list[Tensor] = field(default_factory=list)
+    losses: list[Tensor] = field(default_factory=list)
+
+    def by_target(self) -> dict[int, float]:
+        if not self.targets:
+            return {}
+        t, loss = torch.cat(self.targets).tolist(), torch.cat(self.losses).tolist()
+        return dict(zip(t, loss, strict=True))
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
@@ -56,10 +72,9 @@ def window_batch(tokens: Tensor, part: list[Window], seq_len: int, batch: int) -
 @torch.inference_mode()
 def score_windows(forward: nn.Module, tokens: Tensor, part_windows: list[Window], seq_len: int, batch: int,
                   meter: BPBMeter, device: torch.device, precision: str = "auto",
-                  targets: list[Tensor] | None = None, losses_out: list[Tensor] | None = None,
-                  label: str = "") -> None:
-    """Add the scored targets of `part_windows` to `meter`; with `targets`/`losses_out`, also record
-    each scored target's stream index and loss (the audit compares them)."""
+                  scores: Scores | None = None, label: str = "") -> None:
+    """Add the scored targets of `part_windows` to `meter`; with `scores`, also record each scored
+    target's stream index and loss (the audit compares them)."""
     n_batches = -(-len(part_windows) // batch)
     for b, i in enumerate(range(0, len(part_windows), batch)):
         part = part_windows[i : i + batch]
@@ -70,9 +85,9 @@ def score_windows(forward: nn.Module, tokens: Tensor, part_windows: list[Window]
         firsts = torch.tensor([first for _, first in part])
         keep = torch.arange(seq_len)[None, :] >= firsts[:, None]
         meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep])
-        if targets is not None and losses_out is not None:
+        if scores is not None:
             pos = torch.tensor([s for s, _ in part])[:, None] + torch.arange(seq_len)[None, :]
-            targets.append(pos[keep])
-            losses_out.append(losses[keep])
+            scores.targets.append(pos[keep])
+            scores.losses.append(losses[keep])
         if label and (b + 1) % max(1, n_batches // 10) == 0:
             print(f"{label}: batch {b + 1}/{n_batches}", flush=True)

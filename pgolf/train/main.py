@@ -147,7 +147,7 @@ class Trainer:
         self.micro_seqs = self.cfg["batch_tokens"] // self.cfg["seq_len"] // (self.world * self.accum)
         torch.manual_seed(args.seed)
         self.model = GPT(args.vocab_size, self.model_cfg).to(self.device)
-        self.precision = getattr(args, "precision", "auto")
+        self.precision = args.precision
         ns_dtype = torch.bfloat16 if bf16(self.device, self.precision) else torch.float32
         self.opts = build_optimizers(self.model, self.cfg, self.rank, self.world, ns_dtype)
         self.ema = EMA(self.model, self.cfg["ema_decay"])
