@@ -121,6 +121,39 @@ class SmearGate(nn.Module):
         return torch.lerp(x, shift_right(x), g)
 
 
+class GateLinear(nn.Linear):
+    """A tiny zero-init gate projection (a few leading dims in, sliced by the caller so calibration
+    sees the input it multiplies; a gate per head or one out). It is a
+    matrix for the quantizer but trained by Adam with the control tensors, as the records route it:
+    Newton-Schulz on a 12-wide matrix would set every singular value to 1 from step one."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        super().__init__(fan_in, fan_out, bias=False)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class InputSmearGate(nn.Module):
+    """PR #1667/#1855's SmearGate on the raw embedding: x_t <- x_t + lambda * sigmoid(w . x_t[:window])
+    * x_{t-1}; w and lambda start at zero, so it starts as the identity. The first position has no
+    x_{t-1} and keeps x_0; with `bos_id` >= 0 a BOS token takes nothing from the previous document."""
+
+    def __init__(self, window: int, bos_id: int) -> None:
+        super().__init__()
+        self.gate = GateLinear(window, 1)
+        self.lam = nn.Parameter(torch.zeros(1))
+        self.bos_id = bos_id
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        g = self.lam.to(x.dtype) * torch.sigmoid(self.gate(x[:, 1:, : self.gate.in_features]))
+        prev = x[:, :-1]
+        if self.bos_id >= 0:
+            prev = prev * (idx[:, 1:] != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return torch.cat((x[:, :1], x[:, 1:] + g * prev), dim=1)
+
+
 class ValueEmbedding(nn.Module):
     """One vocab x ve_dim table projected to the KV width, added to V on the chosen layers, each
     with its own scale (VE128)."""

@@ -20,7 +20,18 @@ from torch import Tensor, nn
 
 from pgolf import tensorfile
 from pgolf.errors import PgolfError
-from pgolf.layers import BigramHash, Rotary, SmearGate, ValueEmbedding, attend, exclusive, fake_quant, rms_norm
+from pgolf.layers import (
+    BigramHash,
+    GateLinear,
+    InputSmearGate,
+    Rotary,
+    SmearGate,
+    ValueEmbedding,
+    attend,
+    exclusive,
+    fake_quant,
+    rms_norm,
+)
 
 
 class Linear(nn.Linear):
@@ -56,6 +67,9 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.heads,), float(cfg["qk_gain_init"])))
         self.rotary = Rotary(self.head_dim, cfg["rope_dims"], cfg["rope_base"], cfg["rope_ntk_train_len"])
         self.qk_norm, self.xsa, self.backend = cfg["qk_norm"], xsa, cfg["attention"]
+        # The sparse head-output gate reads the attention input's first dims (PR #1787/#1855).
+        self.attn_gate = GateLinear(cfg["attn_gate_window"], self.heads) if cfg["attn_gate_window"] else None
+        self.gate_scale = cfg["attn_gate_scale"]
 
     def forward(self, x: Tensor, v_extra: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
@@ -72,6 +86,9 @@ class Attention(nn.Module):
         y = attend(q, k, v, self.backend)  # (B, T, H, D)
         if self.xsa:
             y = exclusive(y, v)
+        if self.attn_gate is not None:
+            g = self.attn_gate(x[..., : self.attn_gate.in_features])
+            y = y * torch.sigmoid(self.gate_scale * g).unsqueeze(-1)
         return self.proj(y.reshape(B, T, C))
 
 
@@ -138,6 +155,17 @@ class Block(nn.Module):
         mlp_lane = mlp_lane + c.mlp_scale.to(h.dtype) * self.mlp(rms_norm(mlp_lane) * norm_scale)
         return attn_lane, mlp_lane
 
+    def mixed_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, ctl: int, norm_scale: float,
+                    v_extra: Tensor | None, post: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
+        """PR #1530/#1855's lanes: attention reads lane 0 (with resid_mix), the MLP reads lane 1, and
+        each lane k becomes resid[k] lane_k + post[0, k] attn + post[1, k] mlp."""
+        c = self.controls(ctl)
+        mix, post, resid = c.resid_mix.to(lane0.dtype), post.to(lane0.dtype), resid.to(lane0.dtype)
+        a = c.attn_scale.to(lane0.dtype) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * norm_scale, v_extra)
+        m = c.mlp_scale.to(lane0.dtype) * self.mlp(rms_norm(lane1) * norm_scale)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
 
 def layer_order(cfg: dict, recur: bool = True) -> list[int]:
     """Physical block index of each virtual layer: the recurrent span runs 1 + recur_extra_loops times;
@@ -162,22 +190,32 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, order.count(i) if cfg["recur_own_norms"] else 1) for i in range(n))
         self.recur_active = True  # the trainer switches recurrence off until its start step
         # The records with recurrence (#1334, #1517) keep the physical layers' skip count and LN scale.
-        counted = n if cfg["recur_indexing"] == "physical" else len(order)
+        counted = n if cfg["recur_indexing"] == "physical" else len(order)  # virtual_skips: virtual
         n_skips = min(counted // 2, counted - counted // 2) if cfg["skip"] != "none" else 0
         self.skip_weights = nn.Parameter(torch.ones(n_skips, d))
         if cfg["skip"] == "gated":
             self.skip_gates = nn.Parameter(torch.zeros(n_skips, d))
         self.bigram = BigramHash(vocab_size, cfg, d) if cfg["bigram_buckets"] else None
-        self.smear = SmearGate(d, cfg["bos_id"] if cfg["smear_bos_fix"] else -1, cfg["smear_zero_pad"]) \
-            if cfg["smear_gate"] else None
+        self.smear = self.smear_gate(cfg) if cfg["smear_gate"] else None
         self.ve = ValueEmbedding(vocab_size, cfg, self.blocks[0].attn.kv_heads * self.blocks[0].attn.head_dim) \
             if cfg["ve_layers"] else None
         self.lm_head = None if cfg["tie_embeddings"] else Linear(d, vocab_size, zero=True)
         self.lanes_from = cfg["parallel_from"] if cfg["parallel_mode"] == "lanes" else -1
         if self.lanes_from >= 0:
             self.lane_merge = nn.Parameter(torch.tensor(0.5))  # the attention lane's share at the merge
+        self.mixed_from = cfg["parallel_from"] if cfg["parallel_mode"] == "mixed_lanes" else -1
+        if self.mixed_from >= 0:  # one row per block, as the record allocates them (its count includes all)
+            self.lane_post = nn.Parameter(torch.ones(n, 2, 2))  # [block, attn/mlp output, lane written]
+            self.lane_resid = nn.Parameter(torch.full((n, 2), 1.1))
         if cfg["init"] == "orthogonal":
             self.orthogonal_init()
+
+    @staticmethod
+    def smear_gate(cfg: dict) -> nn.Module:
+        bos = cfg["bos_id"] if cfg["smear_bos_fix"] else -1
+        if cfg["smear_mode"] == "input":
+            return InputSmearGate(cfg["smear_window"], bos)
+        return SmearGate(cfg["model_dim"], bos, cfg["smear_zero_pad"])
 
     @torch.no_grad()
     def orthogonal_init(self) -> None:
@@ -201,10 +239,15 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
-        x = rms_norm(x)
+        if isinstance(self.smear, InputSmearGate):  # the record smears the raw embedding, before its norm
+            return self.to_stream(rms_norm(self.smear(x, idx)))
+        x = self.to_stream(rms_norm(x))
+        return self.smear(x, idx) if self.smear is not None else x
+
+    def to_stream(self, x: Tensor) -> Tensor:
         if self.cfg["stream_dtype"] == "bfloat16":  # the records' bf16 embedding and residual stream
             x = x.bfloat16()
-        return self.smear(x, idx) if self.smear is not None else x
+        return x
 
     def head_input(self, idx: Tensor) -> Tensor:
         """The normalized final hidden state that the output matrix multiplies (GPTQ calibrates on it)."""
@@ -212,16 +255,22 @@ class GPT(nn.Module):
         order = layer_order(self.cfg, self.recur_active)
         n_enc, skips, passes = len(order) // 2, [], [0] * len(self.blocks)
         ve = self.ve(idx) if self.ve is not None else None
-        physical, lanes = self.cfg["recur_indexing"] == "physical", None
+        physical = self.cfg["recur_indexing"] in ("physical", "virtual_skips")
+        lanes, lane1 = None, None  # #1334's lane pair; #1855's MLP lane (x is its attention lane)
         for j, i in enumerate(order):
+            if 0 <= self.mixed_from <= i and j >= n_enc and lane1 is None:  # decoder only, as #1855
+                lane1 = x  # before the skip: #1855 adds skips to the attention lane only
             if j >= n_enc and skips and j - n_enc < len(self.skip_weights):
-                x = self.merge_skip(x, skips.pop(), j - n_enc)  # once the lanes run, x is no longer read
+                x = self.merge_skip(x, skips.pop(), j - n_enc)  # once #1334's lanes run, x is no longer read
             scale = ((i if physical else j) + 1) ** -0.5 if self.cfg["ln_scale"] else 1.0
             v_extra = self.ve.for_layer(ve, j if self.cfg["logical_layers"] else i) if ve is not None else None
             if 0 <= self.lanes_from <= i and lanes is None:
                 lanes = (x, x)
             if lanes is not None:
                 lanes = self.blocks[i].lanes(*lanes, x0, passes[i], scale, v_extra)
+            elif lane1 is not None:
+                x, lane1 = self.blocks[i].mixed_lanes(x, lane1, x0, passes[i], scale, v_extra,
+                                                      self.lane_post[i], self.lane_resid[i])
             else:
                 x = self.blocks[i](x, x0, passes[i], scale, v_extra)
             passes[i] += 1
@@ -230,6 +279,8 @@ class GPT(nn.Module):
         if lanes is not None:
             m = self.lane_merge.to(lanes[0].dtype)
             x = m * lanes[0] + (1 - m) * lanes[1]
+        if lane1 is not None:
+            x = 0.5 * (x + lane1)
         return rms_norm(x)
 
     def merge_skip(self, x: Tensor, skip: Tensor, i: int) -> Tensor:

@@ -30,13 +30,14 @@ COEFFS = {"classic": CLASSIC, "polar_express": POLAR_EXPRESS}
 
 
 def newton_schulz(G: Tensor, steps: int, coeffs: str = "classic", eps: float = 1e-7,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
+                  dtype: torch.dtype = torch.float32, margin: float = 1.02) -> Tensor:
     """Approximately U V^T for each matrix G = U S V^T in the last two dims, iterated in `dtype`
     (bf16 under bf16 precision, as the records run it on GPU)."""
     table = COEFFS[coeffs]
     X = G.to(dtype)
-    # Polar Express's first tuple assumes singular values at most 1 with a little margin.
-    margin = 1.02 if coeffs == "polar_express" else 1.0
+    # Polar Express's first tuple assumes singular values at most 1 with a little margin (its
+    # paper's 1.02; PR #1344's lineage, #1855 included, divides by the norm alone).
+    margin = margin if coeffs == "polar_express" else 1.0
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + eps)
     tall = G.size(-2) > G.size(-1)
     if tall:
@@ -66,10 +67,10 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Tensor], lr: float, momentum: float, ns_steps: int = 5,
                  nesterov: bool = True, ns: str = "classic", row_norm: bool = False,
                  weight_decay: float = 0.0, rank: int = 0, world: int = 1,
-                 ns_dtype: torch.dtype = torch.float32) -> None:
+                 ns_dtype: torch.dtype = torch.float32, ns_margin: float = 1.02) -> None:
         params = list(params)
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, nesterov=nesterov, ns=ns,
-                        row_norm=row_norm, weight_decay=weight_decay)
+                        row_norm=row_norm, weight_decay=weight_decay, ns_margin=ns_margin)
         super().__init__(params, defaults)
         self.banks = banks_by_shape(params)
         self.rank, self.world, self.ns_dtype = rank, world, ns_dtype
@@ -120,7 +121,7 @@ class Muon(torch.optim.Optimizer):
             u = g.add(buf, alpha=mom) if group["nesterov"] else buf
             if group["row_norm"]:  # MuonEq-R: equalize the rows before orthogonalizing
                 u = u / (u.norm(dim=-1, keepdim=True) + 1e-7)
-            u = newton_schulz(u, group["ns_steps"], group["ns"], dtype=self.ns_dtype)
+            u = newton_schulz(u, group["ns_steps"], group["ns"], dtype=self.ns_dtype, margin=group["ns_margin"])
             if self.parallel:
                 full = torch.empty(u.size(0) * self.world, *u.shape[1:], device=u.device, dtype=u.dtype)
                 dist.all_gather_into_tensor(full, u.contiguous())

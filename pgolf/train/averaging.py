@@ -9,16 +9,17 @@ from torch import Tensor, nn
 class EMA:
     """fp32 exponential moving average of the weights, updated every step.
 
-    The decay is capped by (1 + step) / (10 + step) so that the random init does not dominate short runs.
+    With `warmup` the decay is capped by (1 + step) / (10 + step) so that the random init does not
+    dominate short runs; PR #1855 keeps the fixed decay from the first step.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        self.decay, self.warmup = decay, warmup
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         for k, v in model.state_dict().items():
             self.shadow[k].lerp_(v.float(), 1 - d)
 

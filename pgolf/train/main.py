@@ -22,6 +22,7 @@ from pgolf.data.shards import open_dataset
 from pgolf.distributed import setup_distributed, teardown
 from pgolf.errors import PgolfError
 from pgolf.io import write_json, write_parquet
+from pgolf.layers import GateLinear
 from pgolf.model import GPT, token_losses
 from pgolf.optim.muon import Muon
 from pgolf.process import lock_seed
@@ -39,13 +40,14 @@ class Diverged(PgolfError):
 def param_groups(model: GPT, side_matrices: str = "muon") -> dict[str, list[nn.Parameter]]:
     """Muon takes the Linear weights; Adam the embedding tables, the untied head and the control
     tensors (gains, scales, resid_mix, skip weights), which are not matrices in Muon's sense even
-    when they are 2-D. With side_matrices "adam" the BigramHash and value-embedding projections
-    join the control tensors in Adam (PR #549: small matrices not worth a Muon bank)."""
+    when they are 2-D, and the gate projections (GateLinear), as the records route them. With
+    side_matrices "adam" the BigramHash and value-embedding projections join the control tensors in
+    Adam (PR #549: small matrices not worth a Muon bank)."""
     head = [model.lm_head.weight] if model.lm_head is not None else []
     embeds = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     side = {id(m.proj.weight) for m in (model.bigram, model.ve) if m is not None and side_matrices == "adam"}
-    matrices = [m.weight for m in model.modules()
-                if isinstance(m, nn.Linear) and m is not model.lm_head and id(m.weight) not in side]
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, GateLinear)
+                and m is not model.lm_head and id(m.weight) not in side]
     taken = {id(p) for p in matrices + embeds + head}
     return {"muon": matrices, "embed": embeds, "head": head,
             "scalar": [p for p in model.parameters() if id(p) not in taken]}
@@ -65,7 +67,8 @@ def build_optimizers(model: GPT, cfg: dict, rank: int = 0, world: int = 1,
     opts = [
         torch.optim.AdamW(adam_groups, betas=(cfg["adam_beta1"], cfg["adam_beta2"]), eps=cfg["adam_eps"]),
         Muon(groups["muon"], lr=cfg["matrix_lr"], momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"],
-             ns=cfg["muon_ns"], row_norm=cfg["muon_row_norm"], weight_decay=cfg["muon_weight_decay"],
+             ns=cfg["muon_ns"], ns_margin=cfg["muon_ns_margin"], row_norm=cfg["muon_row_norm"],
+             weight_decay=cfg["muon_weight_decay"],
              rank=rank if parallel else 0, world=world if parallel else 1, ns_dtype=ns_dtype),
     ]
     for opt in opts:
@@ -150,7 +153,7 @@ class Trainer:
         self.precision = args.precision
         ns_dtype = torch.bfloat16 if bf16(self.device, self.precision) else torch.float32
         self.opts = build_optimizers(self.model, self.cfg, self.rank, self.world, ns_dtype)
-        self.ema = EMA(self.model, self.cfg["ema_decay"])
+        self.ema = EMA(self.model, self.cfg["ema_decay"], self.cfg["ema_warmup"])
         self.swa = SWA(self.cfg["swa_every"], self.cfg["swa_below"]) if self.cfg["swa"] else None
         self.forward = compiled(self.model, self.cfg["compile"], self.device)
         self.loader = self.make_loader()

@@ -32,8 +32,10 @@ def _warmdown(cfg: dict, step: int, elapsed_s: float) -> float:
 def lr_scale(cfg: dict, step: int, elapsed_s: float) -> float:
     """Multiplier on every group's base LR at `step` (0-based), given the training time so far."""
     warm = min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else 1.0
-    floor = cfg["min_lr_scale"]
-    return warm * (floor + (1.0 - floor) * _warmdown(cfg, step, elapsed_s))
+    floor, down = cfg["min_lr_scale"], _warmdown(cfg, step, elapsed_s)
+    if cfg["min_lr_mode"] == "clamp":  # the full slope, cut off at the floor (PR #1787's MIN_LR)
+        return warm * max(down, floor)
+    return warm * (floor + (1.0 - floor) * down)
 
 
 def muon_momentum(cfg: dict, step: int) -> float:
