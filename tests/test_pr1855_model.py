@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_switches import BASE, build, randomize, tokens, transplant
+from test_train import losses, train
 
 from pgolf.config import load, validate
 from pgolf.layers import InputSmearGate, rms_norm
@@ -193,3 +194,18 @@ def test_margin_changes_the_muon_update():
         return model.state_dict()
     a, b = one_step(1.02), one_step(1.0)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_records_topology_learns_in_bf16(tiny_dataset, tmp_path):
+    """The preset's model and training switches together on a tiny model: the loop switches on at 35%
+    of training (step 4 of 12) and the loss falls."""
+    model = {"num_layers": 3, "init": "orthogonal", "stream_dtype": "bfloat16", "ln_scale": True, "skip": "gated",
+             "activation": "leaky_relu2", "xsa_last_n": 3, "rope_dims": 8, **GATE, "attn_gate_scale": 0.5,
+             **INPUT_SMEAR, "recur_layers": [1], "recur_extra_loops": 2, "recur_start_frac": 0.35,
+             "recur_indexing": "virtual_skips", "parallel_from": 2, "parallel_mode": "mixed_lanes"}
+    proc = train(tiny_dataset, tmp_path, model=model, precision="bf16", warmup_steps=0, warmdown_frac=0.85,
+                 warmdown_steps=0, min_lr_scale=0.1, min_lr_mode="clamp", muon_ns="polar_express",
+                 muon_ns_margin=1.0, muon_row_norm=True, ema_warmup=False, adam_beta2=0.99, grad_clip=0.3)
+    assert "step 5: depth recurrence on" in proc.stdout
+    ls = losses(tmp_path)
+    assert ls[-1] < ls[0] - 0.5
