@@ -120,6 +120,11 @@ CODEC_LEVELS = {"zstd": (1, 22), "brotli": (0, 11), "lzma": (0, 9)}
 
 
 def _resolve_codec_level(comp: dict[str, Any]) -> None:
+    if comp["codec"] == "pergroup":  # each stream's codec is chosen, at its strongest level
+        if comp["level"] is not None or comp["pack"]:
+            raise ConfigError("compress: codec pergroup takes no level (each stream uses its codec's strongest) "
+                              "and no pack (its buckets hold one int8 per code); leave level null, pack false")
+        return
     lo, hi = CODEC_LEVELS[comp["codec"]]
     if comp["level"] is None:
         comp["level"] = hi

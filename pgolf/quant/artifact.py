@@ -2,9 +2,10 @@
 
 Layout (pgolf.container): b"PGOLFART" | u32 version | u64 header length | JSON header | body.
 The body is the codec's compression of the payload: the quantized tensor file with sub-byte codes
-packed densely (pgolf.quant.pack), then optionally byte-shuffled. The header names the codec and
-level, the shuffle stride, the packed tensors (bits, shape), the body, payload and raw lengths and
-the raw tensor file's sha256. The quantize stage's tensor file is verified (its own checksums)
+packed densely (pgolf.quant.pack), then optionally byte-shuffled; or, with codec pergroup, several
+streams (pgolf.quant.pergroup), each listed in the header. The header names the codec and level, the
+shuffle stride, the packed tensors (bits, shape), the body, payload and raw lengths and the raw
+tensor file's sha256. The quantize stage's tensor file is verified (its own checksums)
 before it is packed, and stored without its per-tensor digests (about 65 bytes a tensor, which the
 artifact's one sha256 makes redundant): the artifact's sha256 is taken over exactly those tensors,
 and reading rebuilds the quantize stage's file byte for byte.
@@ -18,20 +19,20 @@ length and checksum: a corrupt or hostile file fails with its name and the probl
 from __future__ import annotations
 
 import hashlib
-import lzma
 from pathlib import Path
-
-import brotli
-import zstandard
 
 from pgolf import tensorfile
 from pgolf.container import frame, unframe
 from pgolf.errors import PgolfError
 from pgolf.io import write_bytes
+from pgolf.quant import pergroup
+from pgolf.quant.codec import CODEC_ERRORS, CODECS
 from pgolf.quant.pack import PackError, pack_codes, shuffle, unpack_codes, unshuffle
 
 MAGIC = b"PGOLFART"
-VERSION = 4  # 4: the payload is a tensor file without per-tensor digests (3 carried them)
+# 5: the payload may carry LQER factors (a reader that ignored them would score other weights) and the
+# body may be per-group streams; 4: the payload is a tensor file without per-tensor digests
+VERSION = 5
 MAX_HEADER_BYTES = 1 << 20
 MAX_RAW_BYTES = 1 << 30  # far above any 16 MB artifact's decompressed size
 MAX_FILE_BYTES = 1 << 28  # sixteen times the challenge's cap: anything larger is not an artifact
@@ -39,38 +40,6 @@ MAX_FILE_BYTES = 1 << 28  # sixteen times the challenge's cap: anything larger i
 
 class ArtifactError(PgolfError):
     """An artifact that is corrupt, truncated or not ours."""
-
-
-def _zstd_decompress(body: bytes, limit: int) -> bytes:
-    # A streaming read bounded by `limit`: a lying header can never make us allocate more.
-    return zstandard.ZstdDecompressor().stream_reader(body).read(limit)
-
-
-# A stream cut short can still yield all the data (an xz file's last bytes are its index and
-# footer), so brotli and lzma must also have reached their end marker, unless the limit stopped them.
-def _brotli_decompress(body: bytes, limit: int) -> bytes:
-    d = brotli.Decompressor()
-    out = d.process(body, output_buffer_limit=limit)[:limit]
-    if len(out) < limit and not d.is_finished():
-        raise brotli.error("the stream ends early")
-    return out
-
-
-def _lzma_decompress(body: bytes, limit: int) -> bytes:
-    d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-    out = d.decompress(body, max_length=limit)
-    if len(out) < limit and not d.eof:
-        raise lzma.LZMAError("the stream ends early")
-    return out
-
-
-# codec -> (compress(raw, level), decompress(body, at most this many bytes)).
-CODECS = {
-    "zstd": (lambda raw, level: zstandard.ZstdCompressor(level=level).compress(raw), _zstd_decompress),
-    "brotli": (lambda raw, level: brotli.compress(raw, quality=level), _brotli_decompress),
-    "lzma": (lambda raw, level: lzma.compress(raw, format=lzma.FORMAT_XZ, preset=level), _lzma_decompress),
-}
-_CODEC_ERRORS = (zstandard.ZstdError, brotli.error, lzma.LZMAError)
 
 
 def param_count(tensors: dict, meta: dict) -> int:
@@ -95,19 +64,29 @@ def pack_payload(raw: bytes, tensors: dict, meta: dict, pack: bool) -> tuple[byt
     return (tensorfile.dumps(tensors, meta, checksums=False) if info else raw), info
 
 
-def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned tensors") -> bytes:
+def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned tensors",
+           orders: dict | None = None) -> bytes:
     """The artifact for tensor file `raw` (read from `source`) under compress config cfg (codec, level,
-    pack, shuffle). `raw` must pass every check of the tensor file reader first."""
-    if cfg["codec"] not in CODECS:
-        raise ArtifactError(f"compress.codec: unknown codec {cfg['codec']!r}; known: {', '.join(CODECS)}")
+    pack, shuffle, sort_rows). `raw` must pass every check of the tensor file reader first. `orders`
+    caches pergroup's row orders between encodes of one model."""
+    if cfg["codec"] not in (*CODECS, "pergroup"):
+        raise ArtifactError(f"compress.codec: unknown codec {cfg['codec']!r}; known: {', '.join(CODECS)}, pergroup")
     tensors, meta = tensorfile.loads(raw, source)
     slim = tensorfile.dumps(tensors, meta, checksums=False)  # the artifact's own sha256 covers it
-    payload, info = pack_payload(slim, tensors, meta, cfg.get("pack", False))
-    body = CODECS[cfg["codec"]][0](shuffle(payload, cfg.get("shuffle", 0)), cfg["level"])
-    header = {"codec": cfg["codec"], "level": cfg["level"], "shuffle": cfg.get("shuffle", 0), "packed": info,
-              "body_bytes": len(body), "payload_bytes": len(payload), "raw_bytes": len(slim),
-              "sha256": hashlib.sha256(slim).hexdigest(), "params": param_count(tensors, meta),
-              "pruned_codes": pruned_codes}
+    stride = cfg.get("shuffle", 0)
+    if cfg["codec"] == "pergroup":
+        if cfg.get("pack"):
+            raise ArtifactError("compress.pack: codec pergroup stores one int8 per code; set pack false")
+        body, streams = pergroup.encode(tensors, meta, stride, cfg.get("sort_rows", []), orders)
+        lengths = {"body_bytes": len(body), "streams": streams}
+        info = {}
+    else:
+        payload, info = pack_payload(slim, tensors, meta, cfg.get("pack", False))
+        body = CODECS[cfg["codec"]][0](shuffle(payload, stride), cfg["level"])
+        lengths = {"body_bytes": len(body), "payload_bytes": len(payload)}
+    header = {"codec": cfg["codec"], "level": cfg["level"], "shuffle": stride, "packed": info, **lengths,
+              "raw_bytes": len(slim), "sha256": hashlib.sha256(slim).hexdigest(),
+              "params": param_count(tensors, meta), "pruned_codes": pruned_codes}
     return frame(MAGIC, VERSION, header) + body
 
 
@@ -127,7 +106,7 @@ def _decompress(header: dict, body: memoryview, source: str) -> bytes:
     n = _length(header, "payload_bytes", source)
     try:
         payload = CODECS[header["codec"]][1](bytes(body), n + 1)  # one byte more shows a lying length
-    except _CODEC_ERRORS as e:
+    except CODEC_ERRORS as e:
         raise ArtifactError(f"{source}: compressed data is corrupt ({e})") from None
     if len(payload) != n:
         raise ArtifactError(f"{source}: decompressed to {len(payload)} bytes, header promises {n} "
@@ -158,7 +137,15 @@ def decode(data: bytes, source: str = "<bytes>") -> bytes:
     header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, ArtifactError, "artifact")
     n = _length(header, "raw_bytes", source)
     try:
-        raw = _unpack_payload(_decompress(header, body, source), header.get("packed"), source)
+        if header.get("codec") == "pergroup":
+            if _length(header, "body_bytes", source) != len(body):
+                raise ArtifactError(f"{source}: the body is {len(body)} bytes, the header says "
+                                    f"{header['body_bytes']} (truncated, or bytes appended)")
+            raw = pergroup.decode(header, body, source)
+        else:
+            raw = _unpack_payload(_decompress(header, body, source), header.get("packed"), source)
+    except pergroup.PergroupError as e:
+        raise ArtifactError(str(e)) from None
     except tensorfile.TensorFileError as e:
         raise ArtifactError(f"{source}: payload is corrupt ({e})") from None
     if len(raw) != n:

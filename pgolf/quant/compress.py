@@ -116,7 +116,8 @@ def prune_to_fit(raw: bytes, cfg: dict, target: int, source: str = "quantized te
                  hessians: dict[str, torch.Tensor] | None = None) -> tuple[bytes, int]:
     """(artifact, codes pruned): the fewest +-1 codes zeroed (see _search) so the artifact is at most
     `target` bytes. `raw` is the tensor file read from `source`; `hessians` weight the errors."""
-    data = encode(raw, cfg, source=source)
+    orders: dict = {}  # pergroup's row orders: sorted once, on the unpruned codes
+    data = encode(raw, cfg, source=source, orders=orders)
     if len(data) <= target:
         return data, 0
     tensors, meta = tensorfile.loads(raw, source)
@@ -124,7 +125,7 @@ def prune_to_fit(raw: bytes, cfg: dict, target: int, source: str = "quantized te
     encoded = {0: data}
 
     def size_of(n: int) -> int:
-        encoded[n] = encode(cands.pruned(tensors, meta, n), cfg, n)
+        encoded[n] = encode(cands.pruned(tensors, meta, n), cfg, n, orders=orders)
         return len(encoded[n])
 
     smallest = size_of(len(cands))

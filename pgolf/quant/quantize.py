@@ -7,6 +7,10 @@ and the bits of each "int" tensor, so reading it back and packing it need no con
 
 Matrices fall into groups by name (`group_of`), each with its own bits, clip and SDClip factor.
 With quant.magnitude_prune, each large matrix first loses its smallest |w| (PR #461's stack).
+Matrices named by quant.int8_rows (PR #1855: the sparse attention gate, [attn_gate]) are stored as
+int8 codes with one absmax scale per row whatever their size: half of fp16's bytes, with no clip.
+With quant.lqer.rank > 0, the matrices of largest quantization error carry a low-rank correction
+(pgolf.quant.lqer), listed in the meta's "lqer" and added back by `dequantize`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from torch import Tensor
 
 from pgolf import tensorfile
 from pgolf.errors import PgolfError
-from pgolf.quant.clip import row_scales
+from pgolf.quant.clip import quantile_scale, round_codes, row_scales
 from pgolf.quant.gptq import gptq_matrix, output_error
+from pgolf.quant.lqer import apply_lqer, corrected, lqer_tensors
 from pgolf.quant.rtn import (
     dequantize_rows,
     dequantize_state,
@@ -51,14 +56,32 @@ def group_of(name: str) -> str:
     return next((g for g in ("attn", "mlp") if g in parts), "other")
 
 
+def int8_row_codes(name: str, t: Tensor, patterns: list[str]) -> tuple[Tensor, Tensor] | None:
+    """int8 codes and absmax row scales when a quant.int8_rows pattern names the tensor, else None."""
+    hit = next((p for p in patterns if p in name), None)
+    if hit is None or not t.is_floating_point():
+        return None
+    if t.ndim != 2:
+        raise PgolfError(f"quant.int8_rows: pattern {hit!r} names tensor {name!r} of shape {tuple(t.shape)}, "
+                         "not a matrix")
+    scale = quantile_scale(t, 8, 1.0)
+    return round_codes(t, scale, 8), scale
+
+
 def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tensor] | None = None,
                    ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int], dict[str, float]]:
-    """(stored tensors, plan, bits per int tensor, output error per Hessian-backed int tensor)."""
+    """(stored tensors, LQER factors included; plan, bits per int tensor, output error per Hessian-backed
+    int tensor)."""
     if cfg["method"] not in METHODS:
         raise PgolfError(f"quant.method: unknown method {cfg['method']!r}; known: {', '.join(METHODS)}")
     hessians = hessians or {}
-    tensors, plan, bits, errors = {}, {}, {}, {}
+    tensors, plan, bits, errors, residuals = {}, {}, {}, {}, {}
     for name, t in state.items():
+        rows = int8_row_codes(name, t, cfg["int8_rows"])
+        if rows is not None:
+            plan[name], bits[name] = "int", 8
+            tensors[f"{name}.codes"], tensors[f"{name}.scale"] = rows
+            continue
         if cfg["magnitude_prune"] and is_large_matrix(name, t, cfg["min_numel"]):
             t = magnitude_prune(t, cfg["magnitude_prune"])
         how = plan[name] = storage_for(name, t, cfg["min_numel"], cfg["control_dtype"], tuple(cfg["keep_fp16"]))
@@ -73,9 +96,10 @@ def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tens
         except ValueError as e:
             raise PgolfError(f"tensor {name!r}: {e}") from None
         tensors[f"{name}.codes"], tensors[f"{name}.scale"] = codes, scale
+        residuals[name] = t.float() - dequantize_rows(codes, scale)
         if h is not None:
             errors[name] = output_error(t, dequantize_rows(codes, scale), h) / (output_error(t, 0 * t, h) or 1.0)
-    return tensors, plan, bits, errors
+    return {**tensors, **lqer_tensors(residuals, cfg["lqer"])}, plan, bits, errors
 
 
 def _load_hessians(path: str | Path | None, method: str) -> dict[str, Tensor] | None:
@@ -96,9 +120,14 @@ def quantize(weights: str | Path, cfg: dict, out: str | Path, hessians: str | Pa
         raise PgolfError(f"{weights}: quantized tensor {bad!r} holds NaN/Inf (weights too large for float16 "
                          "scales); nothing written")
     quant_meta = {"method": cfg["method"], "clip": cfg["clip"], "plan": plan, "bits": bits}
+    lqer = corrected(tensors)
+    if lqer:  # absent when off, so files without corrections keep their bytes
+        quant_meta["lqer"] = lqer
     tensorfile.save(out, tensors, {**meta, "quant": quant_meta})
     for name, err in errors.items():
         print(f"{name}: int{bits[name]}, relative output error {err:.3e}", flush=True)
+    for name in lqer:
+        print(f"{name}: LQER rank {cfg['lqer']['rank']} correction", flush=True)
     counts = dict(Counter(plan.values()))
     print(f"{out}: {len(plan)} tensors, storage {counts}, {cfg['method']} with {cfg['clip']} clip, "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
@@ -113,7 +142,7 @@ def dequantize(source: str | Path | dict[str, Tensor],
     if "quant" not in meta:
         raise PgolfError("not a quantized tensor file (no 'quant' entry in its header)")
     try:
-        state = dequantize_state(source, meta["quant"]["plan"])
+        state = apply_lqer(dequantize_state(source, meta["quant"]["plan"]), source, meta["quant"].get("lqer", []))
     except KeyError as e:
         raise PgolfError(f"quantized tensor file lacks tensor {e}") from None
     return state, {k: v for k, v in meta.items() if k != "quant"}
