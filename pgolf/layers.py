@@ -49,15 +49,28 @@ def fa3_available() -> bool:
     return _fa3 is not None
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
-    """Causal attention with GQA; FlashAttention 3 on CUDA when asked for or importable, else SDPA."""
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto", docs: Tensor | None = None) -> Tensor:
+    """Causal attention with GQA; FlashAttention 3 on CUDA when asked for or importable, else SDPA.
+    With `docs` (B, T), a document index per position, a position attends only within its own
+    document, through SDPA's boolean mask (the same scores as the records' VarLen kernel)."""
     if backend == "fa3" and (_fa3 is None or not q.is_cuda):
         raise RuntimeError("model.attention is 'fa3' but flash_attn_interface is not importable on CUDA here")
+    if docs is not None:
+        return _attend_within(q, k, v, docs)
     if backend != "sdpa" and _fa3 is not None and q.is_cuda:
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return (out[0] if isinstance(out, tuple) else out).to(v.dtype)
     q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)
+
+
+def _attend_within(q: Tensor, k: Tensor, v: Tensor, docs: Tensor) -> Tensor:
+    T = q.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = (causal & (docs[:, :, None] == docs[:, None, :])).unsqueeze(1)  # (B, 1, T, T)
+    q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
     return y.transpose(1, 2)
 
 

@@ -8,7 +8,7 @@ import torch
 from test_switches import BASE, build, randomize, tokens, transplant
 from test_train import losses, train
 
-from pgolf.config import load, validate
+from pgolf.config import ConfigError, load, validate
 from pgolf.layers import InputSmearGate, rms_norm
 from pgolf.model import GPT, count_parameters, layer_order, token_losses
 from pgolf.optim.muon import newton_schulz
@@ -209,3 +209,21 @@ def test_the_records_topology_learns_in_bf16(tiny_dataset, tmp_path):
     assert "step 5: depth recurrence on" in proc.stdout
     ls = losses(tmp_path)
     assert ls[-1] < ls[0] - 0.5
+
+
+def test_doc_attention_keeps_documents_apart():
+    """With doc_attention, a document's logits are those of the document run alone; the text before
+    it is as without the switch. A BOS at position 5 of each row (tokens())."""
+    plain = randomize(build())
+    docs = build(doc_attention=True)
+    docs.load_state_dict(plain.state_dict())
+    x = tokens()
+    full = docs(x)
+    torch.testing.assert_close(full[:, 5:], plain(x[:, 5:]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:, :5], plain(x)[:, :5], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full[:, 5:], plain(x)[:, 5:], atol=1e-4)
+
+
+def test_doc_attention_refuses_fa3():
+    with pytest.raises(ConfigError, match="doc_attention"):
+        validate({"model": {"doc_attention": True, "attention": "fa3"}})
