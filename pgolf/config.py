@@ -74,6 +74,9 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["data"]["source"] == "fineweb" and int(hub["variant"][2:]) != cfg["tokenizer"]["vocab_size"]:
         raise ConfigError(f"tokenizer.vocab_size ({cfg['tokenizer']['vocab_size']}) must match data.hub.variant "
                           f"({hub['variant']}) for source fineweb")
+    if cfg["data"]["source"] == "fineweb" and cfg["tokenizer"]["caseops"]:
+        raise ConfigError("tokenizer.caseops: source fineweb fetches the challenge's shards and tokenizer, which are "
+                          "not CaseOps; use source embedded or local (the tokenizer and shards stages build them)")
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
     check_calibration(cfg["calibrate"])

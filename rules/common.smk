@@ -29,8 +29,11 @@ DATASET = config["data"]["name"]
 VOCAB = config["tokenizer"]["vocab_size"]
 RAW_DIR = f"data/raw/{DATASET}"
 DOCS = f"data/docs/{DATASET}.parquet"
-TOKENIZER = f"data/tokenizers/{DATASET}_sp{VOCAB}.model"
-DATASET_DIR = f"data/datasets/{DATASET}_sp{VOCAB}"
+# A CaseOps tokenizer and its shards are other files than the plain ones: switching back and forth
+# between runs that differ in tokenizer.caseops rebuilds neither.
+_CASEOPS = "_caseops" if config["tokenizer"]["caseops"] else ""
+TOKENIZER = f"data/tokenizers/{DATASET}_sp{VOCAB}{_CASEOPS}.model"
+DATASET_DIR = f"data/datasets/{DATASET}_sp{VOCAB}{_CASEOPS}"
 SEED_DIR = f"{RUN}/seed{{seed}}"
 NPROC = config["train"]["nproc"]
 # torchrun picks a free rendezvous port with --standalone, so several trainings can share a host.

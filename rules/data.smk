@@ -61,11 +61,14 @@ else:
             code=code("tokenizer"),
         threads: workflow.cores
         log:
-            f"data/logs/tokenizer_{DATASET}_sp{VOCAB}.log",
+            f"data/logs/tokenizer_{DATASET}_sp{VOCAB}{_CASEOPS}.log",
         shell:
             "pgolf tokenizer --docs {input:q} --cfg {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
+    # With tokenizer.caseops the dataset folder also holds a byte sidecar beside each shard
+    # (fineweb_{split}_bytes_NNNNNN.bin, listed with its sha256 in manifest.json): it is part of this
+    # rule's directory output, and evaluate, which counts BPB from it, takes the folder as input.
     rule shards:
         input:
             docs=DOCS,
@@ -74,10 +77,11 @@ else:
             directory(DATASET_DIR),
         params:
             cfg=section("data", ["shard_tokens"]),
+            caseops=["--caseops"] if config["tokenizer"]["caseops"] else [],
             code=code("shards"),
         threads: workflow.cores
         log:
-            f"data/logs/shards_{DATASET}_sp{VOCAB}.log",
+            f"data/logs/shards_{DATASET}_sp{VOCAB}{_CASEOPS}.log",
         shell:
             "pgolf shards --docs {input.docs:q} --tokenizer {input.tokenizer:q} --cfg {params.cfg:q} "
-            "--out {output:q} > {log:q} 2>&1"
+            "{params.caseops:q} --out {output:q} > {log:q} 2>&1"

@@ -152,7 +152,7 @@ def test_tokenizer_learns_from_long_single_lines(tmp_path):
     line = " ".join(f"zebra{i % 7} quokka{i % 5}" for i in range(6000))
     write_parquet(tmp_path / "docs.parquet",  # as the documents stage writes it
                   pa.table({"doc_id": ["a", "b"], "text": [line, "val doc"], "split": ["train", "val"]}))
-    cfg = {"vocab_size": 300, "max_sentence_bytes": 4096, "train_docs": 0}
+    cfg = {"vocab_size": 300, "max_sentence_bytes": 4096, "train_docs": 0, "caseops": False}
     tokenizer.train(tmp_path / "docs.parquet", cfg, tmp_path / "t.model")
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
     assert len(sp.encode("zebra3 quokka2")) <= 4  # learnt whole words, so it saw the long line

@@ -225,7 +225,7 @@ def test_the_needed_vocabulary_is_exactly_sentencepieces(tiny_dataset, tmp_path,
     with pytest.raises(tokenizer.TokenizerError, match="needs at least 306"):
         tokenizer.train(tiny_dataset.docs, cfg, tmp_path / "a.model")
     tokenizer.train(tiny_dataset.docs, {**cfg, "vocab_size": 306}, tmp_path / "b.model")  # enough: not too high
-    monkeypatch.setattr(tokenizer, "vocab_needed", lambda sentences: 0)
+    monkeypatch.setattr(tokenizer, "vocab_needed", lambda sentences, spec: 0)
     with pytest.raises(RuntimeError, match="305 vs 306"):  # and SentencePiece itself refuses one fewer
         tokenizer.train(tiny_dataset.docs, cfg, tmp_path / "c.model")
 

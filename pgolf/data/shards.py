@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pgolf.data import caseops
 from pgolf.errors import PgolfError
 from pgolf.io import atomic_path
 
@@ -91,8 +92,18 @@ def shard_name(split: str, index: int) -> str:
     return f"fineweb_{split}_{index:06d}.bin"
 
 
+def sidecar_name(split: str, shard: str) -> str:
+    """The byte sidecar beside a token shard, named as the CaseOps records name it."""
+    return shard.replace(f"fineweb_{split}_", f"fineweb_{split}_bytes_", 1)
+
+
+def _token_shards(dataset_dir: str | Path, split: str) -> list[Path]:
+    # digits first: fineweb_val_bytes_000000.bin is a sidecar, not a token shard
+    return sorted(Path(dataset_dir).glob(f"fineweb_{split}_[0-9]*.bin"))
+
+
 def list_shards(dataset_dir: str | Path, split: str) -> list[Path]:
-    files = sorted(Path(dataset_dir).glob(f"fineweb_{split}_*.bin"))
+    files = _token_shards(dataset_dir, split)
     if not files:
         raise ShardError(f"{dataset_dir}: no fineweb_{split}_*.bin shards")
     return files
@@ -107,6 +118,10 @@ def load_split(dataset_dir: str | Path, split: str, vocab_size: int | None = Non
 # shards stage and fetch-fineweb write it; train, calibrate, order and evaluate check against it.
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+# text_transform: what the tokenizer was given; absent = the text itself. A transformed dataset
+# carries a byte sidecar per token shard (one uint16 per token in the shard format: the UTF-8
+# bytes of the original text that token accounts for), and BPB is counted from it.
+TRANSFORMS = ("identity", caseops.NAME)
 
 
 def read_manifest(dataset_dir: str | Path) -> dict:
@@ -134,7 +149,7 @@ def _manifest_problem(m: object) -> str | None:
     if not (_is_count(m.get("vocab_size")) and m["vocab_size"] > 0):
         return f"vocab_size must be a positive integer, got {m.get('vocab_size')!r}"
     sha = m.get("tokenizer_sha256")
-    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+    if not _is_sha256(sha):
         return f"tokenizer_sha256 must be 64 lowercase hex digits, got {sha!r}"
     splits = m.get("splits")
     for split in SPLITS:
@@ -145,6 +160,35 @@ def _manifest_problem(m: object) -> str | None:
             return f"splits.{split}.shards must be a list of file names"
         if not _is_count(entry.get("tokens")):
             return f"splits.{split}.tokens must be a non-negative integer, got {entry.get('tokens')!r}"
+        problem = _sidecar_problem(split, entry)
+        if problem:
+            return problem
+    transform = m.get("text_transform", "identity")
+    if transform not in TRANSFORMS:
+        return f"text_transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}"
+    if transform != "identity" and "byte_sidecar" not in splits["val"]:
+        return f"text_transform {transform} needs splits.val.byte_sidecar: BPB counts the original text's bytes"
+    return None
+
+
+def _is_sha256(x: object) -> bool:
+    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
+
+
+def _sidecar_problem(split: str, entry: dict) -> str | None:
+    side = entry.get("byte_sidecar")
+    if side is None:
+        return None
+    where = f"splits.{split}.byte_sidecar"
+    if not (isinstance(side, dict) and isinstance(side.get("shards"), list) and isinstance(side.get("sha256"), list)):
+        return f"{where} must be an object with lists 'shards' and 'sha256'"
+    expected = [sidecar_name(split, s) for s in entry["shards"]]
+    if side["shards"] != expected:
+        return f"{where}.shards must be {expected} (one per token shard, in order), got {side['shards']!r}"
+    if len(side["sha256"]) != len(expected) or not all(_is_sha256(h) for h in side["sha256"]):
+        return f"{where}.sha256 must hold one sha256 (64 lowercase hex digits) per sidecar"
+    if not _is_count(entry.get("bytes")):
+        return f"splits.{split}.bytes must be a non-negative integer with a byte sidecar, got {entry.get('bytes')!r}"
     return None
 
 
@@ -164,14 +208,51 @@ def open_dataset(dataset_dir: str | Path, vocab_size: int, source: str) -> dict:
     m, path = check_vocab(dataset_dir, vocab_size, source), Path(dataset_dir) / MANIFEST
     for split in SPLITS:
         listed = m["splits"][split]["shards"]
-        found = [p.name for p in sorted(Path(dataset_dir).glob(f"fineweb_{split}_*.bin"))]
+        found = [p.name for p in _token_shards(dataset_dir, split)]
         if sorted(listed) != found:
             raise ShardError(f"{path}: lists {split} shards {listed}, but the folder holds {found}")
-        tokens = sum(read_header(Path(dataset_dir) / name) for name in listed)
-        if tokens != m["splits"][split]["tokens"]:
+        counts = [read_header(Path(dataset_dir) / name) for name in listed]
+        if sum(counts) != m["splits"][split]["tokens"]:
             raise ShardError(f"{path}: promises {m['splits'][split]['tokens']} {split} tokens, "
-                             f"the shards hold {tokens}")
+                             f"the shards hold {sum(counts)}")
+        check_sidecar_files(dataset_dir, m, split, counts)
     return m
+
+
+def check_sidecar_files(dataset_dir: str | Path, m: dict, split: str, counts: list[int]) -> None:
+    """The split's byte sidecars on disk are the manifest's, each as long as its token shard."""
+    path, entry = Path(dataset_dir) / MANIFEST, m["splits"][split]
+    listed = entry.get("byte_sidecar", {}).get("shards", [])
+    found = [p.name for p in sorted(Path(dataset_dir).glob(f"fineweb_{split}_bytes_*.bin"))]
+    if sorted(listed) != found:
+        raise ShardError(f"{path}: lists {split} byte sidecars {listed}, but the folder holds {found}")
+    for name, shard, n in zip(listed, entry["shards"], counts, strict=False):  # listed is [] without a sidecar
+        side = read_header(Path(dataset_dir) / name)
+        if side != n:
+            raise ShardError(f"{Path(dataset_dir) / name}: a byte sidecar of {side} tokens beside {shard} of {n}")
+
+
+def load_sidecar(dataset_dir: str | Path, split: str) -> np.ndarray | None:
+    """The split's per-token original bytes (int64), or None for a dataset without a sidecar. Each
+    file must have the sha256 the manifest records, and they must add up to the split's bytes."""
+    m = read_manifest(dataset_dir)
+    entry = m["splits"][split]
+    if "byte_sidecar" not in entry:
+        return None
+    check_sidecar_files(dataset_dir, m, split, [read_header(Path(dataset_dir) / s) for s in entry["shards"]])
+    parts = []
+    for name, sha in zip(entry["byte_sidecar"]["shards"], entry["byte_sidecar"]["sha256"], strict=True):
+        file = Path(dataset_dir) / name
+        data = file.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ShardError(f"{file}: sha256 is not the one {Path(dataset_dir) / MANIFEST} records; "
+                             "the byte sidecar is damaged or from another dataset")
+        parts.append(np.frombuffer(data, dtype="<u2", offset=HEADER_BYTES).astype(np.int64))
+    counts = np.concatenate(parts)
+    if int(counts.sum()) != entry["bytes"]:
+        raise ShardError(f"{Path(dataset_dir) / MANIFEST}: the {split} byte sidecars add up to {int(counts.sum())} "
+                         f"bytes, the split has {entry['bytes']}")
+    return counts
 
 
 def check_tokenizer(dataset_dir: str | Path, tokenizer: str | Path) -> None:

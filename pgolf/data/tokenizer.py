@@ -12,6 +12,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from pgolf.data import caseops
 from pgolf.data.documents import read_documents
 from pgolf.errors import PgolfError
 from pgolf.io import write_bytes
@@ -22,6 +23,15 @@ CHALLENGE_SETTINGS = dict(
     normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
     pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
 )
+# CaseOps (tokenizer.caseops): the operators are pieces of their own (ids 4-7, as in the record's
+# tokenizer), and the text reaches the model as it is, without NFKC or whitespace folding, so its
+# tokens decode to the original exactly and every byte BPB counts is one the model predicts.
+CASEOPS_SETTINGS = {**CHALLENGE_SETTINGS, "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+                    "user_defined_symbols": list(caseops.OPERATORS)}
+
+
+def settings(cfg: dict) -> dict:
+    return CASEOPS_SETTINGS if cfg["caseops"] else CHALLENGE_SETTINGS
 
 
 class TokenizerError(PgolfError):
@@ -58,34 +68,45 @@ def pieces(text: str, max_bytes: int) -> Iterator[str]:
         yield "".join(buf)
 
 
-def vocab_needed(sentences: list[str]) -> int:
-    """The smallest vocab_size SentencePiece accepts for these sentences: the meta and byte pieces
-    plus every character it must keep, the most frequent ones until character_coverage is reached,
-    counted after its own normalization (trainer_interface.cc, LoadSentences)."""
-    norm = spm.SentencePieceNormalizer(rule_name=CHALLENGE_SETTINGS["normalization_rule_name"],
-                                       add_dummy_prefix=CHALLENGE_SETTINGS["add_dummy_prefix"],
-                                       escape_whitespaces=True, remove_extra_whitespaces=True)
+def vocab_needed(sentences: list[str], spec: dict = CHALLENGE_SETTINGS) -> int:
+    """The smallest vocab_size SentencePiece accepts for these sentences: the meta, user-defined and
+    byte pieces plus every character it must keep, the most frequent ones until character_coverage
+    is reached, counted after its own normalization (trainer_interface.cc, LoadSentences)."""
+    norm = spm.SentencePieceNormalizer(rule_name=spec["normalization_rule_name"],
+                                       add_dummy_prefix=spec["add_dummy_prefix"], escape_whitespaces=True,
+                                       remove_extra_whitespaces=spec.get("remove_extra_whitespaces", True))
     counts = Counter()
     for s in sentences:
         counts.update(norm.normalize(s))
+    for symbol in spec.get("user_defined_symbols", []):
+        counts.pop(symbol, None)  # pieces already
     total, covered, chars = sum(counts.values()), 0, 0
     for n in sorted(counts.values(), reverse=True):
-        if covered >= CHALLENGE_SETTINGS["character_coverage"] * total:
+        if covered >= spec["character_coverage"] * total:
             break
         covered, chars = covered + n, chars + 1
-    return META_PIECES + chars
+    return META_PIECES + len(spec.get("user_defined_symbols", [])) + chars
+
+
+def sentences_of(docs: list[str], cfg: dict) -> list[str]:
+    """Training sentences: each line cut into pieces; with CaseOps, the transformed document cut
+    whole, so that newlines, which such a tokenizer keeps, are learned too."""
+    if cfg["caseops"]:
+        return [p for d in docs for p in pieces(caseops.encode(d), cfg["max_sentence_bytes"])]
+    return [p for d in docs for line in d.splitlines() for p in pieces(line, cfg["max_sentence_bytes"])]
 
 
 def train(docs_path: str | Path, cfg: dict, out: str | Path) -> int:
     docs = read_documents(docs_path, "train")
     if cfg["train_docs"]:
         docs = docs[: cfg["train_docs"]]
-    sentences = [p for d in docs for line in d.splitlines() for p in pieces(line, cfg["max_sentence_bytes"])]
-    print(f"tokenizer: {len(docs)} train documents cut into {len(sentences)} pieces", flush=True)
-    needed = vocab_needed(sentences)
+    sentences, spec = sentences_of(docs, cfg), settings(cfg)
+    print(f"tokenizer: {len(docs)} train documents cut into {len(sentences)} pieces"
+          f"{' (CaseOps)' if cfg['caseops'] else ''}", flush=True)
+    needed, fixed = vocab_needed(sentences, spec), META_PIECES + len(spec.get("user_defined_symbols", []))
     if cfg["vocab_size"] < needed:  # SentencePiece would refuse it too, but only deep in its own error text
         raise TokenizerError(f"tokenizer.vocab_size: {cfg['vocab_size']} is too small for this corpus, which needs "
-                             f"at least {needed} ({META_PIECES} meta and byte pieces + {needed - META_PIECES} "
+                             f"at least {needed} ({fixed} meta, operator and byte pieces + {needed - fixed} "
                              "characters); raise tokenizer.vocab_size")
     model = io.BytesIO()
     # One thread, no shuffling and no model_prefix (its temp path would be stored in the model) keep
@@ -93,9 +114,11 @@ def train(docs_path: str | Path, cfg: dict, out: str | Path) -> int:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=cfg["vocab_size"],
         max_sentence_length=cfg["max_sentence_bytes"], num_threads=1, shuffle_input_sentence=False,
-        input_sentence_size=0, minloglevel=2, **CHALLENGE_SETTINGS,
+        input_sentence_size=0, minloglevel=2, **spec,
     )
     sp = check(model.getvalue(), out)
+    if cfg["caseops"]:
+        caseops.byte_table(sp, str(out))  # the operators must have come out as pieces of their own
     if sp.get_piece_size() != cfg["vocab_size"]:
         # hard_vocab_limit=False lets SentencePiece stop short on a small corpus; every later stage
         # takes the model's vocabulary to be the tokenizer's (the dataset manifest checks it)

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from pgolf.config import load
-from pgolf.eval.bpb import BPBMeter, ByteLUTs, build_byte_luts
+from pgolf.eval.bpb import BPBMeter, ByteCounts, byte_counts
 from pgolf.eval.evaluate import artifact_model, val_tokens, windows
 from pgolf.eval.ttt import run_chunks, ttt_eval
 from pgolf.eval.windows import Scores
 from pgolf.model import GPT
 
 
-def recorded_losses(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteLUTs, order=run_chunks) -> dict[int, float]:
+def recorded_losses(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts,
+                    order=run_chunks) -> dict[int, float]:
     scores = Scores()
     wins = windows(len(tokens), cfg["seq_len"], cfg["stride"])
     ttt_eval(copy.deepcopy(model), tokens, wins, cfg["seq_len"], cfg["batch_seqs"], cfg["ttt"], BPBMeter(luts),
@@ -45,7 +46,7 @@ def progress(msg: str) -> None:
     print(msg, flush=True)
 
 
-def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteLUTs, positions: list[int] | None = None,
+def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positions: list[int] | None = None,
           order=run_chunks, seed: int = 0, log: Callable[[str], None] = progress) -> list[dict]:
     """For each t: how many recorded losses at targets <= t changed when the tokens after t changed.
     Each pass is a whole TTT evaluation (about a minute on the default model on CPU): `log` says
@@ -84,7 +85,7 @@ def cli(argv: list[str]) -> None:
     cfg["ttt"] = {**cfg["ttt"], "enabled": True}
     model = artifact_model(args.run / f"seed{args.seed}" / "artifact.pgz")
     tokens = val_tokens(args.data, args.chunks * cfg["ttt"]["chunk_tokens"], cfg["seq_len"])
-    report = audit(model, tokens, cfg, build_byte_luts(args.tokenizer, model.vocab_size))
+    report = audit(model, tokens, cfg, byte_counts(args.data, args.tokenizer, model.vocab_size, len(tokens)))
     print(json.dumps(report, indent=2))
     if not all(r["ok"] for r in report):
         raise SystemExit("pgolf audit: FAILED: a loss recorded before position t depends on tokens after t")

@@ -2,6 +2,8 @@
 
 Each target token y after a token x is worth base_bytes[y] + (has_leading_space[y] & ~is_boundary[x])
 UTF-8 bytes: the "▁" of a word-initial piece is a real space except right after a document boundary.
+A dataset whose tokenizer read transformed text (CaseOps) carries a byte sidecar instead: the
+original text's bytes of each token of the stream, which the records count BPB against.
 Sums are kept in float64 and all-reduced across processes.
 """
 
@@ -15,12 +17,42 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 
+from pgolf.data.shards import load_sidecar
+from pgolf.errors import PgolfError
+
 
 @dataclass(frozen=True)
 class ByteLUTs:
     base_bytes: torch.Tensor  # int32 (V,)
     has_leading_space: torch.Tensor  # bool (V,)
     is_boundary: torch.Tensor  # bool (V,)
+
+    def count(self, prev: torch.Tensor, tgt: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        return target_bytes(self, prev, tgt)
+
+
+@dataclass(frozen=True)
+class ByteSidecar:
+    """Original UTF-8 bytes of each token of the scored stream, read from the dataset's sidecar."""
+
+    token_bytes: torch.Tensor  # int64 (n_tokens,), aligned with the val tokens that are scored
+
+    def count(self, prev: torch.Tensor, tgt: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        if pos is None:
+            raise PgolfError("a byte sidecar counts bytes by stream position; the scorer passed none")
+        return self.token_bytes[pos.long().cpu()].to(tgt.device)
+
+
+ByteCounts = ByteLUTs | ByteSidecar
+
+
+def byte_counts(dataset_dir: str | Path, tokenizer_path: str | Path, vocab_size: int, n_tokens: int) -> ByteCounts:
+    """How the dataset's bytes are counted: its val sidecar, cut to the first n_tokens scored, when
+    it has one, else the tokenizer's tables (the challenge's count)."""
+    sidecar = load_sidecar(dataset_dir, "val")
+    if sidecar is None:
+        return build_byte_luts(tokenizer_path, vocab_size)
+    return ByteSidecar(torch.from_numpy(sidecar[:n_tokens]))
 
 
 def build_byte_luts(tokenizer_path: str | Path, vocab_size: int | None = None) -> ByteLUTs:
@@ -57,14 +89,16 @@ def target_bytes(luts: ByteLUTs, prev: torch.Tensor, tgt: torch.Tensor) -> torch
 class BPBMeter:
     """Accumulates loss (nats), token and byte counts in float64."""
 
-    def __init__(self, luts: ByteLUTs) -> None:
+    def __init__(self, luts: ByteCounts) -> None:
         self.luts = luts
         self.sums = torch.zeros(3, dtype=torch.float64)  # loss, tokens, bytes
 
-    def update(self, losses: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor) -> None:
+    def update(self, losses: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor,
+               pos: torch.Tensor | None = None) -> None:
+        """`pos`: each target's index in the val stream (a sidecar counts by it; the tables by the tokens)."""
         self.sums[0] += losses.detach().double().sum().cpu()
         self.sums[1] += tgt.numel()
-        self.sums[2] += target_bytes(self.luts, prev, tgt).double().sum().cpu()
+        self.sums[2] += self.luts.count(prev, tgt, pos).double().sum().cpu()
 
     def all_reduce(self) -> None:
         if dist.is_available() and dist.is_initialized():

@@ -17,7 +17,7 @@ from pgolf import tensorfile
 from pgolf.data.shards import check_tokenizer, check_vocab, load_split, open_dataset
 from pgolf.distributed import setup_distributed, teardown
 from pgolf.errors import PgolfError
-from pgolf.eval.bpb import BPBMeter, build_byte_luts
+from pgolf.eval.bpb import BPBMeter, byte_counts
 from pgolf.eval.ttt import freeze, ttt_eval
 from pgolf.eval.windows import plain_windows, score_windows, windows
 from pgolf.io import write_json
@@ -86,7 +86,7 @@ def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device:
     open_dataset(args.data, ema.vocab_size, f"the vocabulary of {args.ema}")
     check_vocab(args.data, art.vocab_size, f"the vocabulary of {args.artifact}")
     tokens = val_tokens(args.data, cfg["max_tokens"], T, ema.vocab_size)
-    luts = build_byte_luts(args.tokenizer, ema.vocab_size)
+    luts = byte_counts(args.data, args.tokenizer, ema.vocab_size, len(tokens))  # a CaseOps sidecar, or the tables
     plain, sliding = plain_windows(len(tokens), T), windows(len(tokens), T, cfg["stride"])
     if cfg["ttt"]["enabled"]:  # frozen before the first compile: requires_grad is part of a compiled graph's guards
         freeze(art, cfg["ttt"])

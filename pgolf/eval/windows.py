@@ -2,7 +2,7 @@
 
 Both the sliding-window evaluation and TTT's scoring go through `score_windows`: batches of a fixed
 shape (the last one padded), one autocast call site, the losses of each window's scored targets
-into a BPB meter.
+into a BPB meter, with each target's place in the stream (a byte sidecar counts bytes by it).
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def score_windows(forward: nn.Module, tokens: Tensor, part_windows: list[Window]
         idx = idx[: len(part)].cpu()
         firsts = torch.tensor([first for _, first in part])
         keep = torch.arange(seq_len)[None, :] >= firsts[:, None]
-        meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep])
+        pos = torch.tensor([s for s, _ in part])[:, None] + torch.arange(seq_len)[None, :]
+        meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep], pos[keep] + 1)  # target t is token t + 1
         if scores is not None:
-            pos = torch.tensor([s for s, _ in part])[:, None] + torch.arange(seq_len)[None, :]
             scores.targets.append(pos[keep])
             scores.losses.append(losses[keep])
         if label and (b + 1) % max(1, n_batches // 10) == 0:
