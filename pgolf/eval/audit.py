@@ -6,6 +6,11 @@ a target at or before t must come out bit for bit the same: nothing the evaluati
 scoring a token may depend on what comes after it. t is taken both inside a chunk (where training
 on the chunk before scoring it shows) and on a chunk's last target (where a training range that
 reached one token too far, into the next chunk, would show).
+
+In phased mode (eval.ttt.mode phased_lora) t is taken in a document that the batch right after the
+first global phase scores: inside its second chunk and on its first chunk's last target, so that an
+adapter trained on a chunk before scoring it shows, and so does a global phase that trained on a
+document not yet scored.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from pgolf.config import load
 from pgolf.eval.bpb import BPBMeter, ByteCounts, byte_counts
 from pgolf.eval.evaluate import artifact_model, val_tokens, windows
+from pgolf.eval.phased import doc_chunks, documents, phase_ends
 from pgolf.eval.ttt import run_chunks, ttt_eval
 from pgolf.eval.windows import Scores
 from pgolf.model import GPT
@@ -36,10 +42,32 @@ def recorded_losses(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCount
     return scores.by_target()
 
 
-def audit_positions(cfg: dict, n_targets: int) -> list[int]:
+def audit_positions(cfg: dict, tokens: torch.Tensor) -> list[int]:
     """A target in the middle of the second chunk, and the first chunk's last target."""
+    n_targets = len(tokens) - 1
+    if cfg["ttt"]["mode"] == "phased_lora":
+        return [t for t in phased_positions(cfg["ttt"], tokens) if t < n_targets - 1]
     c = cfg["ttt"]["chunk_tokens"]
     return [t for t in (c + c // 2, c - 1) if t < n_targets - 1]
+
+
+def phased_positions(ttt: dict, tokens: torch.Tensor) -> list[int]:
+    """The same two targets in the first document of at least three chunks that the batch after the
+    first global phase scores (or the first such document at all, when no phase falls in `tokens`)."""
+    docs, size = documents(tokens), ttt["lora_chunk_tokens"]
+    width = ttt["lora_docs"]
+    after = -(-phase_ends(ttt)[0] // width) * width if ttt["phases"] else 0  # documents scored before it
+    long = [d for d in docs if len(doc_chunks(d, size)) >= 3]
+    pick = next((d for d in docs[after : after + width] if d in long), long[0] if long else docs[0])
+    return [pick[0] + size + size // 2, pick[0] + size - 1]
+
+
+def fit_phases(ttt: dict, tokens: torch.Tensor) -> dict:
+    """The audit reads a few chunks of val: far fewer documents than phase_docs. Phases (and batches)
+    shrink to fall inside them, so that the audit crosses every global phase."""
+    n, phases = len(documents(tokens)), max(1, ttt["phases"])
+    docs = max(phases, min(ttt["phase_docs"], n * 2 // 3))
+    return {**ttt, "phase_docs": docs, "lora_docs": min(ttt["lora_docs"], max(1, docs // phases))}
 
 
 def progress(msg: str) -> None:
@@ -51,7 +79,7 @@ def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positio
     """For each t: how many recorded losses at targets <= t changed when the tokens after t changed.
     Each pass is a whole TTT evaluation (about a minute on the default model on CPU): `log` says
     which one runs and how long the rest will take."""
-    ts = positions or audit_positions(cfg, len(tokens) - 1)
+    ts = positions or audit_positions(cfg, tokens)
     passes, t0 = 1 + len(ts), time.perf_counter()
     log(f"audit: pass 1/{passes}: TTT evaluation of {len(tokens) - 1:,} targets as they are")
     base = recorded_losses(model, tokens, cfg, luts, order)
@@ -85,6 +113,10 @@ def cli(argv: list[str]) -> None:
     cfg["ttt"] = {**cfg["ttt"], "enabled": True}
     model = artifact_model(args.run / f"seed{args.seed}" / "artifact.pgz")
     tokens = val_tokens(args.data, args.chunks * cfg["ttt"]["chunk_tokens"], cfg["seq_len"])
+    if cfg["ttt"]["mode"] == "phased_lora":
+        cfg["ttt"] = fit_phases(cfg["ttt"], tokens)
+        print(f"audit: phased TTT over {len(documents(tokens))} documents, batches of {cfg['ttt']['lora_docs']}, "
+              f"phases after {phase_ends(cfg['ttt'])}", flush=True)
     report = audit(model, tokens, cfg, byte_counts(args.data, args.tokenizer, model.vocab_size, len(tokens)))
     print(json.dumps(report, indent=2))
     if not all(r["ok"] for r in report):

@@ -133,8 +133,12 @@ def ttt_eval(model: GPT, tokens: Tensor, wins: list[Window], seq_len: int, batch
     """BPB of the windows `wins` under legal TTT; the model is adapted in place. Scoring runs
     `forward` (the model's compiled form; `model` by default), training the model itself. `order`
     exists for the audit's tests only (they pass a deliberately illegal one to prove the audit
-    catches it)."""
+    catches it). eval.ttt.mode phased_lora runs pgolf.eval.phased instead, on the same val stream."""
     freeze(model, cfg)
+    if cfg["mode"] == "phased_lora":
+        from pgolf.eval.phased import phased_eval  # it builds on this module's steps
+
+        return phased_eval(model, tokens, seq_len, cfg, meter, rank, world, scores, order, precision)
     run = forward if forward is not None else model  # a compiled module has no truth value
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)

@@ -17,7 +17,9 @@ from pgolf.eval.bpb import BPBMeter
 from pgolf.model import token_losses
 from pgolf.runtime import autocast
 
-Window = tuple[int, int]  # (start, first scored offset)
+# (start, first scored offset) or (start, first, stop): a window scores its offsets first..stop-1,
+# up to its end when stop is absent (phased TTT scores a chunk that ends before its window does).
+Window = tuple[int, ...]
 
 
 @dataclass
@@ -64,9 +66,17 @@ def plain_windows(n_tokens: int, seq_len: int) -> list[Window]:
 def window_batch(tokens: Tensor, part: list[Window], seq_len: int, batch: int) -> Tensor:
     """(batch, seq_len + 1) token rows of the windows `part`, padded with copies of the first row so
     that every forward has one shape (a compiled forward would otherwise recompile for the last)."""
-    rows = [tokens[s : s + seq_len + 1] for s, _ in part]
+    rows = [tokens[s : s + seq_len + 1] for s, *_ in part]
     rows += rows[:1] * (batch - len(rows))
     return torch.stack(rows)
+
+
+def scored_mask(part: list[Window], seq_len: int) -> Tensor:
+    """(len(part), seq_len): the offsets each window scores."""
+    first = torch.tensor([w[1] for w in part])
+    stop = torch.tensor([w[2] if len(w) > 2 else seq_len for w in part])
+    offsets = torch.arange(seq_len)[None, :]
+    return (offsets >= first[:, None]) & (offsets < stop[:, None])
 
 
 @torch.inference_mode()
@@ -82,9 +92,8 @@ def score_windows(forward: nn.Module, tokens: Tensor, part_windows: list[Window]
         with autocast(device, precision):
             losses = token_losses(forward, idx[:, :-1], idx[:, 1:])[: len(part)].float().cpu()
         idx = idx[: len(part)].cpu()
-        firsts = torch.tensor([first for _, first in part])
-        keep = torch.arange(seq_len)[None, :] >= firsts[:, None]
-        pos = torch.tensor([s for s, _ in part])[:, None] + torch.arange(seq_len)[None, :]
+        keep = scored_mask(part, seq_len)
+        pos = torch.tensor([w[0] for w in part])[:, None] + torch.arange(seq_len)[None, :]
         meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep], pos[keep] + 1)  # target t is token t + 1
         if scores is not None:
             scores.targets.append(pos[keep])

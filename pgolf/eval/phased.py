@@ -1,0 +1,185 @@
+"""Phased score-first TTT (PRs #1610, #1626, #1855): per-document LoRA plus global SGD phases.
+
+Documents are the val stream's spans from one BOS token to the next. They are taken in stream
+order, `lora_docs` at a time, each with its own fresh adapters (pgolf/eval/lora.py). A batch walks
+its documents chunk by chunk (`lora_chunk_tokens` targets): chunk c of every document is scored,
+then every document that has a chunk after c takes one Adam step on chunk c's mean loss. After the
+batch in which the scored documents first reach a phase boundary (`phase_docs` split in `phases`:
+833, 1666, 2500), the base model itself trains by SGD on the documents up to that boundary, all of
+them already scored, as chunk mode trains on a chunk (the optimizer, lr, momentum, epochs,
+chunk_tokens, batch_seqs and grad_clip keys; cosine LR; the last chunk left out, as the record does).
+
+Both kinds of step go through the same `order` as chunk mode (ttt.run_chunks: score chunk c, then
+train on it), so the score-before-update rule is one piece of code and `pgolf audit` checks it here
+too. Where pgolf differs from the record, it is so that no update has seen a later token:
+- documents are taken in stream order, not sorted by length (a length is known only at a document's
+  end);
+- chunk [a, e) is scored in the seq_len-token window that a full chunk from a would end, across
+  document boundaries (pgolf's models train on packed streams), so its context does not depend on
+  where the document ends;
+- phase boundaries count documents from `phase_docs`, not from the number of documents in the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from pgolf.data.encode import BOS_ID
+from pgolf.errors import PgolfError
+from pgolf.eval.bpb import BPBMeter
+from pgolf.eval.lora import DocLoRA, LoRAForward
+from pgolf.eval.ttt import Chunk, chunk_lr, make_optimizer, run_chunks, train_chunk, training_sequences
+from pgolf.eval.windows import Scores, Window, score_windows, scored_mask, window_batch
+from pgolf.model import GPT, token_losses
+from pgolf.runtime import autocast
+
+Doc = tuple[int, int]  # targets [lo, hi); target i predicts token i + 1, so a document's last target is the next BOS
+
+
+def documents(tokens: Tensor, bos_id: int = BOS_ID) -> list[Doc]:
+    """The stream's documents as target spans; every target lies in exactly one."""
+    n = len(tokens) - 1
+    starts = (tokens[:n] == bos_id).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return list(zip(starts, [*starts[1:], n], strict=True))
+
+
+def doc_chunks(doc: Doc, size: int) -> list[tuple[int, int]]:
+    lo, hi = doc
+    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+
+
+def chunk_window(a: int, e: int, size: int, seq_len: int, n_targets: int) -> Window:
+    """The window that scores targets [a, e): the seq_len tokens before a + size, where a full chunk
+    would end, so that a short last chunk gets the same context as a full one would."""
+    start = min(max(0, a + size - seq_len), n_targets - seq_len)
+    return (start, a - start, e - start)
+
+
+def phase_ends(cfg: dict) -> list[int]:
+    """Cumulative document counts after which the base model trains (833, 1666, 2500 for the record)."""
+    return [cfg["phase_docs"] * (i + 1) // cfg["phases"] for i in range(cfg["phases"])]
+
+
+def lora_optimizer(lora: DocLoRA, cfg: dict) -> torch.optim.Optimizer:
+    """Adam per element, so each document's rows of A and B are their own optimizer (the record's eps)."""
+    betas = (float(cfg["lora_beta1"]), float(cfg["lora_beta2"]))
+    return torch.optim.AdamW(lora.parameters(), lr=cfg["lora_lr"], betas=betas, eps=1e-10,
+                             weight_decay=cfg["lora_weight_decay"])
+
+
+def padded(rows: list[int], docs: int) -> list[int]:
+    """Document rows of a window batch: window_batch pads with copies of the first window."""
+    return rows + rows[:1] * (docs - len(rows))
+
+
+def adapt_batch(fwd: LoRAForward, tokens: Tensor, batch: list[Doc], cfg: dict, seq_len: int, meter: BPBMeter,
+                scores: Scores | None, order: Callable, precision: str) -> None:
+    """Score a batch of documents chunk by chunk, each document's adapters training on its chunks
+    once they are scored."""
+    lora, size, width = fwd.lora, cfg["lora_chunk_tokens"], cfg["lora_docs"]
+    device = next(fwd.model.parameters()).device
+    lora.reset(cfg["lora_warm_a"])
+    opt = lora_optimizer(lora, cfg)
+    chunks = [doc_chunks(d, size) for d in batch]
+
+    def windows_of(rows: list[int], c: int) -> list[Window]:
+        return [chunk_window(*chunks[r][c], size, seq_len, len(tokens) - 1) for r in rows]
+
+    def score(c: int, _: int) -> None:
+        rows = [r for r, ch in enumerate(chunks) if c < len(ch)]
+        lora.use(padded(rows, width))
+        score_windows(fwd, tokens, windows_of(rows, c), seq_len, width, meter, device, precision, scores)
+
+    def train(c: int, _: int) -> None:
+        rows = [r for r, ch in enumerate(chunks) if c < len(ch) - 1]  # a document's last chunk trains nothing
+        if not rows:
+            return
+        part = windows_of(rows, c)
+        lora.use(padded(rows, width))
+        idx = window_batch(tokens, part, seq_len, width).to(device)
+        mask = torch.zeros(width, seq_len, dtype=torch.bool)
+        mask[: len(part)] = scored_mask(part, seq_len)
+        mask = mask.to(device)
+        with autocast(device, precision):
+            losses = token_losses(fwd, idx[:, :-1], idx[:, 1:])
+        per_doc = (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        per_doc.sum().backward()  # documents' adapters are disjoint: each gets its own chunk's mean
+        opt.step()
+
+    steps = list(range(max(len(ch) for ch in chunks)))
+    order(steps, score, train)
+
+
+def global_phase(model: GPT, params: list[torch.nn.Parameter], stream: Tensor, cfg: dict, seq_len: int,
+                 rank: int, world: int, precision: str) -> None:
+    """SGD on the base model over `stream` (documents already scored), chunk_tokens at a time."""
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    opt = make_optimizer(params, cfg)
+    n, size = len(stream) - 1, cfg["chunk_tokens"]
+    spans = [Chunk([], lo, min(lo + size, n)) for lo in range(0, n, size)]
+    for c, span in enumerate(spans[:-1]):  # the record leaves the last chunk out
+        train_chunk(model, opt, training_sequences(stream, span, seq_len), cfg, chunk_lr(cfg, c, len(spans)),
+                    rank, world, precision)
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+
+
+def scored_stream(tokens: Tensor, docs: list[Doc]) -> Tensor:
+    """The tokens of `docs` end to end: each document's tokens, then the last one's closing token."""
+    return torch.cat([tokens[lo:hi] for lo, hi in docs] + [tokens[docs[-1][1] : docs[-1][1] + 1]])
+
+
+def check(cfg: dict, seq_len: int) -> None:
+    if cfg["phases"] > cfg["phase_docs"]:
+        raise PgolfError(f"eval.ttt.phases={cfg['phases']} is more than eval.ttt.phase_docs={cfg['phase_docs']}: "
+                         "every phase needs at least one scored document to train on")
+    if cfg["lora_chunk_tokens"] > seq_len:
+        raise PgolfError(f"eval.ttt.lora_chunk_tokens={cfg['lora_chunk_tokens']} is longer than "
+                         f"eval.seq_len={seq_len}: a chunk must fit in one scoring window")
+
+
+def phased_eval(model: GPT, tokens: Tensor, seq_len: int, cfg: dict, meter: BPBMeter, rank: int = 0,
+                world: int = 1, scores: Scores | None = None, order: Callable = run_chunks,
+                precision: str = "auto", docs: list[Doc] | None = None) -> dict:
+    """BPB of `docs` (every document of the stream by default) under phased TTT; the model is
+    adapted in place. Processes share each segment of batches between two phases."""
+    check(cfg, seq_len)
+    docs = documents(tokens) if docs is None else docs
+    params = [p for p in model.parameters() if p.requires_grad]  # what freeze() left trainable
+    for p in params:
+        p.requires_grad_(False)  # the adapters train between phases, the base model only in them
+    model.eval()
+    fwd = LoRAForward(model, DocLoRA(model, cfg["lora_docs"], cfg["lora_rank"], cfg["lora_alpha"]))
+    batches = [docs[i : i + cfg["lora_docs"]] for i in range(0, len(docs), cfg["lora_docs"])]
+    ends, phase, segment = phase_ends(cfg), 0, []
+    try:
+        for k, batch in enumerate(batches):
+            segment.append(batch)
+            done = min((k + 1) * cfg["lora_docs"], len(docs))  # documents scored once this batch is
+            due = phase < len(ends) and done >= ends[phase]  # at most one phase per batch, as the record
+            if not (due or k == len(batches) - 1):
+                continue
+            for b in segment[rank::world]:
+                adapt_batch(fwd, tokens, b, cfg, seq_len, meter, scores, order, precision)
+            segment = []
+            if due:
+                global_phase(model, params, scored_stream(tokens, docs[: ends[phase]]), cfg, seq_len,
+                             rank, world, precision)
+                phase += 1
+                fwd.lora.reset(warm_a=False)  # the record builds new adapters after each phase
+    finally:
+        fwd.lora.detach()
+        for p in params:
+            p.requires_grad_(True)
+    meter.all_reduce()
+    n_chunks = sum(len(doc_chunks(d, cfg["lora_chunk_tokens"])) for d in docs)
+    return {**meter.result(), "chunks": n_chunks, "docs": len(docs), "phases": phase}

@@ -1,0 +1,182 @@
+"""Phased score-first TTT: per-document LoRA and global SGD phases, scored before every update that
+sees a token; adapters that match the model they wrap; documents that do not share adapters."""
+
+import copy
+
+import pytest
+import torch
+
+from pgolf.config import validate
+from pgolf.errors import PgolfError
+from pgolf.eval import phased
+from pgolf.eval.audit import audit, fit_phases
+from pgolf.eval.bpb import BPBMeter, build_byte_luts
+from pgolf.eval.evaluate import score, val_tokens, windows
+from pgolf.eval.lora import DocLoRA, LoRAForward
+from pgolf.eval.phased import documents, phased_eval
+from pgolf.eval.ttt import ttt_eval
+from pgolf.eval.windows import Scores
+from pgolf.model import GPT, token_losses
+
+SEQ, STRIDE = 32, 8
+STARTS = [0, 40, 100, 130, 200, 240]  # BOS positions of the test stream: 6 documents, 299 targets
+
+
+def eval_cfg(**ttt) -> dict:
+    base = {"enabled": True, "mode": "phased_lora", "lora_rank": 4, "lora_alpha": 8, "lora_lr": 0.03,
+            "lora_chunk_tokens": 16,
+            "lora_docs": 2, "phases": 2, "phase_docs": 4, "lr": 0.05, "epochs": 1, "chunk_tokens": 64,
+            "batch_seqs": 2}
+    return validate({"eval": {"seq_len": SEQ, "stride": STRIDE, "batch_seqs": 8, "ttt": {**base, **ttt}}})["eval"]
+
+
+@pytest.fixture(scope="module")
+def val(tiny_dataset):
+    """Val tokens cut into short documents: a BOS at each of STARTS and nowhere else."""
+    tokens = val_tokens(tiny_dataset.dataset_dir, 299, SEQ).clone()
+    tokens[tokens == 1] = 5
+    tokens[STARTS] = 1
+    return tokens, build_byte_luts(tiny_dataset.tokenizer, tiny_dataset.vocab_size)
+
+
+def run(model, val, cfg, docs=None, **kw):
+    tokens, luts = val
+    scores = Scores()
+    got = phased_eval(copy.deepcopy(model), tokens, SEQ, cfg["ttt"], BPBMeter(luts), scores=scores, docs=docs, **kw)
+    return got, scores.by_target()
+
+
+def test_documents_run_from_bos_to_bos_and_cover_every_target(val):
+    tokens, _ = val
+    docs = documents(tokens)
+    assert [lo for lo, _ in docs] == STARTS and docs[-1][1] == len(tokens) - 1
+    assert all(a[1] == b[0] for a, b in zip(docs, docs[1:], strict=False))
+    assert documents(torch.tensor([7, 8, 1, 9, 1, 4])) == [(0, 2), (2, 4), (4, 5)]  # a head before the first BOS
+
+
+def recurrent_model(vocab: int, **extra) -> GPT:
+    torch.manual_seed(1)
+    cfg = validate({"model": {"num_layers": 3, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
+                              "recur_layers": [1], "recur_extra_loops": 1, **extra}})["model"]
+    model = GPT(vocab, cfg)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@torch.no_grad()
+def test_fresh_adapters_leave_the_model_as_it_is_and_come_off(small_model, tiny_dataset):
+    model = recurrent_model(tiny_dataset.vocab_size, smear_gate=True, xsa_last_n=1)
+    idx = torch.randint(0, tiny_dataset.vocab_size, (3, SEQ))
+    lora = DocLoRA(model, 3, 4, 8.0)
+    assert len(lora.q) == 4  # one set per virtual layer: block 1 runs twice
+    lora.use([2, 0, 1])
+    assert torch.equal(LoRAForward(model, lora)(idx), model(idx))
+    for m in (lora.q[1], lora.o[2], lora.mlp[0], lora.head):
+        m.B.normal_()
+    assert not torch.equal(LoRAForward(model, lora)(idx), model(idx))
+    plain = model(idx)
+    lora.detach()
+    assert torch.equal(model(idx), plain)  # the model's own forward never sees the adapters
+
+
+@torch.no_grad()
+def test_q_k_v_and_head_adapters_are_low_rank_weight_updates(tiny_dataset):
+    """Reference: an adapter beside a linear map equals that map with alpha/rank * B A added to its weight."""
+    model = recurrent_model(tiny_dataset.vocab_size, tie_embeddings=False)
+    idx = torch.randint(0, tiny_dataset.vocab_size, (2, SEQ))
+    lora = DocLoRA(model, 2, 4, 8.0)
+    lora.use([1, 0])
+    merged = [copy.deepcopy(model) for _ in range(2)]
+    targets = [(lora.q[2], "blocks.1.attn.c_q"), (lora.v[0], "blocks.0.attn.c_v"), (lora.head, "lm_head")]
+    for ad, name in targets:
+        ad.B.normal_(std=0.3)
+        for doc, m in enumerate(merged):
+            m.get_submodule(name).weight += ad.scale * ad.B[doc] @ ad.A[doc]
+    # slot 2 is block 1's second pass: merging into block 1 changes both passes, so compare
+    # against the adapter on both of block 1's slots
+    lora.q[1].A.copy_(lora.q[2].A)
+    lora.q[1].B.copy_(lora.q[2].B)
+    got = LoRAForward(model, lora)(idx)
+    assert torch.allclose(got[0], merged[1](idx[:1])[0], atol=1e-5)  # row 0 is document 1
+    assert torch.allclose(got[1], merged[0](idx[1:])[0], atol=1e-5)
+
+
+def test_phased_scores_every_target_once_and_with_lr_zero_is_the_model_in_its_windows(small_model, val):
+    tokens, luts = val
+    sliding = score(small_model, tokens, windows(len(tokens), SEQ, STRIDE), SEQ, 8, BPBMeter(luts))
+    got, losses = run(small_model, val, eval_cfg(lora_lr=0.0, phases=0))
+    assert got["tokens"] == sliding["tokens"] == len(tokens) - 1 and got["bytes"] == sliding["bytes"]
+    assert sorted(losses) == list(range(len(tokens) - 1)) and got["docs"] == 6
+    # reference: chunk [a, e) of a document is scored in the window of the seq_len tokens before a + 16
+    for t in (3, 45, 101, 298):
+        lo = max(s for s in STARTS if s <= t)
+        a = lo + (t - lo) // 16 * 16
+        start = min(max(0, a + 16 - SEQ), len(tokens) - 1 - SEQ)
+        row = tokens[start : start + SEQ + 1][None]
+        want = token_losses(small_model, row[:, :-1], row[:, 1:])[0, t - start].item()
+        assert losses[t] == pytest.approx(want, abs=1e-5)
+
+
+def test_phased_ttt_changes_bpb_against_no_ttt_and_adapters_alone(small_model, val):
+    tokens, luts = val
+    base, _ = run(small_model, val, eval_cfg(lora_lr=0.0, phases=0))
+    lora_only, _ = run(small_model, val, eval_cfg(phases=0))
+    full = ttt_eval(copy.deepcopy(small_model), tokens, [], SEQ, 8, eval_cfg()["ttt"], BPBMeter(luts))
+    assert lora_only["val_bpb"] < base["val_bpb"]  # each document's adapters learn from its scored chunks
+    assert full["val_bpb"] != lora_only["val_bpb"] and full["phases"] == 2  # eval.ttt.mode reaches phased TTT
+
+
+def test_adapters_are_reset_per_document_and_global_phases_carry_over(small_model, val):
+    tokens, _ = val
+    docs = documents(tokens)
+    one = eval_cfg(lora_docs=1, phases=0)
+    alone, solo = run(small_model, val, one, docs=docs[2:3])
+    _, after_two = run(small_model, val, one, docs=docs[:3])
+    lo, hi = docs[2]
+    assert all(after_two[t] == solo[t] for t in range(lo, hi)) and alone["docs"] == 1
+    _, warm = run(small_model, val, eval_cfg(lora_docs=1, phases=0, lora_warm_a=True), docs=docs[:3])
+    assert any(warm[t] != solo[t] for t in range(lo, hi))  # PR #1767's warm A carries one document into the next
+    _, phased_run = run(small_model, val, eval_cfg(lora_docs=1, phases=1, phase_docs=2), docs=docs[:3])
+    assert all(phased_run[t] == after_two[t] for t in range(0, lo))  # scored before the phase
+    assert all(phased_run[t] != after_two[t] for t in range(lo, hi))  # scored after it: the base model moved
+
+
+def test_audit_passes_phased_ttt_inside_a_chunk_and_on_its_boundary(small_model, val):
+    tokens, luts = val
+    report = audit(small_model, tokens, eval_cfg(), luts)
+    # document 3, the first of three chunks that the batch after the phase at 2 documents scores
+    assert [r["t"] for r in report] == [130 + 24, 130 + 15]
+    assert all(r["ok"] and r["checked"] > 140 for r in report)
+
+
+def train_then_score(chunks, score, train):
+    for c, chunk in enumerate(chunks):
+        train(c, chunk)
+        score(c, chunk)
+
+
+def test_audit_catches_an_adapter_trained_before_scoring(small_model, val):
+    tokens, luts = val
+    report = audit(small_model, tokens, eval_cfg(), luts, order=train_then_score)
+    assert not report[0]["ok"] and 130 <= report[0]["first_changed"] <= 154
+
+
+def test_audit_catches_a_global_phase_on_documents_not_yet_scored(small_model, val, monkeypatch):
+    tokens, luts = val
+    monkeypatch.setattr(phased, "scored_stream", lambda tokens, docs: tokens)  # the whole split, scored or not
+    report = audit(small_model, tokens, eval_cfg(), luts)
+    assert not any(r["ok"] for r in report) and report[1]["first_changed"] == 100  # the first scored after the phase
+
+
+def test_audit_fits_the_phases_inside_the_documents_it_reads(val):
+    tokens, _ = val
+    ttt = fit_phases(eval_cfg(phase_docs=2500, lora_docs=64, phases=3)["ttt"], tokens)
+    assert ttt["phase_docs"] == 4 and ttt["lora_docs"] == 1
+
+
+def test_bad_phased_settings_fail_naming_the_key(small_model, val):
+    with pytest.raises(PgolfError, match="eval.ttt.lora_chunk_tokens=33"):
+        run(small_model, val, eval_cfg(lora_chunk_tokens=33))
+    with pytest.raises(PgolfError, match="eval.ttt.phases=3"):
+        run(small_model, val, eval_cfg(phases=3, phase_docs=2))
