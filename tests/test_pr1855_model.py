@@ -31,6 +31,7 @@ SWITCHES = {
     "mixed_lanes": ({}, MIXED),
     "mixed_vs_1334_lanes": ({"parallel_from": 2, "parallel_mode": "lanes"}, {"parallel_mode": "mixed_lanes"}),
     "virtual_skips": ({"recur_layers": [1, 2], "ln_scale": True}, {"recur_indexing": "virtual_skips"}),
+    "doc_attention": ({}, {"doc_attention": True}),
 }
 
 
