@@ -83,6 +83,7 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["loader"]["mode"] == "ordered" and cfg["loader"]["order"] == "given" and not cfg["loader"]["shard_order"]:
         raise ConfigError("loader.shard_order: order 'given' needs the shard indices in the order to read them")
     check_ttt_legality(cfg["eval"]["ttt"])
+    check_phased_ttt(cfg["eval"]["ttt"], cfg["eval"]["seq_len"])
     if c["metric"] == "ttt_bpb" and not cfg["eval"]["ttt"]["enabled"]:
         raise ConfigError("compare.metric: ttt_bpb needs eval.ttt.enabled: true")
     _resolve_codec_level(cfg["compress"])
@@ -101,6 +102,18 @@ def check_ttt_legality(ttt: dict[str, Any]) -> None:
                           f"already trained on, which breaks {SCORE_FIRST}")
     if ttt["rescore"]:
         raise ConfigError(f"eval.ttt.rescore: scoring a chunk again after training on it breaks {SCORE_FIRST}")
+
+
+def check_phased_ttt(ttt: dict[str, Any], seq_len: int) -> None:
+    """Phased TTT scores each chunk of a document in one window, and trains each phase on documents."""
+    if ttt["mode"] != "phased_lora":
+        return
+    if ttt["lora_chunk_tokens"] > seq_len:
+        raise ConfigError(f"eval.ttt.lora_chunk_tokens={ttt['lora_chunk_tokens']} is longer than "
+                          f"eval.seq_len={seq_len}: a chunk must fit in one scoring window")
+    if ttt["phases"] > ttt["phase_docs"]:
+        raise ConfigError(f"eval.ttt.phases={ttt['phases']} is more than eval.ttt.phase_docs={ttt['phase_docs']}: "
+                          "every phase needs at least one scored document to train on")
 
 
 # What calibration may read. Val tokens are scored later; Hessians built from them would carry

@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
+from conftest import evaluate_on_two_processes
 
-from pgolf.config import validate
-from pgolf.errors import PgolfError
+from pgolf.config import ConfigError, validate
 from pgolf.eval import phased
 from pgolf.eval.audit import audit, fit_phases
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
-from pgolf.eval.evaluate import score, val_tokens, windows
+from pgolf.eval.evaluate import evaluate, score, val_tokens, windows
 from pgolf.eval.lora import DocLoRA, LoRAForward
 from pgolf.eval.phased import documents, phased_eval
 from pgolf.eval.ttt import ttt_eval
@@ -176,7 +176,21 @@ def test_audit_fits_the_phases_inside_the_documents_it_reads(val):
 
 
 def test_bad_phased_settings_fail_naming_the_key(small_model, val):
-    with pytest.raises(PgolfError, match="eval.ttt.lora_chunk_tokens=33"):
-        run(small_model, val, eval_cfg(lora_chunk_tokens=33))
-    with pytest.raises(PgolfError, match="eval.ttt.phases=3"):
-        run(small_model, val, eval_cfg(phases=3, phase_docs=2))
+    with pytest.raises(ConfigError, match="eval.ttt.lora_chunk_tokens=33"):
+        eval_cfg(lora_chunk_tokens=33)
+    with pytest.raises(ConfigError, match="eval.ttt.phases=3"):
+        eval_cfg(phases=3, phase_docs=2)
+    ttt = {**eval_cfg()["ttt"], "lora_chunk_tokens": 40}  # a caller that skips validate() is stopped too
+    with pytest.raises(ConfigError, match="eval.ttt.lora_chunk_tokens=40"):
+        phased_eval(small_model, val[0], SEQ, ttt, BPBMeter(val[1]))
+
+
+def test_evaluate_runs_phased_ttt_on_one_and_two_processes_alike(setup, tmp_path):
+    cfg = eval_cfg(lora_docs=1, phases=1, phase_docs=2, chunk_tokens=256)
+    cfg["max_tokens"] = 2800  # two documents of the fixture's val split and the start of a third
+    one = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
+    assert one["ttt"]["docs"] == 3 and one["ttt"]["phases"] == 1
+    assert one["ttt"]["tokens"] == one["sliding"]["tokens"] and one["ttt"]["bytes"] == one["sliding"]["bytes"]
+    two = evaluate_on_two_processes(setup, cfg, tmp_path / "eval.json")  # a document each, then the phase
+    assert two["ttt"]["tokens"] == one["ttt"]["tokens"]
+    assert two["ttt"]["val_bpb"] == pytest.approx(one["ttt"]["val_bpb"], rel=1e-5)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from pgolf.data.encode import BOS_ID
-from pgolf.errors import PgolfError
+from pgolf.errors import ConfigError
 from pgolf.eval.bpb import BPBMeter
 from pgolf.eval.lora import DocLoRA, LoRAForward
 from pgolf.eval.ttt import Chunk, chunk_lr, make_optimizer, run_chunks, train_chunk, training_sequences
@@ -138,21 +138,14 @@ def scored_stream(tokens: Tensor, docs: list[Doc]) -> Tensor:
     return torch.cat([tokens[lo:hi] for lo, hi in docs] + [tokens[docs[-1][1] : docs[-1][1] + 1]])
 
 
-def check(cfg: dict, seq_len: int) -> None:
-    if cfg["phases"] > cfg["phase_docs"]:
-        raise PgolfError(f"eval.ttt.phases={cfg['phases']} is more than eval.ttt.phase_docs={cfg['phase_docs']}: "
-                         "every phase needs at least one scored document to train on")
-    if cfg["lora_chunk_tokens"] > seq_len:
-        raise PgolfError(f"eval.ttt.lora_chunk_tokens={cfg['lora_chunk_tokens']} is longer than "
-                         f"eval.seq_len={seq_len}: a chunk must fit in one scoring window")
-
-
 def phased_eval(model: GPT, tokens: Tensor, seq_len: int, cfg: dict, meter: BPBMeter, rank: int = 0,
                 world: int = 1, scores: Scores | None = None, order: Callable = run_chunks,
                 precision: str = "auto", docs: list[Doc] | None = None) -> dict:
     """BPB of `docs` (every document of the stream by default) under phased TTT; the model is
     adapted in place. Processes share each segment of batches between two phases."""
-    check(cfg, seq_len)
+    if cfg["lora_chunk_tokens"] > seq_len:  # pgolf.config refuses it too; a wrong window here would score silently
+        raise ConfigError(f"eval.ttt.lora_chunk_tokens={cfg['lora_chunk_tokens']} is longer than "
+                          f"eval.seq_len={seq_len}")
     docs = documents(tokens) if docs is None else docs
     params = [p for p in model.parameters() if p.requires_grad]  # what freeze() left trainable
     for p in params:
