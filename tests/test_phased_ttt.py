@@ -48,10 +48,10 @@ def run(model, val, cfg, docs=None, **kw):
 
 def test_documents_run_from_bos_to_bos_and_cover_every_target(val):
     tokens, _ = val
-    docs = documents(tokens)
+    docs = documents(tokens, 1)
     assert [lo for lo, _ in docs] == STARTS and docs[-1][1] == len(tokens) - 1
     assert all(a[1] == b[0] for a, b in zip(docs, docs[1:], strict=False))
-    assert documents(torch.tensor([7, 8, 1, 9, 1, 4])) == [(0, 2), (2, 4), (4, 5)]  # a head before the first BOS
+    assert documents(torch.tensor([7, 8, 1, 9, 1, 4]), 1) == [(0, 2), (2, 4), (4, 5)]  # a head before the first BOS
 
 
 def recurrent_model(vocab: int, **extra) -> GPT:
@@ -129,7 +129,7 @@ def test_phased_ttt_changes_bpb_against_no_ttt_and_adapters_alone(small_model, v
 
 def test_adapters_are_reset_per_document_and_global_phases_carry_over(small_model, val):
     tokens, _ = val
-    docs = documents(tokens)
+    docs = documents(tokens, 1)
     one = eval_cfg(lora_docs=1, phases=0)
     alone, solo = run(small_model, val, one, docs=docs[2:3])
     _, after_two = run(small_model, val, one, docs=docs[:3])
@@ -171,7 +171,7 @@ def test_audit_catches_a_global_phase_on_documents_not_yet_scored(small_model, v
 
 def test_audit_fits_the_phases_inside_the_documents_it_reads(val):
     tokens, _ = val
-    ttt = fit_phases(eval_cfg(phase_docs=2500, lora_docs=64, phases=3)["ttt"], tokens)
+    ttt = fit_phases(eval_cfg(phase_docs=2500, lora_docs=64, phases=3)["ttt"], tokens, 1)
     assert ttt["phase_docs"] == 4 and ttt["lora_docs"] == 1
 
 

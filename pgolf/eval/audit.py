@@ -42,19 +42,19 @@ def recorded_losses(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCount
     return scores.by_target()
 
 
-def audit_positions(cfg: dict, tokens: torch.Tensor) -> list[int]:
+def audit_positions(cfg: dict, tokens: torch.Tensor, bos_id: int) -> list[int]:
     """A target in the middle of the second chunk, and the first chunk's last target."""
     n_targets = len(tokens) - 1
     if cfg["ttt"]["mode"] == "phased_lora":
-        return [t for t in phased_positions(cfg["ttt"], tokens) if t < n_targets - 1]
+        return [t for t in phased_positions(cfg["ttt"], tokens, bos_id) if t < n_targets - 1]
     c = cfg["ttt"]["chunk_tokens"]
     return [t for t in (c + c // 2, c - 1) if t < n_targets - 1]
 
 
-def phased_positions(ttt: dict, tokens: torch.Tensor) -> list[int]:
+def phased_positions(ttt: dict, tokens: torch.Tensor, bos_id: int) -> list[int]:
     """The same two targets in the first document of at least three chunks that the batch after the
     first global phase scores (or the first such document at all, when no phase falls in `tokens`)."""
-    docs, size = documents(tokens), ttt["lora_chunk_tokens"]
+    docs, size = documents(tokens, bos_id), ttt["lora_chunk_tokens"]
     width = ttt["lora_docs"]
     after = -(-phase_ends(ttt)[0] // width) * width if ttt["phases"] else 0  # documents scored before it
     long = [d for d in docs if len(doc_chunks(d, size)) >= 3]
@@ -62,10 +62,10 @@ def phased_positions(ttt: dict, tokens: torch.Tensor) -> list[int]:
     return [pick[0] + size + size // 2, pick[0] + size - 1]
 
 
-def fit_phases(ttt: dict, tokens: torch.Tensor) -> dict:
+def fit_phases(ttt: dict, tokens: torch.Tensor, bos_id: int) -> dict:
     """The audit reads a few chunks of val: far fewer documents than phase_docs. Phases (and batches)
     shrink to fall inside them, so that the audit crosses every global phase."""
-    n, phases = len(documents(tokens)), max(1, ttt["phases"])
+    n, phases = len(documents(tokens, bos_id)), max(1, ttt["phases"])
     docs = max(phases, min(ttt["phase_docs"], n * 2 // 3))
     return {**ttt, "phase_docs": docs, "lora_docs": min(ttt["lora_docs"], max(1, docs // phases))}
 
@@ -79,7 +79,7 @@ def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positio
     """For each t: how many recorded losses at targets <= t changed when the tokens after t changed.
     Each pass is a whole TTT evaluation (about a minute on the default model on CPU): `log` says
     which one runs and how long the rest will take."""
-    ts = positions or audit_positions(cfg, tokens)
+    ts = positions or audit_positions(cfg, tokens, model.cfg["bos_id"])
     passes, t0 = 1 + len(ts), time.perf_counter()
     log(f"audit: pass 1/{passes}: TTT evaluation of {len(tokens) - 1:,} targets as they are")
     base = recorded_losses(model, tokens, cfg, luts, order)
@@ -114,8 +114,9 @@ def cli(argv: list[str]) -> None:
     model = artifact_model(args.run / f"seed{args.seed}" / "artifact.pgz")
     tokens = val_tokens(args.data, args.chunks * cfg["ttt"]["chunk_tokens"], cfg["seq_len"])
     if cfg["ttt"]["mode"] == "phased_lora":
-        cfg["ttt"] = fit_phases(cfg["ttt"], tokens)
-        print(f"audit: phased TTT over {len(documents(tokens))} documents, batches of {cfg['ttt']['lora_docs']}, "
+        n_docs = len(documents(tokens, model.cfg["bos_id"]))
+        cfg["ttt"] = fit_phases(cfg["ttt"], tokens, model.cfg["bos_id"])
+        print(f"audit: phased TTT over {n_docs} documents, batches of {cfg['ttt']['lora_docs']}, "
               f"phases after {phase_ends(cfg['ttt'])}", flush=True)
     report = audit(model, tokens, cfg, byte_counts(args.data, args.tokenizer, model.vocab_size, len(tokens)))
     print(json.dumps(report, indent=2))

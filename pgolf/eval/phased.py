@@ -27,7 +27,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pgolf.data.encode import BOS_ID
 from pgolf.errors import ConfigError
 from pgolf.eval.bpb import BPBMeter
 from pgolf.eval.lora import DocLoRA, LoRAForward
@@ -39,8 +38,9 @@ from pgolf.runtime import autocast
 Doc = tuple[int, int]  # targets [lo, hi); target i predicts token i + 1, so a document's last target is the next BOS
 
 
-def documents(tokens: Tensor, bos_id: int = BOS_ID) -> list[Doc]:
-    """The stream's documents as target spans; every target lies in exactly one."""
+def documents(tokens: Tensor, bos_id: int) -> list[Doc]:
+    """The stream's documents as target spans; every target lies in exactly one. The BOS id is the
+    model's (model.bos_id), not pgolf.data's: the data stages are no part of a submission's code."""
     n = len(tokens) - 1
     starts = (tokens[:n] == bos_id).nonzero().flatten().tolist()
     if not starts or starts[0] != 0:
@@ -146,7 +146,7 @@ def phased_eval(model: GPT, tokens: Tensor, seq_len: int, cfg: dict, meter: BPBM
     if cfg["lora_chunk_tokens"] > seq_len:  # pgolf.config refuses it too; a wrong window here would score silently
         raise ConfigError(f"eval.ttt.lora_chunk_tokens={cfg['lora_chunk_tokens']} is longer than "
                           f"eval.seq_len={seq_len}")
-    docs = documents(tokens) if docs is None else docs
+    docs = documents(tokens, model.cfg["bos_id"]) if docs is None else docs
     params = [p for p in model.parameters() if p.requires_grad]  # what freeze() left trainable
     for p in params:
         p.requires_grad_(False)  # the adapters train between phases, the base model only in them
