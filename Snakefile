@@ -22,6 +22,7 @@ include: "rules/report.smk"
 
 
 rule all:
+    localrule: True  # seconds of work: no queue round trip on SLURM
     default_target: True
     input:
         f"{RUN}/summary.json",

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 import pgolf.bundle
+import pgolf.cluster
 import pgolf.config
+import pgolf.errors
 import pgolf.provenance
 
 # Snakemake reads config files with YAML 1.1 (`3e-4` is a string there) and keeps the last of two
@@ -36,6 +38,28 @@ TOKENIZER = f"data/tokenizers/{DATASET}_sp{VOCAB}{_CASEOPS}.model"
 DATASET_DIR = f"data/datasets/{DATASET}_sp{VOCAB}{_CASEOPS}"
 SEED_DIR = f"{RUN}/seed{{seed}}"
 NPROC = config["train"]["nproc"]
+# SLURM: the site comes from the profile's default-resources (pgolf/cluster.py); a local run has none.
+# A placeholder left in the profile fails here, before anything is submitted.
+try:
+    SITE = pgolf.cluster.read_site(getattr(workflow.resource_settings.default_resources, "args", None) or [])
+except pgolf.errors.PgolfError as e:
+    raise WorkflowError(str(e)) from None
+
+
+def slurm(stage):
+    """A stage's SLURM resources (partition by the config's device, cores, memory, runtime, GPUs, one node)."""
+    return pgolf.cluster.resources(stage, config, SITE)
+
+
+def threads_of(stage):
+    return pgolf.cluster.threads(stage, SITE, workflow.cores)
+
+
+def group_of(stage):
+    return pgolf.cluster.group(stage, SITE)
+
+
+
 # torchrun picks a free rendezvous port with --standalone, so several trainings can share a host.
 # `pgolf launch` is torchrun with the same arguments, whose log ends with a stage's one-line error
 # instead of torchrun's own traceback (pgolf/launch.py).

@@ -2,6 +2,7 @@
 
 
 rule fetch_corpus:
+    localrule: True  # needs the internet: on the submitting host, not a compute node
     output:
         directory("data/raw/embedded"),
     params:
@@ -26,6 +27,9 @@ rule documents:
         cfg=section("data", ["source", "paths", "val_fraction", "split_seed"]),
         raw=RAW_DIR if config["data"]["source"] == "embedded" else "",
         code=code("documents"),
+    resources:
+        **slurm("documents"),
+    group: group_of("documents")
     log:
         f"data/logs/documents_{DATASET}.log",
     shell:
@@ -35,6 +39,7 @@ rule documents:
 if config["data"]["source"] == "fineweb":
 
     rule fetch_fineweb:
+        localrule: True  # needs the internet: on the submitting host, not a compute node
         output:
             dataset=directory(DATASET_DIR),
             tokenizer=TOKENIZER,
@@ -59,7 +64,10 @@ else:
         params:
             cfg=section("tokenizer"),
             code=code("tokenizer"),
-        threads: workflow.cores
+        threads: threads_of("tokenizer")
+        resources:
+            **slurm("tokenizer"),
+        group: group_of("tokenizer")
         log:
             f"data/logs/tokenizer_{DATASET}_sp{VOCAB}{_CASEOPS}.log",
         shell:
@@ -79,7 +87,10 @@ else:
             cfg=section("data", ["shard_tokens"]),
             caseops=["--caseops"] if config["tokenizer"]["caseops"] else [],
             code=code("shards"),
-        threads: workflow.cores
+        threads: threads_of("shards")
+        resources:
+            **slurm("shards"),
+        group: group_of("shards")
         log:
             f"data/logs/shards_{DATASET}_sp{VOCAB}{_CASEOPS}.log",
         shell:

@@ -18,10 +18,12 @@ rule evaluate:
         # a flag and its path, or nothing: a list, so that :q quotes each element
         unpruned=["--unpruned", f"{SEED_DIR}/quant.pgt"] if PRUNE else [],
         code=code("evaluate"),
-    threads: workflow.cores
+    threads: threads_of("evaluate")
     resources:
         nproc=NPROC,
         gpu=NPROC if config["device"] == "cuda" else 0,
+        **slurm("evaluate"),
+    group: group_of("evaluate")
     log:
         f"{RUN}/logs/evaluate_seed{{seed}}.log",
     benchmark:

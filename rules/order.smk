@@ -37,10 +37,11 @@ rule probe_train:
         out_dir=PROBE_DIR,
         ckpt_dir=f"{PROBE_DIR}/ckpt",
         code=code("train"),
-    threads: workflow.cores
+    threads: threads_of("probe_train")
     resources:
         nproc=NPROC,
         gpu=NPROC if config["device"] == "cuda" else 0,
+        **slurm("probe_train"),
     log:
         f"{RUN}/logs/probe_train.log",
     shell:
@@ -59,6 +60,8 @@ rule shard_order:
         cfg=section("order", ["sample_tokens", "seq_len"]),
         vocab=VOCAB,
         code=code("order"),
+    resources:
+        **slurm("order"),
     log:
         f"{RUN}/logs/shard_order.log",
     shell:

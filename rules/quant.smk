@@ -19,6 +19,8 @@ rule calibrate:
         code=code("calibrate"),
     resources:
         gpu=1 if config["device"] == "cuda" else 0,  # with a gpu limit (the GPU profiles), never beside a training
+        **slurm("calibrate"),
+    group: group_of("calibrate")
     log:
         f"{RUN}/logs/calibrate_seed{{seed}}.log",
     benchmark:
@@ -42,6 +44,9 @@ rule quantize:
         cfg=section("quant"),
         hessians=["--hessians", f"{SEED_DIR}/hessians.pgt"] if GPTQ else [],
         code=code("quantize"),
+    resources:
+        **slurm("quantize"),
+    group: group_of("quantize")
     log:
         f"{RUN}/logs/quantize_seed{{seed}}.log",
     benchmark:
@@ -68,6 +73,9 @@ rule compress:
         # a flag and its path, or nothing: a list, so that :q quotes each element
         hessians=["--hessians", f"{SEED_DIR}/hessians.pgt"] if PRUNE_HESSIANS else [],
         code=code("compress"),
+    resources:
+        **slurm("compress"),
+    group: group_of("compress")
     log:
         f"{RUN}/logs/compress_seed{{seed}}.log",
     benchmark:
@@ -79,6 +87,7 @@ rule compress:
 
 # Its own rule so that editing code reruns only this check, not compression and evaluation.
 rule size:
+    localrule: True  # seconds of work: no queue round trip on SLURM
     input:
         artifact=f"{SEED_DIR}/artifact.pgz",
     output:

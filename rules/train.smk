@@ -21,10 +21,12 @@ rule train:
         out_dir=SEED_DIR,
         ckpt_dir=f"{SEED_DIR}/ckpt",
         code=code("train"),
-    threads: workflow.cores
+    threads: threads_of("train")
     resources:
         nproc=NPROC,
         gpu=NPROC if config["device"] == "cuda" else 0,
+        **slurm("train"),
+    group: group_of("train")
     log:
         f"{RUN}/logs/train_seed{{seed}}.log",
     benchmark:

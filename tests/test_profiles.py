@@ -39,11 +39,15 @@ def test_one_gpu_profile(tmp_path):
     assert "--nproc-per-node 1" in cmd and "--device cuda" in cmd
 
 
-def test_slurm_profile_maps_resources(tmp_path):
+def test_slurm_profile_is_refused_until_its_site_is_filled_in(tmp_path):
+    """The shipped profile holds placeholders: a dry run names the first one (tests/test_cluster.py
+    layers a filled-in site profile and checks what each stage would ask)."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    out = dry_run("slurm", tmp_path)
-    assert "slurm_partition=gpu" in out and "gpu=8" in out and "cpus_per_gpu=8" in out
-    assert "--nproc-per-node 8" in train_command(out)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
+           "--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(REPO / "config.yaml")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "is a placeholder" in out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("profile,limit", [("gpu1", 1), ("gpu", 8)])

@@ -231,8 +231,13 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def log(self, msg: str) -> None:
+        """To the stage's log, and appended to ckpt/train.log: Snakemake deletes a job's log before a
+        retry, and the attempt a scheduler cancelled should stay readable beside the one that resumed."""
         if self.rank == 0:
             print(msg, flush=True)
+            Path(self.args.ckpt_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.args.ckpt_dir) / "train.log", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def train_step(self) -> float:
         scale = lr_scale(self.cfg, self.step, self.elapsed)

@@ -1,0 +1,152 @@
+"""What each stage asks a SLURM cluster for, from the site's settings and the run's config.
+
+The site (partitions, account, cores, memory, GPUs per node) is filled in once, in the
+`default-resources` of a profile (profiles/slurm/profile.yaml, or a profile of your own layered
+after it). Everything else follows from the config: a stage runs where its device is (the preset's
+`device`, not the profile's), torchrun jobs stay on one node, and threads, memory and runtime come
+from here, never from the cores of the host that submits (`threads: workflow.cores` there asked an
+8-core login node's 8 CPUs of 2-core compute nodes: PENDING forever).
+
+A plain local run has no site: every stage keeps its local resources (threads = all cores).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from pgolf.errors import PgolfError
+
+# Site keys a user fills in; anything else under default-resources stays Snakemake's own.
+SITE_KEYS = ("slurm_partition", "slurm_account", "gpu_partition", "gpus_per_node", "cpus_per_task", "mem_mb",
+             "mem_mb_per_gpu", "runtime")
+PLACEHOLDER = re.compile(r"^<.*>$|^your[-_]")
+
+# Stages that run on the submitting host: they need the internet (fetch_*) or take seconds, where a
+# job would wait for the queue and its first status check (the smoke run took 8 min on SLURM, 37 s locally).
+LOCAL_STAGES = ("all", "fetch_corpus", "fetch_fineweb", "size", "aggregate", "plots", "record")
+# A seed's chain, training to evaluation, is one job: on the same node and device, without a queue
+# round trip and a first status check between stages (quantization takes seconds to a minute, which
+# costs a GPU job little against waiting in the queue again). Outputs stay per stage, so a changed
+# quant config still reruns only quantize, compress and evaluate, as one smaller job.
+SEED_GROUP = ("train", "calibrate", "quantize", "compress", "evaluate")
+# The data stages run once and in a row: one job.
+DATA_GROUP = ("documents", "tokenizer", "shards")
+# Stages on the run's device: training and evaluation under torchrun (one node), calibration.
+TORCHRUN_STAGES = ("train", "probe_train", "evaluate")
+DEVICE_STAGES = (*TORCHRUN_STAGES, "calibrate")
+# Stages whose work spreads over threads; the others run one thread (GPTQ's small column updates,
+# compression, the order probe).
+THREADED_STAGES = ("tokenizer", "shards", "train", "probe_train", "evaluate")
+
+# Memory (MB) a CPU job asks for: the default run's measured peak RSS (results/default/benchmarks,
+# max_rss: train 970, evaluate 590, calibrate 280, quantize and compress 250) times about four, for
+# larger presets on CPU and the page cache of memory-mapped shards. Other stages: the site's mem_mb.
+CPU_MEM_MB = {"train": 4000, "probe_train": 4000, "evaluate": 2500, "calibrate": 1500, "quantize": 1500,
+              "compress": 1500, "order": 2000}
+
+
+@dataclass(frozen=True)
+class Site:
+    partition: str
+    account: str | None  # None: the cluster has no accounting (sbatch without -A)
+    gpu_partition: str
+    gpus_per_node: int
+    cpus_per_task: int
+    mem_mb: int
+    mem_mb_per_gpu: int
+    runtime: int  # minutes, for any stage without a figure of its own
+
+
+def _parse(args: list[str]) -> dict[str, str]:
+    """`key=value` strings, as Snakemake keeps --default-resources, into a dict of raw values."""
+    pairs = (a.split("=", 1) for a in args if "=" in a)
+    return {k.strip(): v.strip().strip("'\"") for k, v in pairs}
+
+
+def _int(raw: dict[str, str], key: str, where: str) -> int:
+    try:
+        value = int(raw[key])
+    except ValueError:
+        raise PgolfError(f"{where}: default-resources {key}={raw[key]!r} is not a whole number") from None
+    if value < 1:
+        raise PgolfError(f"{where}: default-resources {key}={value} must be at least 1")
+    return value
+
+
+def read_site(default_resources: list[str], where: str = "the SLURM profile") -> Site | None:
+    """The site from a profile's default-resources, or None for a run without SLURM settings.
+
+    A run is a SLURM run when its default resources name a `slurm_partition`; then every site key
+    must be there and filled in, so a placeholder fails here, before any job is submitted."""
+    raw = _parse(default_resources)
+    if "slurm_partition" not in raw:
+        return None
+    missing = [k for k in SITE_KEYS if k not in raw]
+    if missing:
+        raise PgolfError(f"{where}: default-resources lacks {', '.join(missing)} (see profiles/README.md)")
+    for key in SITE_KEYS:
+        if PLACEHOLDER.search(raw[key]) or not raw[key]:
+            raise PgolfError(f"{where}: default-resources {key}={raw[key]!r} is a placeholder; "
+                             "set it to your cluster's value (profiles/README.md)")
+    account = raw["slurm_account"]
+    return Site(partition=raw["slurm_partition"], account=None if account.lower() == "none" else account,
+                gpu_partition=raw["gpu_partition"], gpus_per_node=_int(raw, "gpus_per_node", where),
+                cpus_per_task=_int(raw, "cpus_per_task", where), mem_mb=_int(raw, "mem_mb", where),
+                mem_mb_per_gpu=_int(raw, "mem_mb_per_gpu", where), runtime=_int(raw, "runtime", where))
+
+
+def threads(stage: str, site: Site | None, cores: int) -> int:
+    """Threads of a stage: the site's cores per task on SLURM, this host's cores locally."""
+    if stage not in THREADED_STAGES:
+        return 1
+    return site.cpus_per_task if site is not None else cores
+
+
+def _on_gpu(stage: str, config: dict) -> bool:
+    """Whether a stage holds GPUs: the device stages of a CUDA run, and quantization, which shares
+    the seed's job."""
+    return config["device"] == "cuda" and (stage in DEVICE_STAGES or stage in SEED_GROUP)
+
+
+def _train_minutes(config: dict, site: Site) -> int:
+    """Training's time limit: twice its wall-clock budget plus compile and checkpoint slack, or the
+    site's runtime when training runs by steps alone."""
+    budget = config["train"]["max_wallclock_seconds"]
+    return max(site.runtime, math.ceil(2 * budget / 60) + 20) if budget > 0 else site.runtime
+
+
+def resources(stage: str, config: dict, site: Site | None) -> dict:
+    """The SLURM resources of a stage (nothing for a local run, or a stage run locally)."""
+    if site is None or stage in LOCAL_STAGES:
+        return {}
+    nproc = config["train"]["nproc"]
+    gpu = _on_gpu(stage, config)
+    gpus = (nproc if stage in TORCHRUN_STAGES else 1) if gpu else 0
+    if gpus > site.gpus_per_node:
+        raise PgolfError(f"train.nproc={nproc}: {stage} would ask for {gpus} GPUs on one node, and the "
+                         f"profile's gpus_per_node is {site.gpus_per_node}")
+    res = {
+        "slurm_partition": site.gpu_partition if gpu else site.partition,
+        "cpus_per_task": threads(stage, site, site.cpus_per_task) if not gpu else site.cpus_per_task,
+        "mem_mb": gpus * site.mem_mb_per_gpu if gpus else min(CPU_MEM_MB.get(stage, site.mem_mb), site.mem_mb),
+        "runtime": _train_minutes(config, site) if stage in ("train", "probe_train") else site.runtime,
+    }
+    # the GPUs themselves are the rules' own `gpu` resource (the local GPU profiles schedule on it too)
+    if stage in TORCHRUN_STAGES:
+        res["nodes"] = 1  # torchrun --standalone uses only the batch host's GPUs
+    # "" overrides the profile's "none": the plugin then submits without -A
+    res["slurm_account"] = site.account or ""
+    return res
+
+
+def group(stage: str, site: Site | None) -> str | None:
+    """The Snakemake group of a stage on SLURM (one job per group and seed), None otherwise."""
+    if site is None:
+        return None
+    if stage in SEED_GROUP:
+        return "seed"
+    if stage in DATA_GROUP:
+        return "data"
+    return None
