@@ -71,12 +71,15 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if (c["baseline_mean"] is None) != (c["baseline_std"] is None):
         raise ConfigError("compare: baseline_mean and baseline_std go together")
     hub = cfg["data"]["hub"]
-    if cfg["data"]["source"] == "fineweb" and int(hub["variant"][2:]) != cfg["tokenizer"]["vocab_size"]:
-        raise ConfigError(f"tokenizer.vocab_size ({cfg['tokenizer']['vocab_size']}) must match data.hub.variant "
-                          f"({hub['variant']}) for source fineweb")
-    if cfg["data"]["source"] == "fineweb" and cfg["tokenizer"]["caseops"]:
-        raise ConfigError("tokenizer.caseops: source fineweb fetches the challenge's shards and tokenizer, which are "
-                          "not CaseOps; use source embedded or local (the tokenizer and shards stages build them)")
+    if cfg["data"]["source"] == "fineweb":
+        from pgolf.data.fineweb import is_caseops, vocab_of
+
+        if vocab_of(hub["variant"]) != cfg["tokenizer"]["vocab_size"]:
+            raise ConfigError(f"tokenizer.vocab_size ({cfg['tokenizer']['vocab_size']}) must match data.hub.variant "
+                              f"({hub['variant']}) for source fineweb")
+        if is_caseops(hub["variant"]) != cfg["tokenizer"]["caseops"]:
+            raise ConfigError(f"tokenizer.caseops ({cfg['tokenizer']['caseops']}) must say whether data.hub.variant "
+                              f"({hub['variant']}) is a CaseOps export (its name has 'caseops') for source fineweb")
     if cfg["data"]["source"] == "local" and not cfg["data"]["paths"]:
         raise ConfigError("data.paths: source 'local' needs at least one folder or glob")
     check_calibration(cfg["calibrate"])

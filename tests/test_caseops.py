@@ -285,7 +285,7 @@ def test_a_manifest_with_a_bad_sidecar_entry_is_refused(copy_of, edit, message):
         read_manifest(copy_of)
 
 
-def test_caseops_is_off_by_default_and_refused_with_fineweb():
+def test_caseops_is_off_by_default_and_refused_with_a_plain_fineweb_variant():
     assert validate({})["tokenizer"]["caseops"] is False
     with pytest.raises(ConfigError, match="tokenizer.caseops"):
         validate({"data": {"source": "fineweb", "hub": {"variant": "sp1024"}}, "tokenizer": {"caseops": True}})

@@ -149,3 +149,93 @@ def test_a_corrupt_shard_is_refused(hub, tmp_path):
     with pytest.raises(ValueError, match="failed its check: .*header promises 10 tokens"):
         fetch(hub_cfg(server), tmp_path / "cache", tmp_path / "ds", tmp_path / "tok.model")
     assert not (tmp_path / "ds").exists()
+
+
+CASEOPS_VARIANT = "sp400_lossless_caps_caseops_v1_reserved"
+
+
+@pytest.fixture()
+def caseops_hub(tmp_path):
+    """A Hub with a CaseOps export's layout (val byte sidecar, the operators' tokenizer), made through
+    pgolf's own CaseOps tokenizer and shards stages on the fixture corpus."""
+    import sentencepiece  # noqa: F401  (the stages need it)
+
+    from pgolf.data import documents, encode, tokenizer
+
+    cfg = validate({"data": {"source": "local", "paths": [str(Path(__file__).parent / "fixtures" / "corpus")],
+                             "val_fraction": 0.1, "shard_tokens": 20000},
+                    "tokenizer": {"vocab_size": 400, "caseops": True}})
+    built = tmp_path / "built"
+    built.mkdir()
+    documents.build(cfg["data"], None, built / "docs.parquet")
+    tokenizer.cli(["--docs", str(built / "docs.parquet"), "--cfg", json.dumps(cfg["tokenizer"]),
+                   "--out", str(built / "tok.model")])
+    encode.cli(["--docs", str(built / "docs.parquet"), "--tokenizer", str(built / "tok.model"),
+                "--cfg", json.dumps({"shard_tokens": 20000}), "--out", str(built / "ds"), "--caseops"])
+    root = tmp_path / "hub"
+    d = root / ROOT / "datasets" / f"fineweb10B_{CASEOPS_VARIANT}"
+    d.mkdir(parents=True)
+    for f in sorted((built / "ds").glob("fineweb_*.bin")):
+        if "train_bytes" not in f.name:  # the export ships the val sidecar only
+            shutil.copyfile(f, d / f.name)
+    (root / ROOT / "tokenizers").mkdir()
+    shutil.copyfile(built / "tok.model", root / ROOT / "tokenizers" / f"fineweb_400_bpe{CASEOPS_VARIANT[5:]}.model")
+    n_train = len(list(d.glob("fineweb_train_0*.bin")))
+    manifest = {"datasets": [{"name": f"fineweb10B_{CASEOPS_VARIANT}", "stats": {"files_train": n_train,
+                                                                              "files_val": 1}}]}
+    (root / ROOT / "manifest.json").write_text(json.dumps(manifest))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    server.root, server.log, server.cut = root / "", [], set()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, built
+    server.shutdown()
+
+
+def caseops_cfg(server, **over) -> dict:
+    cfg = {"repo_id": REPO, "variant": CASEOPS_VARIANT, "train_shards": 1,
+           "endpoint": f"http://127.0.0.1:{server.server_port}"}
+    full = validate({"data": {"source": "fineweb", "hub": {**cfg, **over}},
+                     "tokenizer": {"vocab_size": 400, "caseops": True}})
+    return full["data"]["hub"]
+
+
+def test_a_caseops_export_brings_its_byte_sidecar_and_bpb_counts_original_bytes(caseops_hub, tmp_path):
+    from pgolf.data.shards import load_sidecar, open_dataset, read_manifest
+
+    server, built = caseops_hub
+    fetch(caseops_cfg(server), tmp_path / "cache", tmp_path / "ds", tmp_path / "tok.model")
+    m = read_manifest(tmp_path / "ds")
+    assert m["text_transform"] == "caseops_v1" and m["splits"]["val"]["byte_sidecar"]["shards"] == [
+        "fineweb_val_bytes_000000.bin"]
+    open_dataset(tmp_path / "ds", 400, "tokenizer.vocab_size")
+    # the same bytes as the val split's original UTF-8 text, which the stages that built it checked
+    assert np.array_equal(load_sidecar(tmp_path / "ds", "val"), load_sidecar(built / "ds", "val"))
+    assert m["splits"]["val"]["bytes"] == read_manifest(built / "ds")["splits"]["val"]["bytes"]
+
+
+def test_a_caseops_export_with_a_short_sidecar_or_a_plain_tokenizer_is_refused(caseops_hub, tmp_path):
+    server, built = caseops_hub
+    d = server.root / ROOT / "datasets" / f"fineweb10B_{CASEOPS_VARIANT}"
+    side = d / "fineweb_val_bytes_000000.bin"
+    good = side.read_bytes()
+    write_shard(side, np.ones(5, dtype=np.uint16))
+    with pytest.raises(ValueError, match="byte sidecar fineweb_val_bytes_000000.bin has 5 entries for the"):
+        fetch(caseops_cfg(server), tmp_path / "c1", tmp_path / "ds", tmp_path / "tok.model")
+    side.write_bytes(good)
+    tok = server.root / ROOT / "tokenizers" / f"fineweb_400_bpe{CASEOPS_VARIANT[5:]}.model"
+    plain = __import__("sentencepiece")
+    plain.SentencePieceTrainer.train(sentence_iterator=iter(["plain text only"] * 50), model_prefix=str(tmp_path / "p"),
+                                     vocab_size=40, model_type="char")
+    shutil.copyfile(tmp_path / "p.model", tok)
+    with pytest.raises(ValueError, match="operators U\\+E001..U\\+E004 are not pieces of their own"):
+        fetch(caseops_cfg(server), tmp_path / "c2", tmp_path / "ds", tmp_path / "tok.model")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_caseops_must_match_the_variant():
+    with pytest.raises(ValueError, match="tokenizer.caseops \\(False\\) must say whether data.hub.variant"):
+        validate({"data": {"source": "fineweb", "hub": {"variant": CASEOPS_VARIANT}},
+                  "tokenizer": {"vocab_size": 400}})
+    with pytest.raises(ValueError, match="tokenizer.caseops \\(True\\) must say"):
+        validate({"data": {"source": "fineweb", "hub": {"variant": "sp400"}},
+                  "tokenizer": {"vocab_size": 400, "caseops": True}})
