@@ -129,7 +129,8 @@ def resources(stage: str, config: dict, site: Site | None) -> dict:
                          f"profile's gpus_per_node is {site.gpus_per_node}")
     res = {
         "slurm_partition": site.gpu_partition if gpu else site.partition,
-        "cpus_per_task": threads(stage, site, site.cpus_per_task) if not gpu else site.cpus_per_task,
+        # a GPU job gets the site's cores per GPU: each torchrun process has its own loader and threads
+        "cpus_per_task": site.cpus_per_task * max(gpus, 1) if gpu else threads(stage, site, site.cpus_per_task),
         "mem_mb": gpus * site.mem_mb_per_gpu if gpus else min(CPU_MEM_MB.get(stage, site.mem_mb), site.mem_mb),
         "runtime": _train_minutes(config, site) if stage in ("train", "probe_train") else site.runtime,
     }

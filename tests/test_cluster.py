@@ -62,7 +62,7 @@ def test_cuda_preset_asks_its_gpus_of_one_node():
     s = site(slurm_account="golf")
     train = resources("train", cfg, s)
     assert (train["slurm_partition"], train["nodes"], train["mem_mb"]) == ("gpu", 1, 120000)
-    assert train["slurm_account"] == "golf"
+    assert train["slurm_account"] == "golf" and train["cpus_per_task"] == 4 * 6  # the site's cores per GPU
     assert train["runtime"] >= 2 * cfg["train"]["max_wallclock_seconds"] / 60  # twice the budget, at least
     calibrate = resources("calibrate", cfg, s)
     assert calibrate["mem_mb"] == 30000 and calibrate["slurm_partition"] == "gpu"
