@@ -1,0 +1,124 @@
+"""configs/pr1855-smoke.yaml end to end under Snakemake: PR #1855's whole stack, only smaller, on the
+fixture corpus; its outputs are sane and `pgolf audit` passes its phased TTT."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pgolf import tensorfile
+from pgolf.config import load
+from pgolf.data.shards import load_sidecar
+from pgolf.eval.bpb import build_byte_luts
+from pgolf.eval.evaluate import val_tokens
+from pgolf.quant.artifact import read_header, read_tensors
+
+REPO = Path(__file__).resolve().parent.parent
+PRESET, SMOKE = REPO / "configs" / "pr1855.yaml", REPO / "configs" / "pr1855-smoke.yaml"
+RUN = "results/pr1855-smoke"
+DATASET, TOKENIZER = "data/datasets/smoke_sp320_caseops", "data/tokenizers/smoke_sp320_caseops.model"
+
+# What the smoke variant may change: sizes, step counts, where it runs and on what data. Every other
+# key, each of the record's switches among them, resolves as in the preset.
+SHRUNK = {
+    "run", "seeds", "device", "data.source", "data.name", "data.paths", "data.val_fraction", "data.shard_tokens",
+    "tokenizer.vocab_size", "model.num_layers", "model.model_dim", "model.num_heads", "model.num_kv_heads",
+    "model.xsa_last_n", "model.rope_dims", "model.recur_layers", "model.parallel_from",
+    "train.nproc", "train.seq_len", "train.batch_tokens", "train.micro_batch_seqs", "train.iterations",
+    "train.max_wallclock_seconds", "train.prime_steps", "train.muon_momentum_warmup_steps", "train.ema_decay",
+    "train.checkpoint_every", "train.log_every", "calibrate.seqs", "calibrate.seq_len", "quant.min_numel",
+    "quant.block_size", "eval.seq_len", "eval.stride", "eval.batch_seqs", "eval.max_tokens",
+    "eval.ttt.lora_rank", "eval.ttt.lora_alpha", "eval.ttt.lora_docs", "eval.ttt.phases", "eval.ttt.phase_docs",
+    "eval.ttt.chunk_tokens", "eval.ttt.batch_seqs", "compare.baseline_mean", "compare.baseline_std",
+}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("pr1855_smoke")
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["data"]["paths"] = [str(REPO / p) for p in cfg["data"]["paths"]]
+    cfg["extends"] = str(PRESET)  # the copy is elsewhere
+    (workdir / "run.yaml").write_text(yaml.safe_dump(cfg))
+    # One core: on a loaded 2-core machine a job's two OpenMP threads wait on each other, and phased
+    # TTT, hundreds of tiny steps, ran 8x slower (59 s against 5 s).
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "1",
+           "--configfile", str(workdir / "run.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=workdir)
+    if proc.returncode:
+        logs = "".join(f"\n== {p.name}\n{p.read_text()[-1500:]}" for p in sorted((workdir / RUN).glob("logs/*.log")))
+        pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-3000:]}{logs}")
+    return workdir
+
+
+def test_the_smoke_variant_keeps_every_part_of_the_preset():
+    preset, smoke = flatten(load(PRESET)), flatten(load(SMOKE))
+    changed = {k for k in preset if smoke[k] != preset[k]}
+    assert changed <= SHRUNK, sorted(changed - SHRUNK)
+    assert smoke["tokenizer.caseops"] and smoke["eval.ttt.mode"] == "phased_lora" and smoke["model.doc_attention"]
+    assert smoke["model.recur_start_frac"] == 0.35 and smoke["train.max_wallclock_seconds"] == 0  # by iterations
+
+
+def test_every_stage_runs_and_scores_below_a_uniform_guess(run):
+    ev = json.loads((run / RUN / "seed1/eval.json").read_text())
+    for part in ("pre_quant", "post_quant", "sliding", "ttt"):
+        bpb = ev[part]["val_bpb"]
+        uniform = math.log2(320) * ev[part]["tokens"] / ev[part]["bytes"]  # bits of a uniform guess per byte
+        assert math.isfinite(bpb) and 0 < bpb < uniform, (part, bpb, uniform)
+    assert ev["ttt"]["phases"] == 2 and ev["ttt"]["docs"] == 5  # both global phases ran on the scored documents
+    summary = json.loads((run / RUN / "summary.json").read_text())
+    assert summary["mean"]["ttt_bpb"] == pytest.approx(ev["ttt"]["val_bpb"])
+    log = (run / RUN / "logs/train_seed1.log").read_text()
+    assert "step 7: depth recurrence on" in log  # 35% of 20 iterations
+    size = json.loads((run / RUN / "seed1/size.json").read_text())
+    assert size["total_bytes"] == size["model_bytes"] + size["code_bytes"]
+
+
+def test_bpb_counts_the_original_bytes_from_the_sidecar(run):
+    ev = json.loads((run / RUN / "seed1/eval.json").read_text())
+    n = ev["sliding"]["tokens"]
+    sidecar = load_sidecar(run / DATASET, "val")
+    assert ev["sliding"]["bytes"] == ev["ttt"]["bytes"] == int(sidecar[1 : n + 1].sum())  # target i is token i + 1
+    # The tokenizer's tables would count the case operators' UTF-8 bytes too: more bytes, a lower BPB.
+    tokens = val_tokens(run / DATASET, n, 64)
+    luts = build_byte_luts(run / TOKENIZER, 320)
+    assert int(luts.count(tokens[:-1], tokens[1:], None).sum()) > ev["sliding"]["bytes"]
+
+
+def test_the_artifact_holds_every_quantized_part_and_reads_back_exactly(run):
+    seed = run / RUN / "seed1"
+    header = read_header(seed / "artifact.pgz")
+    assert header["codec"] == "pergroup" and len(header["streams"]) > 1
+    quant, meta = tensorfile.load(seed / "quant.pgt")
+    packed, packed_meta = read_tensors(seed / "artifact.pgz")
+    assert packed_meta == meta and packed.keys() == quant.keys()
+    assert all(torch.equal(packed[k], quant[k]) for k in quant)
+    assert len(meta["quant"]["lqer"]) == 3 and "tok_emb.weight" in meta["quant"]["lqer"]
+    gates = [k for k in meta["quant"]["bits"] if "attn_gate" in k]
+    assert len(gates) == 4 and all(meta["quant"]["bits"][k] == 8 for k in gates)  # int8 rows, one per block
+
+
+def test_pgolf_audit_passes_the_phased_ttt_of_the_run(run):
+    # 12 chunks of 256 hold 3 documents: the audited targets lie in the one scored after the first phase.
+    cmd = [sys.executable, "-m", "pgolf", "audit", "--run", RUN, "--seed", "1", "--config", "run.yaml",
+           "--data", DATASET, "--tokenizer", TOKENIZER, "--chunks", "12"]
+    proc = subprocess.run(cmd, cwd=run, capture_output=True, text=True, env={**env(), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "phased TTT over 3 documents" in proc.stdout and "pgolf audit: passed" in proc.stdout
