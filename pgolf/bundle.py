@@ -8,7 +8,9 @@ reports and config validation are not in it: a submission runs none of them.
 Minified without changing what runs: docstrings, comments, function annotations, `if
 TYPE_CHECKING:` blocks and argparse help texts go (nothing in these modules reads an annotation
 or a docstring; the one visible change is that --help lists the options without descriptions,
-which the readable source has). ast.unparse writes the rest, with one space per indentation
+which the readable source has), and so do the top-level functions and classes that no packed
+module names (the shard writer beside the shard reader, the artifact writer beside its reader:
+what the data stages and the tests use). ast.unparse writes the rest, with one space per indentation
 level and spaces between tokens only where two tokens would otherwise run together. Every module
 is checked to parse back to the tree ast.unparse wrote, so no token can change.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import ast
 import functools
 import io
+import re
 import tokenize
 from pathlib import Path
 
@@ -136,13 +139,62 @@ def _plain_assign(stmt: ast.stmt) -> ast.stmt:
     return stmt
 
 
-def minify(source: str, name: str = "<source>", packed: set[str] | None = None) -> str:
-    """The module with what never runs removed, written by ast.unparse with one-space indents;
-    given the `packed` module names, the CLI's stage table keeps only theirs."""
+def stripped(source: str, name: str = "<source>", packed: set[str] | None = None) -> ast.Module:
+    """The module's tree without docstrings, annotations and help texts; given the `packed` module
+    names, the CLI's stage table keeps only theirs."""
     tree = _Strip().visit(ast.parse(source, filename=name))
     if packed is not None:
         tree = _OnlyPacked(packed).visit(tree)
-    text = ast.unparse(ast.fix_missing_locations(tree))
+    return ast.fix_missing_locations(tree)
+
+
+def _words(tree: ast.AST) -> set[str]:
+    """Every name the code could reach a definition by: names, attributes, imported names, and the
+    words of string constants (the CLI's stage table names functions as 'module:function')."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, ast.alias):
+            out.update(node.name.split("."))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.update(re.findall(r"\w+", node.value))
+    return out
+
+
+def _droppable(stmt: ast.stmt) -> bool:
+    """A top-level def or class whose definition does nothing but bind its name: undecorated, or a
+    dataclass (a decorator could register it somewhere)."""
+    if not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return False
+    return all(_decorator_name(d) == "dataclass" for d in stmt.decorator_list)
+
+
+def _decorator_name(d: ast.expr) -> str | None:
+    d = d.func if isinstance(d, ast.Call) else d
+    return d.id if isinstance(d, ast.Name) else d.attr if isinstance(d, ast.Attribute) else None
+
+
+def drop_unused(trees: dict[str, ast.Module]) -> list[str]:
+    """Remove, in place, the top-level defs and classes that no packed module names, until none is
+    left (a function only an unused one called goes too). By name, not by scope, so a name used
+    anywhere keeps every definition of it: conservative, never wrong. Returns 'module.name's."""
+    dropped: list[str] = []
+    while True:
+        used = set().union(*(_words(t) for t in trees.values()))
+        gone = [(m, s) for m, t in trees.items() for s in t.body if _droppable(s) and s.name not in used]
+        if not gone:
+            return dropped
+        for m, s in gone:
+            trees[m].body.remove(s)
+            dropped.append(f"{m}.{s.name}")
+
+
+def unparse(tree: ast.Module, name: str = "<source>") -> str:
+    """The tree written by ast.unparse with one-space indents and no optional spaces."""
+    text = ast.unparse(tree)
     out = _squeeze(text)
     if ast.dump(ast.parse(out)) != ast.dump(ast.parse(text)):
         raise RuntimeError(f"{name}: minifying changed the code")
@@ -212,11 +264,18 @@ def literal(data: bytes) -> str:
     return "".join(out)
 
 
+def minify(source: str, name: str = "<source>", packed: set[str] | None = None) -> str:
+    """One module with what never runs removed (see stripped), written by unparse."""
+    return unparse(stripped(source, name, packed), name)
+
+
 def modules() -> dict[str, str]:
     """Module name -> minified source, as the packed file holds them."""
     files = runtime_files()
     names = {module_name(p) for p in files}
-    return {module_name(p): minify(p.read_text(), str(p), names if p == ENTRY else None) for p in files}
+    trees = {module_name(p): stripped(p.read_text(), str(p), names if p == ENTRY else None) for p in files}
+    drop_unused(trees)
+    return {m: unparse(tree, m) for m, tree in trees.items()}
 
 
 @functools.lru_cache(maxsize=1)

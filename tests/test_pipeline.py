@@ -70,7 +70,7 @@ def test_record_folder_is_a_self_contained_submission(finished_run):
     sub = json.loads((record / "submission.json").read_text())
     size = json.loads((finished_run / "results/smoke/seed1/size.json").read_text())
     counted = (record / "train_gpt.py").stat().st_size  # the packed code a submission runs
-    assert sub["bytes_code"] == counted == size["code_bytes"] < 30_000
+    assert sub["bytes_code"] == counted == size["code_bytes"] < 40_000  # compress.code_reserve
     assert sub["seeds"] == [1, 2] and set(sub["seed_results"]) == {"1", "2"}
     assert sub["bytes_total"] == max(r["artifact_bytes"] for r in sub["seed_results"].values()) + counted
     summary = json.loads((finished_run / "results/smoke/summary.json").read_text())

@@ -4,6 +4,8 @@ fixture corpus; its outputs are sane and `pgolf audit` passes its phased TTT."""
 import json
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pgolf import tensorfile
+from pgolf import bundle, tensorfile
 from pgolf.config import load
 from pgolf.data.shards import load_sidecar
 from pgolf.eval.bpb import build_byte_luts
@@ -52,6 +54,7 @@ def env() -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
+    """The finished run's folder."""
     workdir = tmp_path_factory.mktemp("pr1855_smoke")
     cfg = yaml.safe_load(SMOKE.read_text())
     cfg["data"]["paths"] = [str(REPO / p) for p in cfg["data"]["paths"]]
@@ -122,3 +125,39 @@ def test_pgolf_audit_passes_the_phased_ttt_of_the_run(run):
     proc = subprocess.run(cmd, cwd=run, capture_output=True, text=True, env={**env(), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "phased TTT over 3 documents" in proc.stdout and "pgolf audit: passed" in proc.stdout
+
+
+def stage_commands(run: Path, stages: tuple[str, ...]) -> list[list[str]]:
+    """The stages' command lines as Snakemake runs them (a dry run's printed shell commands), each
+    from its stage name on: `pgolf <stage> ...` or `pgolf launch ... -m pgolf <stage> ...`."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(run),
+                           "--cores", "1", "--configfile", str(run / "run.yaml"), "-n", "-p", "--forcerun", *stages],
+                          capture_output=True, text=True, env=env(), cwd=run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln.removeprefix("Shell command: ").split(" > ")[0] for ln in proc.stdout.splitlines()]
+    words = [shlex.split(ln) for ln in lines if ln.startswith("pgolf ")]
+    return [w[w.index(stage):] for stage in stages for w in words if stage in w]
+
+
+def test_the_packed_submission_quantizes_compresses_and_scores_as_the_package_did(run, tmp_path):
+    """train_gpt.py alone, in an empty folder, runs LQER, int8 rows, pergroup, the CaseOps sidecar and
+    phased TTT: the same artifact bytes and BPB as the run's own stages."""
+    (tmp_path / bundle.FILE_NAME).write_bytes(bundle.build())
+    seed = run / RUN / "seed1"
+    for name in ("ema.pgt", "hessians.pgt"):
+        shutil.copy(seed / name, tmp_path / name)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
+    clean = {k: v for k, v in env().items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    cmds = stage_commands(run, ("quantize", "compress", "evaluate"))
+    assert [c[0] for c in cmds] == ["quantize", "compress", "evaluate"]
+    for cmd in cmds:
+        args = [str(tmp_path / Path(a).name) if a.startswith(f"{RUN}/seed1/") else
+                str(run / a) if a.startswith("data/") else a for a in cmd[1:]]
+        launcher = torchrun if cmd[0] == "evaluate" else [sys.executable]
+        proc = subprocess.run([*launcher, bundle.FILE_NAME, cmd[0], *args], cwd=tmp_path, env=clean,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{cmd[0]}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert (tmp_path / "artifact.pgz").read_bytes() == (seed / "artifact.pgz").read_bytes()
+    ours, theirs = (json.loads((d / "eval.json").read_text()) for d in (tmp_path, seed))
+    for part in ("post_quant", "sliding", "ttt"):
+        assert ours[part]["val_bpb"] == theirs[part]["val_bpb"], part

@@ -3,7 +3,7 @@
 Code bytes (pgolf.bundle's packed file) are counted by `pgolf size` (pgolf/quant/size.py), its own
 stage, so that editing code reruns only the size check, not compression and evaluation. With
 pruning on, compress aims at the budget minus compress.code_reserve, a fixed allowance for the code
-(30,000 bytes; the packed code is about 28.6 KB), not the code's exact size: then too a code edit
+(40,000 bytes; the packed code is 35,265 with PR #1855's parts), not its exact size: then too a code edit
 reruns only the size check, which counts the real total.
 
 Pruning (PRs #1019/#1334's selective +-1 pruning): zeroing a +-1 code of row r, column c moves its
