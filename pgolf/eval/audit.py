@@ -100,6 +100,21 @@ def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positio
     return report
 
 
+def enough_documents(data: str | Path, tokens: torch.Tensor, cfg: dict, bos_id: int) -> torch.Tensor:
+    """Val read on (doubling) until it holds three documents per global phase, so the audited target
+    lies after a phase, or until the split ends: a few chunks of FineWeb hold hundreds of documents,
+    a small val split may hold fewer than the phases need."""
+    want = 3 * max(1, cfg["ttt"]["phases"])
+    while len(documents(tokens, bos_id)) < want:
+        more = val_tokens(data, 2 * (len(tokens) - 1), cfg["seq_len"])
+        if len(more) == len(tokens):
+            print(f"audit: the val split holds {len(documents(tokens, bos_id))} documents, fewer than {want}",
+                  flush=True)
+            break
+        tokens = more
+    return tokens
+
+
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf audit", description=__doc__)
     ap.add_argument("--run", type=Path, required=True, help="a finished run's folder, e.g. results/default")
@@ -114,6 +129,7 @@ def cli(argv: list[str]) -> None:
     model = artifact_model(args.run / f"seed{args.seed}" / "artifact.pgz")
     tokens = val_tokens(args.data, args.chunks * cfg["ttt"]["chunk_tokens"], cfg["seq_len"])
     if cfg["ttt"]["mode"] == "phased_lora":
+        tokens = enough_documents(args.data, tokens, cfg, model.cfg["bos_id"])
         n_docs = len(documents(tokens, model.cfg["bos_id"]))
         cfg["ttt"] = fit_phases(cfg["ttt"], tokens, model.cfg["bos_id"])
         print(f"audit: phased TTT over {n_docs} documents, batches of {cfg['ttt']['lora_docs']}, "
