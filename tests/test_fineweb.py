@@ -83,21 +83,28 @@ class Hub(BaseHTTPRequestHandler):
 @pytest.fixture()
 def hub(tmp_path, tiny_dataset):
     """A Hub with the challenge's layout, made from the tiny dataset's shards and tokenizer."""
-    root = tmp_path / "hub"
-    d = root / ROOT / "datasets" / "fineweb10B_sp320"
+    shards = sorted(Path(tiny_dataset.dataset_dir).glob("fineweb_*.bin"))
+    server = serve_hub(tmp_path / "hub", "sp320", shards, Path(tiny_dataset.tokenizer))
+    yield server, len([f for f in shards if "_train_" in f.name])
+    server.shutdown()
+
+
+def serve_hub(root: Path, variant: str, shards: list[Path], tokenizer: Path) -> ThreadingHTTPServer:
+    """Lay `shards` and `tokenizer` out as the Hub's dataset repository for `variant`, and serve it."""
+    d = root / ROOT / "datasets" / f"fineweb10B_{variant}"
     d.mkdir(parents=True)
-    for f in sorted(Path(tiny_dataset.dataset_dir).glob("fineweb_*.bin")):
+    for f in shards:
         shutil.copyfile(f, d / f.name)
     (root / ROOT / "tokenizers").mkdir()
-    shutil.copyfile(tiny_dataset.tokenizer, root / ROOT / "tokenizers" / "fineweb_320_bpe.model")
-    n_train = len(list(d.glob("fineweb_train_*.bin")))
-    manifest = {"datasets": [{"name": "fineweb10B_sp320", "stats": {"files_train": n_train, "files_val": 1}}]}
+    vocab, sep, name = variant[2:].partition("_")
+    shutil.copyfile(tokenizer, root / ROOT / "tokenizers" / f"fineweb_{vocab}_bpe{sep}{name}.model")
+    n_train = len([f for f in shards if "_train_0" in f.name])
+    manifest = {"datasets": [{"name": f"fineweb10B_{variant}", "stats": {"files_train": n_train, "files_val": 1}}]}
     (root / ROOT / "manifest.json").write_text(json.dumps(manifest))
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     server.root, server.log, server.cut = root / "", [], set()
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server, n_train
-    server.shutdown()
+    return server
 
 
 def hub_cfg(server, **over) -> dict:
@@ -172,21 +179,8 @@ def caseops_hub(tmp_path):
                    "--out", str(built / "tok.model")])
     encode.cli(["--docs", str(built / "docs.parquet"), "--tokenizer", str(built / "tok.model"),
                 "--cfg", json.dumps({"shard_tokens": 20000}), "--out", str(built / "ds"), "--caseops"])
-    root = tmp_path / "hub"
-    d = root / ROOT / "datasets" / f"fineweb10B_{CASEOPS_VARIANT}"
-    d.mkdir(parents=True)
-    for f in sorted((built / "ds").glob("fineweb_*.bin")):
-        if "train_bytes" not in f.name:  # the export ships the val sidecar only
-            shutil.copyfile(f, d / f.name)
-    (root / ROOT / "tokenizers").mkdir()
-    shutil.copyfile(built / "tok.model", root / ROOT / "tokenizers" / f"fineweb_400_bpe{CASEOPS_VARIANT[5:]}.model")
-    n_train = len(list(d.glob("fineweb_train_0*.bin")))
-    manifest = {"datasets": [{"name": f"fineweb10B_{CASEOPS_VARIANT}", "stats": {"files_train": n_train,
-                                                                              "files_val": 1}}]}
-    (root / ROOT / "manifest.json").write_text(json.dumps(manifest))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    server.root, server.log, server.cut = root / "", [], set()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    shards = [f for f in sorted((built / "ds").glob("fineweb_*.bin")) if "train_bytes" not in f.name]
+    server = serve_hub(tmp_path / "hub", CASEOPS_VARIANT, shards, built / "tok.model")  # val sidecar only
     yield server, built
     server.shutdown()
 
