@@ -283,7 +283,7 @@ def test_preset_parameter_count_matches_the_record(preset, count):
 
 
 def test_params_and_bench_commands(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pgolf", "params", "config.yaml", "configs/pr549.yaml"],
+    out = subprocess.run([sys.executable, "-m", "pgolf", "params", "configs/pr549.yaml"],
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "pr549: 26,928,220 parameters (11 blocks, 11 virtual layers" in out
     figures = tmp_path / "bench.json"
