@@ -34,14 +34,19 @@ MARK = "# written by pgolf tests/test_slurm.py"
 TRAIN = {"iterations": 300, "warmdown_steps": 60, "checkpoint_every": 50, "log_every": 10}
 
 
+# The daemons live in sbin, which a CI shell's PATH may leave out.
+SEARCH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
 def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+    return subprocess.run([shutil.which(cmd[0], path=SEARCH) or cmd[0], *cmd[1:]], capture_output=True, text=True,
+                          **kw)
 
 
 def install() -> None:
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
+    if all(shutil.which(b, path=SEARCH) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
         return
-    if not shutil.which("apt-get"):
+    if not shutil.which("apt-get", path=SEARCH):
         pytest.skip("slurm-wlm and munge are missing and there is no apt-get to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     proc = sh("apt-get", "install", "-y", "-q", "slurm-wlm", "munge", env=env)
