@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import evaluate_on_two_processes
+from test_ttt import train_then_score  # the illegal order, shared with chunk TTT's audit test
 
 from pgolf.config import ConfigError, validate
 from pgolf.eval import phased
@@ -148,12 +149,6 @@ def test_audit_passes_phased_ttt_inside_a_chunk_and_on_its_boundary(small_model,
     # document 3, the first of three chunks that the batch after the phase at 2 documents scores
     assert [r["t"] for r in report] == [130 + 24, 130 + 15]
     assert all(r["ok"] and r["checked"] > 140 for r in report)
-
-
-def train_then_score(chunks, score, train):
-    for c, chunk in enumerate(chunks):
-        train(c, chunk)
-        score(c, chunk)
 
 
 def test_audit_catches_an_adapter_trained_before_scoring(small_model, val):
