@@ -35,10 +35,12 @@ from pathlib import Path
 
 import brotli
 
-from pgolf.provenance import PACKAGE, STAGE_ENTRIES, closure
+from pgolf.pipeline.stages import STAGES
+from pgolf.provenance import PACKAGE, closure
 
-RUNTIME_STAGES = ("train", "calibrate", "quantize", "compress", "evaluate")
+RUNTIME_STAGES = tuple(s.name for s in STAGES if s.packed)
 ENTRY = PACKAGE / "cli.py"
+TABLE = PACKAGE / "pipeline" / "stages.py"
 FILE_NAME = "train_gpt.py"  # the challenge's name for a submission's code
 
 # Serves the packed modules: a package is a module with packed submodules, so __package__ and
@@ -69,7 +71,7 @@ def module_name(path: Path) -> str:
 
 def runtime_files() -> list[Path]:
     """The CLI and every module the runtime stages import, with the packages that hold them."""
-    files = set(closure(["pgolf.cli", *(STAGE_ENTRIES[s] for s in RUNTIME_STAGES)]))
+    files = set(closure(["pgolf.cli", *(s.entry for s in STAGES if s.packed)]))
     for path in list(files):  # importing pgolf.quant.clip first imports pgolf and pgolf.quant
         for parent in path.relative_to(PACKAGE).parents:
             files.add(PACKAGE / parent / "__init__.py")
@@ -77,16 +79,23 @@ def runtime_files() -> list[Path]:
 
 
 class _OnlyPacked(ast.NodeTransformer):
-    """The CLI's stage table without the stages whose module is not packed: they could not run."""
+    """The stage table and the CLI's tools without the rows whose module is not packed: they could
+    not run (a Stage(...) row names its module second, a tool its "module:function" first)."""
 
     def __init__(self, packed: set[str]) -> None:
         self.packed = packed
 
     def visit_Assign(self, node: ast.Assign) -> ast.AST:
-        if [getattr(t, "id", None) for t in node.targets] == ["STAGES"] and isinstance(node.value, ast.Dict):
+        target = [getattr(t, "id", None) for t in node.targets]
+        if target == ["TOOLS"] and isinstance(node.value, ast.Dict):
             keep = [(k, v) for k, v in zip(node.value.keys, node.value.values, strict=True)
                     if ast.literal_eval(v)[0].partition(":")[0] in self.packed]
             node.value.keys, node.value.values = [k for k, _ in keep], [v for _, v in keep]
+        return node
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        if getattr(node.target, "id", None) == "STAGES" and isinstance(node.value, ast.Tuple):
+            node.value.elts = [e for e in node.value.elts if ast.literal_eval(e.args[1]) in self.packed]
         return node
 
 
@@ -273,7 +282,7 @@ def modules() -> dict[str, str]:
     """Module name -> minified source, as the packed file holds them."""
     files = runtime_files()
     names = {module_name(p) for p in files}
-    trees = {module_name(p): stripped(p.read_text(), str(p), names if p == ENTRY else None) for p in files}
+    trees = {module_name(p): stripped(p.read_text(), str(p), names if p in (ENTRY, TABLE) else None) for p in files}
     drop_unused(trees)
     return {m: unparse(tree, m) for m, tree in trees.items()}
 

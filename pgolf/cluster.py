@@ -17,35 +17,12 @@ import re
 from dataclasses import dataclass
 
 from pgolf.errors import PgolfError
+from pgolf.pipeline.stages import stage as stage_row
 
 # Site keys a user fills in; anything else under default-resources stays Snakemake's own.
 SITE_KEYS = ("slurm_partition", "slurm_account", "gpu_partition", "gpus_per_node", "cpus_per_task", "mem_mb",
              "mem_mb_per_gpu", "runtime")
 PLACEHOLDER = re.compile(r"^<.*>$|^your[-_]")
-
-# Stages that run on the submitting host: they need the internet (fetch_*) or take seconds, where a
-# job would wait for the queue and its first status check (the smoke run took 8 min on SLURM, 37 s locally).
-LOCAL_STAGES = ("all", "fetch_corpus", "fetch_fineweb", "size", "aggregate", "plots", "record")
-# A seed's chain, training to evaluation, is one job: on the same node and device, without a queue
-# round trip and a first status check between stages (quantization takes seconds to a minute, which
-# costs a GPU job little against waiting in the queue again). Outputs stay per stage, so a changed
-# quant config still reruns only quantize, compress and evaluate, as one smaller job.
-SEED_GROUP = ("train", "calibrate", "quantize", "compress", "evaluate")
-# The data stages run once and in a row: one job.
-DATA_GROUP = ("documents", "tokenizer", "shards")
-# Stages on the run's device: training and evaluation under torchrun (one node), calibration.
-TORCHRUN_STAGES = ("train", "probe_train", "evaluate")
-DEVICE_STAGES = (*TORCHRUN_STAGES, "calibrate")
-# Stages whose work spreads over threads; the others run one thread (GPTQ's small column updates,
-# compression, the order probe).
-THREADED_STAGES = ("tokenizer", "shards", "train", "probe_train", "evaluate")
-
-# Memory (MB) a CPU job asks for: the default run's measured peak RSS (results/default/benchmarks,
-# max_rss: train 970, evaluate 590, calibrate 280, quantize and compress 250) times about four, for
-# larger presets on CPU and the page cache of memory-mapped shards. Other stages: the site's mem_mb.
-CPU_MEM_MB = {"train": 4000, "probe_train": 4000, "evaluate": 2500, "calibrate": 1500, "quantize": 1500,
-              "compress": 1500, "order": 2000}
-
 
 @dataclass(frozen=True)
 class Site:
@@ -99,15 +76,16 @@ def read_site(default_resources: list[str], where: str = "the SLURM profile") ->
 
 def threads(stage: str, site: Site | None, cores: int) -> int:
     """Threads of a stage: the site's cores per task on SLURM, this host's cores locally."""
-    if stage not in THREADED_STAGES:
+    if not stage_row(stage).threaded:
         return 1
     return site.cpus_per_task if site is not None else cores
 
 
 def _on_gpu(stage: str, config: dict) -> bool:
-    """Whether a stage holds GPUs: the device stages of a CUDA run, and quantization, which shares
-    the seed's job."""
-    return config["device"] == "cuda" and (stage in DEVICE_STAGES or stage in SEED_GROUP)
+    """Whether a stage holds GPUs: the device stages of a CUDA run, and the others of the seed's
+    job (quantization, compression), which share its node."""
+    row = stage_row(stage)
+    return config["device"] == "cuda" and (row.device or row.group == "seed")
 
 
 def _train_minutes(config: dict, site: Site) -> int:
@@ -119,11 +97,12 @@ def _train_minutes(config: dict, site: Site) -> int:
 
 def resources(stage: str, config: dict, site: Site | None) -> dict:
     """The SLURM resources of a stage (nothing for a local run, or a stage run locally)."""
-    if site is None or stage in LOCAL_STAGES:
+    row = stage_row(stage)
+    if site is None or row.local:
         return {}
     nproc = config["train"]["nproc"]
     gpu = _on_gpu(stage, config)
-    gpus = (nproc if stage in TORCHRUN_STAGES else 1) if gpu else 0
+    gpus = (nproc if row.torchrun else 1) if gpu else 0
     if gpus > site.gpus_per_node:
         raise PgolfError(f"train.nproc={nproc}: {stage} would ask for {gpus} GPUs on one node, and the "
                          f"profile's gpus_per_node is {site.gpus_per_node}")
@@ -131,11 +110,11 @@ def resources(stage: str, config: dict, site: Site | None) -> dict:
         "slurm_partition": site.gpu_partition if gpu else site.partition,
         # a GPU job gets the site's cores per GPU: each torchrun process has its own loader and threads
         "cpus_per_task": site.cpus_per_task * max(gpus, 1) if gpu else threads(stage, site, site.cpus_per_task),
-        "mem_mb": gpus * site.mem_mb_per_gpu if gpus else min(CPU_MEM_MB.get(stage, site.mem_mb), site.mem_mb),
-        "runtime": _train_minutes(config, site) if stage in ("train", "probe_train") else site.runtime,
+        "mem_mb": gpus * site.mem_mb_per_gpu if gpus else min(row.cpu_mem_mb or site.mem_mb, site.mem_mb),
+        "runtime": _train_minutes(config, site) if row.cli == "train" else site.runtime,
     }
     # the GPUs themselves are the rules' own `gpu` resource (the local GPU profiles schedule on it too)
-    if stage in TORCHRUN_STAGES:
+    if row.torchrun:
         res["nodes"] = 1  # torchrun --standalone uses only the batch host's GPUs
     # "" overrides the profile's "none": the plugin then submits without -A
     res["slurm_account"] = site.account or ""
@@ -144,10 +123,4 @@ def resources(stage: str, config: dict, site: Site | None) -> dict:
 
 def group(stage: str, site: Site | None) -> str | None:
     """The Snakemake group of a stage on SLURM (one job per group and seed), None otherwise."""
-    if site is None:
-        return None
-    if stage in SEED_GROUP:
-        return "seed"
-    if stage in DATA_GROUP:
-        return "data"
-    return None
+    return None if site is None else stage_row(stage).group

@@ -9,30 +9,13 @@ Snakemake dry run stays fast.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
+from pgolf.pipeline.stages import stage as stage_row
+
 PACKAGE = Path(__file__).resolve().parent
-
-# Each stage's entry module; the modules it runs are found by following its pgolf imports.
-STAGE_ENTRIES: dict[str, str] = {
-    "fetch_corpus": "pgolf.data.corpus",
-    "fetch_fineweb": "pgolf.data.fineweb",
-    "documents": "pgolf.data.documents",
-    "tokenizer": "pgolf.data.tokenizer",
-    "shards": "pgolf.data.encode",
-    "train": "pgolf.train.main",
-    "order": "pgolf.data.order",
-    "calibrate": "pgolf.quant.calibrate",
-    "quantize": "pgolf.quant.quantize",
-    "compress": "pgolf.quant.compress",
-    "size": "pgolf.quant.size",
-    "evaluate": "pgolf.eval.evaluate",
-    "aggregate": "pgolf.report.aggregate",
-    "record": "pgolf.report.record",
-    "plots": "pgolf.report.plots",
-}
-
 
 def _module_path(name: str) -> Path | None:
     parts = name.split(".")[1:]
@@ -66,9 +49,7 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 def module_files(stage: str) -> list[Path]:
     """The stage's entry module and every pgolf module it imports, transitively."""
-    if stage not in STAGE_ENTRIES:
-        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGE_ENTRIES)}")
-    return closure([STAGE_ENTRIES[stage]])
+    return closure([stage_row(stage).entry])
 
 
 def closure(modules: list[str]) -> list[Path]:
@@ -80,8 +61,15 @@ def closure(modules: list[str]) -> list[Path]:
         if path is None or path in seen:
             continue
         seen.add(path)
-        todo += _pgolf_imports(ast.parse(path.read_text(), filename=str(path)))
+        todo += _parsed(str(path), path.read_text())[0]
     return sorted(seen)
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed(path: str, source: str) -> tuple[list[str], str]:
+    """A module's pgolf imports and source hash, parsed once per text of the file: parsing the
+    Snakefile hashes every stage's closure, and most modules are in several."""
+    return sorted(_pgolf_imports(ast.parse(source, filename=path))), source_hash(source, path)
 
 
 def canonical(node: object) -> str:
@@ -111,7 +99,7 @@ def code_version(stage: str) -> str:
     h = hashlib.sha256()
     for path in module_files(stage):
         h.update(str(path.relative_to(PACKAGE)).encode())
-        h.update(source_hash(path.read_text(), str(path)).encode())
+        h.update(_parsed(str(path), path.read_text())[1].encode())
     return h.hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ import pgolf.bundle
 import pgolf.cluster
 import pgolf.config
 import pgolf.errors
+import pgolf.pipeline.stages
 import pgolf.provenance
 
 # Snakemake reads config files with YAML 1.1 (`3e-4` is a string there) and keeps the last of two
@@ -29,7 +30,8 @@ wildcard_constraints:
 RUN = f"results/{config['run']}"
 DATASET = config["data"]["name"]
 VOCAB = config["tokenizer"]["vocab_size"]
-RAW_DIR = f"data/raw/{DATASET}"
+# the embedded corpus is one download whatever the dataset is named (data.name names what is built from it)
+RAW_DIR = "data/raw/embedded"
 DOCS = f"data/docs/{DATASET}.parquet"
 # A CaseOps tokenizer and its shards are other files than the plain ones: switching back and forth
 # between runs that differ in tokenizer.caseops rebuilds neither.
@@ -46,9 +48,23 @@ except pgolf.errors.PgolfError as e:
     raise WorkflowError(str(e)) from None
 
 
+def is_local(stage):
+    """Whether a stage runs on the submitting host under SLURM (pgolf/pipeline/stages.py says why)."""
+    return pgolf.pipeline.stages.stage(stage).local
+
+
 def slurm(stage):
     """A stage's SLURM resources (partition by the config's device, cores, memory, runtime, GPUs, one node)."""
     return pgolf.cluster.resources(stage, config, SITE)
+
+
+def gpus(stage):
+    """GPUs a stage holds on a CUDA run: train.nproc under torchrun, one on the device otherwise. With
+    a gpu limit (the GPU profiles) a calibration never runs beside a training."""
+    row = pgolf.pipeline.stages.stage(stage)
+    if config["device"] != "cuda" or not row.device:
+        return 0
+    return NPROC if row.torchrun else 1
 
 
 def threads_of(stage):
@@ -66,10 +82,15 @@ def group_of(stage):
 TORCHRUN = "pgolf launch --standalone --nproc-per-node {resources.nproc:q} -m pgolf"
 
 
-def section(name, keys=None):
-    """A config section (or some of its keys) as canonical JSON: a plain string param Snakemake tracks."""
+def section(name, without=()):
+    """A config section, whole, as canonical JSON: a plain string param Snakemake tracks, so any key
+    of it that changes reruns the stage. `without` keeps out keys the stage does not read, where
+    passing them would rerun it for nothing; the rule says why beside each."""
     sec = config[name]
-    return json.dumps(sec if keys is None else {k: sec[k] for k in keys}, sort_keys=True)
+    missing = [k for k in without if k not in sec]
+    if missing:
+        raise WorkflowError(f"section({name!r}): {missing} are no keys of it")
+    return json.dumps({k: v for k, v in sec.items() if k not in without}, sort_keys=True)
 
 
 def code(stage):

@@ -2,9 +2,9 @@
 
 
 rule fetch_corpus:
-    localrule: True  # needs the internet: on the submitting host, not a compute node
+    localrule: is_local("fetch_corpus")
     output:
-        directory("data/raw/embedded"),
+        directory(RAW_DIR),
     params:
         code=code("fetch_corpus"),
     log:
@@ -24,7 +24,9 @@ rule documents:
     output:
         DOCS,
     params:
-        cfg=section("data", ["source", "paths", "val_fraction", "split_seed"]),
+        # name is in the output's path; hub is fetch_fineweb's and shard_tokens the shards' stage's:
+        # passed here they would rebuild documents, the tokenizer and everything after for nothing
+        cfg=section("data", without=("name", "hub", "shard_tokens")),
         raw=RAW_DIR if config["data"]["source"] == "embedded" else "",
         code=code("documents"),
     resources:
@@ -39,7 +41,7 @@ rule documents:
 if config["data"]["source"] == "fineweb":
 
     rule fetch_fineweb:
-        localrule: True  # needs the internet: on the submitting host, not a compute node
+        localrule: is_local("fetch_fineweb")
         output:
             dataset=directory(DATASET_DIR),
             tokenizer=TOKENIZER,
@@ -84,7 +86,8 @@ else:
         output:
             directory(DATASET_DIR),
         params:
-            cfg=section("data", ["shard_tokens"]),
+            # the documents' keys reach shards through the documents file; name is in the paths
+            cfg=section("data", without=("source", "name", "paths", "val_fraction", "split_seed", "hub")),
             caseops=["--caseops"] if config["tokenizer"]["caseops"] else [],
             code=code("shards"),
         threads: threads_of("shards")

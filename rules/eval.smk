@@ -21,7 +21,7 @@ rule evaluate:
     threads: threads_of("evaluate")
     resources:
         nproc=NPROC,
-        gpu=NPROC if config["device"] == "cuda" else 0,
+        gpu=gpus("evaluate"),
         **slurm("evaluate"),
     group: group_of("evaluate")
     log:

@@ -36,11 +36,11 @@ rule probe_train:
         precision=config["precision"],
         out_dir=PROBE_DIR,
         ckpt_dir=f"{PROBE_DIR}/ckpt",
-        code=code("train"),
+        code=code("probe_train"),
     threads: threads_of("probe_train")
     resources:
         nproc=NPROC,
-        gpu=NPROC if config["device"] == "cuda" else 0,
+        gpu=gpus("probe_train"),
         **slurm("probe_train"),
     log:
         f"{RUN}/logs/probe_train.log",
@@ -57,13 +57,14 @@ rule shard_order:
     output:
         SHARD_ORDER,
     params:
-        cfg=section("order", ["sample_tokens", "seq_len"]),
+        # the probe's keys reach this stage through the probe's weights, its input
+        cfg=section("order", without=("probe_checkpoint", "probe_iterations")),
         vocab=VOCAB,
-        code=code("order"),
+        code=code("shard_order"),
     resources:
-        **slurm("order"),
+        **slurm("shard_order"),
     log:
         f"{RUN}/logs/shard_order.log",
     shell:
-        "pgolf order --data {input.data:q} --probe {input.probe:q} --cfg {params.cfg:q} --vocab-size {params.vocab:q} "
+        "pgolf shard-order --data {input.data:q} --probe {input.probe:q} --cfg {params.cfg:q} --vocab-size {params.vocab:q} "
         "--out {output:q} > {log:q} 2>&1"

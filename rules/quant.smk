@@ -18,7 +18,7 @@ rule calibrate:
         precision=config["precision"],
         code=code("calibrate"),
     resources:
-        gpu=1 if config["device"] == "cuda" else 0,  # with a gpu limit (the GPU profiles), never beside a training
+        gpu=gpus("calibrate"),
         **slurm("calibrate"),
     group: group_of("calibrate")
     log:
@@ -68,8 +68,8 @@ rule compress:
     output:
         f"{SEED_DIR}/artifact.pgz",
     params:
-        cfg=section("compress", ["codec", "level", "pack", "shuffle", "prune"]
-                    + (["budget_bytes", "code_reserve"] if PRUNE else [])),
+        # without pruning compress reads no budget (size checks it): a new budget reruns size alone
+        cfg=section("compress", without=() if PRUNE else ("budget_bytes", "code_reserve")),
         # a flag and its path, or nothing: a list, so that :q quotes each element
         hessians=["--hessians", f"{SEED_DIR}/hessians.pgt"] if PRUNE_HESSIANS else [],
         code=code("compress"),
@@ -87,7 +87,7 @@ rule compress:
 
 # Its own rule so that editing code reruns only this check, not compression and evaluation.
 rule size:
-    localrule: True  # seconds of work: no queue round trip on SLURM
+    localrule: is_local("size")
     input:
         artifact=f"{SEED_DIR}/artifact.pgz",
     output:

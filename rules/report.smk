@@ -8,7 +8,7 @@ if BASELINE and not Path(BASELINE_SUMMARY).exists():
 
 
 rule aggregate:
-    localrule: True  # seconds of work: no queue round trip on SLURM
+    localrule: is_local("aggregate")
     input:
         evals=expand(f"{RUN}/seed{{seed}}/eval.json", seed=config["seeds"]),
         sizes=expand(f"{RUN}/seed{{seed}}/size.json", seed=config["seeds"]),
@@ -36,7 +36,7 @@ rule aggregate:
 
 
 rule record:
-    localrule: True  # seconds of work: no queue round trip on SLURM
+    localrule: is_local("record")
     input:
         summary=f"{RUN}/summary.json",
         table=f"{RUN}/summary.md",
@@ -61,7 +61,7 @@ rule record:
 
 
 rule plots:
-    localrule: True  # seconds of work: no queue round trip on SLURM
+    localrule: is_local("plots")
     input:
         evals=expand(f"{RUN}/seed{{seed}}/eval.json", seed=config["seeds"]),
         sizes=expand(f"{RUN}/seed{{seed}}/size.json", seed=config["seeds"]),

@@ -24,7 +24,7 @@ rule train:
     threads: threads_of("train")
     resources:
         nproc=NPROC,
-        gpu=NPROC if config["device"] == "cuda" else 0,
+        gpu=gpus("train"),
         **slurm("train"),
     group: group_of("train")
     log:

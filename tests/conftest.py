@@ -50,7 +50,7 @@ def setup(tiny_dataset, small_model, tmp_path_factory):
     int8 = {g: 8 for g in ("embed", "attn", "mlp", "other")}
     quant = {"method": "rtn", "clip": "quantile", "bits": int8, "clip_quantile": 1.0, "min_numel": 256}
     quantize(d / "ema.pgt", validate({"quant": quant})["quant"], d / "q.pgt")
-    compress(d / "q.pgt", {"codec": "zstd", "level": 3}, d / "a.pgz")
+    compress(d / "q.pgt", {**validate({})["compress"], "codec": "zstd", "level": 3}, d / "a.pgz")
     return argparse.Namespace(data=tiny_dataset.dataset_dir, tokenizer=tiny_dataset.tokenizer,
                               ema=d / "ema.pgt", artifact=d / "a.pgz")
 

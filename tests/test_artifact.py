@@ -9,11 +9,12 @@ import torch
 
 from pgolf import bundle, tensorfile
 from pgolf.cli import main
+from pgolf.config import validate
 from pgolf.quant import artifact
 from pgolf.quant.compress import BudgetError, compress, prune_to_fit
 from pgolf.quant.size import check_size
 
-COMPRESS = {"codec": "zstd", "level": 3, "pack": True, "shuffle": 2, "prune": False, "budget_bytes": 16_000_000}
+COMPRESS = {**validate({})["compress"], "codec": "zstd", "level": 3, "pack": True, "shuffle": 2}
 
 
 def quantized_file(rows: int = 40, cols: int = 50, bits: int = 5, seed: int = 0, std: float = 5.0) -> bytes:

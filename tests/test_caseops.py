@@ -202,7 +202,7 @@ def test_evaluate_counts_the_sidecar(caseops_dataset, tmp_path):
     int8 = {g: 8 for g in ("embed", "attn", "mlp", "other")}
     quant = {"method": "rtn", "clip": "quantile", "bits": int8, "clip_quantile": 1.0, "min_numel": 256}
     quantize(tmp_path / "ema.pgt", validate({"quant": quant})["quant"], tmp_path / "q.pgt")
-    compress(tmp_path / "q.pgt", {"codec": "zstd", "level": 3}, tmp_path / "a.pgz")
+    compress(tmp_path / "q.pgt", {**validate({})["compress"], "codec": "zstd", "level": 3}, tmp_path / "a.pgz")
     args = argparse.Namespace(data=caseops_dataset.dataset_dir, tokenizer=caseops_dataset.tokenizer,
                               ema=tmp_path / "ema.pgt", artifact=tmp_path / "a.pgz")
     sidecar = load_sidecar(caseops_dataset.dataset_dir, "val")

@@ -3,7 +3,6 @@
 The real cluster run is tests/test_slurm.py (slow)."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.cluster import LOCAL_STAGES, read_site, resources, threads
+from pgolf.cluster import read_site, resources, threads
 from pgolf.config import load
 from pgolf.errors import PgolfError
+from pgolf.pipeline.stages import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = ["tmpdir=system_tmpdir", "slurm_partition=cpu", "slurm_account=none", "gpu_partition=gpu",
@@ -53,7 +53,7 @@ def test_cpu_preset_runs_on_the_cpu_partition_with_site_threads():
     assert train["cpus_per_task"] == 6 and threads("train", s, 64) == 6  # never the submitting host's 64
     assert resources("quantize", cfg, s)["cpus_per_task"] == 1 and threads("quantize", s, 64) == 1
     assert train["slurm_account"] == ""  # "none": submitted without -A
-    assert all(resources(stage, cfg, s) == {} for stage in LOCAL_STAGES)
+    assert all(resources(stage, cfg, s) == {} for stage in (t.name for t in STAGES if t.local))
 
 
 def test_cuda_preset_asks_its_gpus_of_one_node():
@@ -85,13 +85,6 @@ def dry_run(tmp_path: Path, preset: str, *profiles: Path) -> subprocess.Complete
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "w"), "-n", "-p",
            *(a for p in profiles for a in ("--profile", str(p))), "--configfile", str(REPO / "configs" / preset)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
-
-
-def test_rules_that_run_on_the_submitting_host_are_the_local_stages():
-    """`localrule: True` on exactly pgolf.cluster.LOCAL_STAGES (dry runs print every job as a rule)."""
-    text = "\n".join(p.read_text() for p in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))])
-    local = set(re.findall(r"^\s*rule (\w+):\n\s*localrule: True", text, re.M))
-    assert local == set(LOCAL_STAGES)
 
 
 def test_shipped_profile_refuses_its_placeholders_before_submitting(tmp_path):

@@ -102,9 +102,9 @@ def stage_command(stage: str, d: SimpleNamespace, dataset: Path, out: Path, toke
     if stage == "calibrate":
         return ["calibrate", "--weights", d.ema, "--data", dataset, "--cfg", section("calibrate"), "--seed", 1,
                 "--device", "cpu", "--out", out]
-    if stage == "order":
+    if stage == "shard-order":
         cfg = json.dumps({"sample_tokens": 512, "seq_len": 16})
-        return ["order", "--data", dataset, "--probe", d.ema, "--cfg", cfg, "--vocab-size", vocab, "--out", out]
+        return ["shard-order", "--data", dataset, "--probe", d.ema, "--cfg", cfg, "--vocab-size", vocab, "--out", out]
     return ["evaluate", "--data", dataset, "--tokenizer", tokenizer_path or d.tokenizer, "--ema", d.ema,
             "--artifact", d.artifact, "--cfg", section("eval"), "--device", "cpu", "--out", out]
 
@@ -113,7 +113,7 @@ def final_outputs(stage: str, out: Path) -> tuple:
     return (out / "ema.pgt", out / "train.json") if stage == "train" else (out,)
 
 
-STAGES = ["train", "calibrate", "order", "evaluate"]
+STAGES = ["train", "calibrate", "shard-order", "evaluate"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -128,8 +128,8 @@ def test_a_vocabulary_other_than_the_manifests_is_refused(stage, data, tmp_path)
 def test_token_ids_beyond_the_vocabulary_are_refused_naming_the_shard(stage, data, tmp_path):
     out = tmp_path / ("seed1" if stage == "train" else "out.json")
     # calibrate reads 8 windows: its bad id sits in one shard of 8, where they would likely miss it
-    shard = {"train": "fineweb_train_000000.bin", "calibrate": data.last_train, "order": "fineweb_train_000000.bin",
-             "evaluate": "fineweb_val_000000.bin"}[stage]
+    shard = {"train": "fineweb_train_000000.bin", "calibrate": data.last_train,
+             "shard-order": "fineweb_train_000000.bin", "evaluate": "fineweb_val_000000.bin"}[stage]
     proc = pgolf(*stage_command(stage, data, data.bad_last if stage == "calibrate" else data.bad_ids, out))
     assert_refused(proc, stage, shard, f"token id {BAD_ID}", "320", outputs=final_outputs(stage, out))
 
@@ -190,8 +190,8 @@ def test_a_damaged_manifest_through_a_stage(data, tmp_path):
     ds = copy_dataset(data.good, tmp_path / "ds")
     (ds / "manifest.json").write_text("{not json")
     out = tmp_path / "order.json"
-    assert_refused(pgolf(*stage_command("order", data, ds, out)), "order", str(ds / "manifest.json"), "JSON",
-                   outputs=(out,))
+    assert_refused(pgolf(*stage_command("shard-order", data, ds, out)), "shard-order", str(ds / "manifest.json"),
+                   "JSON", outputs=(out,))
 
 
 def test_id_check_costs_one_pass_per_shard(data):

@@ -88,7 +88,7 @@ def test_lqer_changes_the_models_loss_and_the_artifact_round_trips(tmp_path):
     for name, cfg in (("off", BASE), ("on", {**LQER, "lqer": {**LQER["lqer"], "top_k": 3}})):
         quantize(tmp_path / "w.pgt", cfg, tmp_path / f"{name}.pgt")
         raw = (tmp_path / f"{name}.pgt").read_bytes()
-        data = artifact.encode(raw, {"codec": "brotli", "level": 5, "shuffle": 2})
+        data = artifact.encode(raw, {**validate({})["compress"], "codec": "brotli", "level": 5, "shuffle": 2})
         assert artifact.decode(data) == raw
         sd, _ = dequantize(*tensorfile.loads(artifact.decode(data), "a"))
         model.load_state_dict(sd)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pgolf import provenance
+from pgolf.pipeline.stages import BY_NAME
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def test_logic_changes_the_version(fake_package):
 
 
 def test_stage_modules_follow_imports():
-    names = {stage: {p.name for p in provenance.module_files(stage)} for stage in provenance.STAGE_ENTRIES}
+    names = {stage: {p.name for p in provenance.module_files(stage)} for stage in BY_NAME}
     assert {"main.py", "model.py", "muon.py", "loader.py", "shards.py", "tensorfile.py"} <= names["train"]
     assert {"evaluate.py", "bpb.py", "artifact.py", "rtn.py", "model.py"} <= names["evaluate"]
     assert "model.py" not in names["quantize"] and "muon.py" not in names["evaluate"]
@@ -89,10 +90,11 @@ def other_pythons() -> list[str]:
 @pytest.mark.parametrize("python", other_pythons() or ["none"])
 def test_stage_code_versions_are_the_same_on_another_python(python):
     """A cluster node with another Python must not rerun finished stages."""
-    script = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('p', sys.argv[1]); "
-              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-              "print(json.dumps([m.source_hash(sys.argv[2]), {s: m.code_version(s) for s in m.STAGE_ENTRIES}]))")
-    out = subprocess.run([python, "-c", script, provenance.__file__, SNIPPET], capture_output=True, text=True,
-                         check=True)
-    here = [provenance.source_hash(SNIPPET), {s: provenance.code_version(s) for s in provenance.STAGE_ENTRIES}]
+    # the package's own sources on the path, not an install (the other Python has none of its dependencies)
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pgolf import provenance as m; "
+              "from pgolf.pipeline.stages import BY_NAME; "
+              "print(json.dumps([m.source_hash(sys.argv[2]), {s: m.code_version(s) for s in BY_NAME}]))")
+    root = str(Path(provenance.__file__).resolve().parent.parent)
+    out = subprocess.run([python, "-c", script, root, SNIPPET], capture_output=True, text=True, check=True)
+    here = [provenance.source_hash(SNIPPET), {s: provenance.code_version(s) for s in BY_NAME}]
     assert json.loads(out.stdout) == here

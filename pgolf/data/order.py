@@ -1,4 +1,4 @@
-"""`pgolf order`: score every train shard's difficulty, for hardest- or easiest-first training.
+"""`pgolf shard-order`: score every train shard's difficulty, for hardest- or easiest-first training.
 
 Two scores per shard, to compare (PR #549's shard-ordering claim, and PR #772's negative result):
 - probe loss: a probe model's mean cross-entropy (nats/token) on `sample_tokens` of the shard, in
@@ -78,7 +78,7 @@ def score_shards(dataset_dir: str | Path, probe: str | Path, cfg: dict, vocab: i
 
 
 def cli(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="pgolf order", description=__doc__)
+    ap = argparse.ArgumentParser(prog="pgolf shard-order", description=__doc__)
     ap.add_argument("--data", required=True, help="dataset folder (its train shards)")
     ap.add_argument("--probe", required=True, help="probe weights (tensor file)")
     ap.add_argument("--cfg", required=True, help="the order config section as JSON")

@@ -73,15 +73,15 @@ def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned t
         raise ArtifactError(f"compress.codec: unknown codec {cfg['codec']!r}; known: {', '.join(CODECS)}, pergroup")
     tensors, meta = tensorfile.loads(raw, source)
     slim = tensorfile.dumps(tensors, meta, checksums=False)  # the artifact's own sha256 covers it
-    stride = cfg.get("shuffle", 0)
+    stride = cfg["shuffle"]
     if cfg["codec"] == "pergroup":
-        if cfg.get("pack"):
+        if cfg["pack"]:
             raise ArtifactError("compress.pack: codec pergroup stores one int8 per code; set pack false")
-        body, streams = pergroup.encode(tensors, meta, stride, cfg.get("sort_rows", []), orders)
+        body, streams = pergroup.encode(tensors, meta, stride, cfg["sort_rows"], orders)
         lengths = {"body_bytes": len(body), "streams": streams}
         info = {}
     else:
-        payload, info = pack_payload(slim, tensors, meta, cfg.get("pack", False))
+        payload, info = pack_payload(slim, tensors, meta, cfg["pack"])
         body = CODECS[cfg["codec"]][0](shuffle(payload, stride), cfg["level"])
         lengths = {"body_bytes": len(body), "payload_bytes": len(payload)}
     header = {"codec": cfg["codec"], "level": cfg["level"], "shuffle": stride, "packed": info, **lengths,

@@ -141,7 +141,7 @@ def compress(quant: str | Path, cfg: dict, out: str | Path, hessians: str | Path
     codes' errors weighted by the calibrate stage's `hessians` when given."""
     t0 = time.perf_counter()
     raw = read_file(quant, tensorfile.TensorFileError)
-    if cfg.get("prune"):
+    if cfg["prune"]:
         target = cfg["budget_bytes"] - cfg["code_reserve"]
         h = tensorfile.load(hessians)[0] if hessians is not None else None
         data, n = prune_to_fit(raw, cfg, target, str(quant), h)
@@ -149,7 +149,7 @@ def compress(quant: str | Path, cfg: dict, out: str | Path, hessians: str | Path
         data, n = encode(raw, cfg, source=str(quant)), 0
     write_bytes(out, data)
     print(f"{out}: {len(raw):,} -> {len(data):,} bytes ({cfg['codec']} level {cfg['level']}, "
-          f"pack {cfg.get('pack', False)}, shuffle {cfg.get('shuffle', 0)}, {n:,} codes pruned) "
+          f"pack {cfg['pack']}, shuffle {cfg['shuffle']}, {n:,} codes pruned) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
     return len(data)
 

@@ -50,7 +50,7 @@ def check_size(artifact: str | Path, cfg: dict, out: str | Path) -> dict:
           f"{report['total_bytes']:,} bytes of {report['budget_bytes']:,} "
           f"({report['pruned_codes']:,} codes pruned)", flush=True)
     if not report["fits"]:
-        hint = "" if cfg.get("prune") else "; compress.prune: true zeroes +-1 codes until it fits"
+        hint = "" if cfg["prune"] else "; compress.prune: true zeroes +-1 codes until it fits"
         raise BudgetError(f"{artifact}: code plus model is {report['total_bytes']:,} bytes, "
                           f"{-report['headroom_bytes']:,} over the {report['budget_bytes']:,}-byte budget{hint}")
     write_json(out, report)
