@@ -8,18 +8,16 @@ autocast and torch.compile), so the figures are what `pgolf train` will see minu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 from pgolf.config import load
 from pgolf.model import GPT, layer_order
-from pgolf.train.main import Trainer, memory_mb
+from pgolf.train.main import Trainer, TrainJob, memory_mb
 
 # Dense bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.0, "4090": 165.2}
@@ -35,12 +33,6 @@ class RandomBatches:
     def next_batch(self, seqs: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.randint(0, self.vocab, (seqs, seq_len + 1), device=self.device, generator=self.gen)
         return t[:, :-1], t[:, 1:]
-
-
-class BenchTrainer(Trainer):
-    def make_loader(self) -> RandomBatches:
-        self.shard_order = None
-        return RandomBatches(self.args.vocab_size, self.device, 1000 + self.rank)
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:
@@ -64,11 +56,17 @@ def peak_tflops(device: torch.device, given: float) -> float:
     return 0.0
 
 
+def bench_job(cfg: dict, device: str) -> TrainJob:
+    """The config's training run, less what a measurement must not touch: no dataset (random tokens
+    instead), no checkpoints, no outputs."""
+    return TrainJob(model_cfg=cfg["model"], train_cfg=cfg["train"], loader_cfg=cfg["loader"], data=None,
+                    vocab_size=cfg["tokenizer"]["vocab_size"], seed=0, device=device, precision=cfg["precision"],
+                    out_dir=None, ckpt_dir=None, shard_order=None)
+
+
 def measure(cfg: dict, args: argparse.Namespace) -> dict | None:
-    ns = SimpleNamespace(cfg=json.dumps(cfg["train"]), model_cfg=json.dumps(cfg["model"]), device=args.device,
-                         seed=0, data="", vocab_size=cfg["tokenizer"]["vocab_size"], ckpt_dir="", out_dir="",
-                         loader_cfg="", shard_order="", precision=cfg["precision"])
-    tr = BenchTrainer(ns)
+    job = bench_job(cfg, args.device)
+    tr = Trainer(job, batches=lambda rank, device: RandomBatches(job.vocab_size, device, 1000 + rank))
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # compile and allocator warm-up
         tr.train_step()

@@ -120,7 +120,8 @@ def test_fetch_checks_and_places_the_shards_and_tokenizer(hub, tmp_path, tiny_da
     for name in ("fineweb_train_000000.bin", "fineweb_val_000000.bin"):
         assert np.array_equal(load_shard(tmp_path / "ds" / name), load_shard(Path(tiny_dataset.dataset_dir) / name))
     assert (tmp_path / "tok.model").read_bytes() == Path(tiny_dataset.tokenizer).read_bytes()
-    x, _ = DistributedLoader(tmp_path / "ds", 0, 1, __import__("torch").device("cpu")).next_batch(2, 16)
+    loader = DistributedLoader(tmp_path / "ds", 0, 1, __import__("torch").device("cpu"), validate({})["loader"], 16, 0)
+    x, _ = loader.next_batch(2, 16)
     assert x.shape == (2, 16)
 
 

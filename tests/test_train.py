@@ -1,5 +1,6 @@
 """Training: learning, one process versus two, and resume after a kill."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import torch
 
 from pgolf import tensorfile
 from pgolf.config import validate
+from pgolf.train.main import Trainer, TrainJob
+from pgolf.train.main import train as train_job
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -75,6 +78,24 @@ def test_two_processes_match_one(baseline, tiny_dataset, tmp_path):
     b, _ = tensorfile.load(baseline / "ema.pgt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def test_the_typed_entry_trains_as_the_command_line_does(baseline, tiny_dataset, tmp_path):
+    """`train(TrainJob)` in this process, no argv: the baseline's run; a loader section without its
+    mode fails at once (the schema holds the defaults, the trainer assumes none)."""
+    model, tr = configs()
+    job = TrainJob(model_cfg=model, train_cfg=tr, loader_cfg=validate({})["loader"],
+                   data=Path(tiny_dataset.dataset_dir), vocab_size=tiny_dataset.vocab_size, seed=7, device="cpu",
+                   precision="auto", out_dir=tmp_path, ckpt_dir=tmp_path / "ckpt", shard_order=None)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        train_job(job)
+    finally:  # the trainer's preemption hook must not outlive it in pytest's own process
+        signal.signal(signal.SIGTERM, handler)
+    torch.testing.assert_close(losses(tmp_path), losses(baseline), rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "ckpt" / "latest.pt").exists()
+    with pytest.raises(KeyError, match="mode"):
+        Trainer(dataclasses.replace(job, loader_cfg={}, ckpt_dir=None))
 
 
 def test_killed_training_resumes_to_the_same_result(baseline, tiny_dataset, tmp_path):

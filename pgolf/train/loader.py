@@ -3,7 +3,7 @@
 Modes (the `loader` config section):
 - sequential: the challenge baseline; the shards in name order, end to end, wrapping around.
 - ordered: the same walk, but through the shards in a given order (e.g. hardest first, from
-  `pgolf order`'s shard_order.json).
+  `pgolf shard-order`'s shard_order.json).
 - shuffled: non-overlapping windows of seq_len + 1 tokens from every shard, in a fresh random
   permutation per epoch, seeded by the training seed.
 
@@ -100,10 +100,11 @@ class ShuffledWindows:
 
 
 class DistributedLoader:
-    def __init__(self, dataset_dir: str | Path, rank: int, world: int, device: torch.device,
-                 cfg: dict | None = None, seq_len: int = 0, seed: int = 0, order: list[int] | None = None,
-                 vocab_size: int | None = None) -> None:
-        mode = (cfg or {}).get("mode", "sequential")
+    def __init__(self, dataset_dir: str | Path, rank: int, world: int, device: torch.device, cfg: dict,
+                 seq_len: int, seed: int, order: list[int] | None = None, vocab_size: int | None = None) -> None:
+        """`cfg` is the loader config section (only its mode is read here: the trainer resolves the
+        shard order into `order`); `seq_len` sets the shuffled windows, `seed` their permutation."""
+        mode = cfg["mode"]
         if mode == "shuffled":
             self.stream = ShuffledWindows(dataset_dir, seq_len + 1, seed, vocab_size)
         else:

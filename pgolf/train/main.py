@@ -10,7 +10,9 @@ import os
 import resource
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
@@ -122,16 +124,16 @@ def sync_and_clip(model: nn.Module, muon: Muon, world: int, clip: float, scope: 
     return norm
 
 
-def read_shard_order(path: str, cfg: dict) -> list[int] | None:
+def read_shard_order(path: Path | None, cfg: dict) -> list[int] | None:
     """The shard order of loader mode `ordered`: as given in the config, or hardest/easiest first
-    from `pgolf order`'s shard_order.json."""
+    from `pgolf shard-order`'s shard_order.json."""
     if cfg["mode"] != "ordered":
         return None
     if cfg["order"] == "given":
         return list(cfg["shard_order"])
-    if not path:
+    if path is None:
         raise PgolfError(f"loader.order {cfg['order']!r} needs --shard-order (shard_order.json)")
-    return json.loads(Path(path).read_text())[f"{cfg['order']}_first"]
+    return json.loads(path.read_text())[f"{cfg['order']}_first"]
 
 
 def memory_mb(device: torch.device) -> float:
@@ -140,43 +142,86 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run: its validated config sections, the paths its rule declares, its seed.
+
+    `data` None means no dataset: the batches come from the Trainer's `batches` (the bench). `out_dir`
+    None writes no outputs, and `ckpt_dir` None keeps no checkpoints (no lock, no resume, no train.log):
+    a run that only measures, like the bench, leaves nothing behind."""
+
+    model_cfg: dict
+    train_cfg: dict
+    loader_cfg: dict
+    data: Path | None
+    vocab_size: int
+    seed: int
+    device: str
+    precision: str
+    out_dir: Path | None
+    ckpt_dir: Path | None
+    shard_order: Path | None  # pgolf shard-order's shard_order.json, for loader order hardest/easiest
+
+
+if TYPE_CHECKING:  # types only: the packed submission leaves them out
+    from collections.abc import Callable
+    from typing import Protocol
+
+    class Batches(Protocol):
+        def next_batch(self, seqs: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    # (rank, device) -> this process's batches, in place of the job's dataset (the bench's random tokens)
+    BatchSource = Callable[[int, torch.device], Batches]
+
+
 class Trainer:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.cfg = args, json.loads(args.cfg)
-        self.model_cfg = json.loads(args.model_cfg)
-        self.lock = lock_seed(args.ckpt_dir)  # one trainer per seed folder
-        self.rank, self.world, self.device = setup_distributed(args.device)
+    def __init__(self, job: TrainJob, batches: BatchSource | None = None) -> None:
+        self.job, self.cfg, self.model_cfg = job, job.train_cfg, job.model_cfg
+        # one trainer per seed folder; a run without checkpoints has no folder to guard
+        self.lock = lock_seed(job.ckpt_dir) if job.ckpt_dir is not None else None
+        self.rank, self.world, self.device = setup_distributed(job.device)
         self.accum = grad_accum_steps(self.cfg, self.world)
         self.micro_seqs = self.cfg["batch_tokens"] // self.cfg["seq_len"] // (self.world * self.accum)
-        torch.manual_seed(args.seed)
-        self.model = GPT(args.vocab_size, self.model_cfg).to(self.device)
-        self.precision = args.precision
+        torch.manual_seed(job.seed)
+        self.model = GPT(job.vocab_size, self.model_cfg).to(self.device)
+        self.precision = job.precision
         ns_dtype = torch.bfloat16 if bf16(self.device, self.precision) else torch.float32
         self.opts = build_optimizers(self.model, self.cfg, self.rank, self.world, ns_dtype)
         self.ema = EMA(self.model, self.cfg["ema_decay"], self.cfg["ema_warmup"])
         self.swa = SWA(self.cfg["swa_every"], self.cfg["swa_below"]) if self.cfg["swa"] else None
         self.forward = compiled(self.model, self.cfg["compile"], self.device)
-        self.loader = self.make_loader()
+        self.shard_order = None  # a list of shard indices once make_loader reads the loader section
+        self.loader = self.make_loader() if batches is None else batches(self.rank, self.device)
         self.step, self.elapsed, self.rows, self.qat = 0, 0.0, [], False
-        # the data order is part of what a checkpoint must match, like the configs
-        stream = {**self.cfg, "loader": args.loader_cfg, "shard_order": self.shard_order, "precision": self.precision}
-        self.fp = checkpoint.fingerprint(self.model_cfg, stream, args.seed, args.vocab_size, args.data)
+        self.fp = self.fingerprint() if job.ckpt_dir is not None else ""
         self.prime_seconds = 0.0
 
+    def fingerprint(self) -> str:
+        # the data order is part of what a checkpoint must match, like the configs. The loader section
+        # enters as the canonical JSON text the rules pass (sort_keys), as it did when the trainer kept
+        # the command line's string: checkpoints written before still resume.
+        loader = json.dumps(self.job.loader_cfg, sort_keys=True)
+        stream = {**self.cfg, "loader": loader, "shard_order": self.shard_order, "precision": self.precision}
+        return checkpoint.fingerprint(self.model_cfg, stream, self.job.seed, self.job.vocab_size, self.job.data)
+
     def make_loader(self) -> DistributedLoader:
+        job = self.job
+        if job.data is None:
+            raise PgolfError("training needs a dataset folder (data) or a batch source")
         # the model's vocabulary must be the shards' (the manifest), and every id below it
-        open_dataset(self.args.data, self.args.vocab_size, "--vocab-size (tokenizer.vocab_size)")
-        cfg = json.loads(self.args.loader_cfg) if self.args.loader_cfg else {"mode": "sequential"}
-        self.shard_order = read_shard_order(self.args.shard_order, cfg)
-        return DistributedLoader(self.args.data, self.rank, self.world, self.device, cfg, self.cfg["seq_len"],
-                                 self.args.seed, self.shard_order, self.args.vocab_size)
+        open_dataset(job.data, job.vocab_size, "--vocab-size (tokenizer.vocab_size)")
+        self.shard_order = read_shard_order(job.shard_order, job.loader_cfg)
+        return DistributedLoader(job.data, self.rank, self.world, self.device, job.loader_cfg, self.cfg["seq_len"],
+                                 job.seed, self.shard_order, job.vocab_size)
 
     def resume(self) -> None:
-        state = checkpoint.load(self.args.ckpt_dir, self.fp)
+        if self.job.ckpt_dir is None:
+            return
+        state = checkpoint.load(self.job.ckpt_dir, self.fp)
         if state is None:
             return
         self.load_state(state)
-        self.log(f"resumed from {self.args.ckpt_dir} at step {self.step}")
+        self.log(f"resumed from {self.job.ckpt_dir} at step {self.step}")
 
     def state(self) -> dict:
         """Everything a training step changes (RNG aside): what a checkpoint holds and priming restores.
@@ -197,9 +242,11 @@ class Trainer:
         self.step, self.elapsed, self.rows = state["step"], state["elapsed"], state["rows"]
 
     def save_checkpoint(self) -> None:
+        if self.job.ckpt_dir is None:  # the same on every process: none waits at the barrier alone
+            return
         state = self.state()
         if self.rank == 0:
-            checkpoint.save(self.args.ckpt_dir, {"fingerprint": self.fp, **state})
+            checkpoint.save(self.job.ckpt_dir, {"fingerprint": self.fp, **state})
         if self.world > 1:
             dist.barrier()
 
@@ -233,10 +280,12 @@ class Trainer:
     def log(self, msg: str) -> None:
         """To the stage's log, and appended to ckpt/train.log: Snakemake deletes a job's log before a
         retry, and the attempt a scheduler cancelled should stay readable beside the one that resumed."""
-        if self.rank == 0:
-            print(msg, flush=True)
-            Path(self.args.ckpt_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(self.args.ckpt_dir) / "train.log", "a") as f:
+        if self.rank != 0:
+            return
+        print(msg, flush=True)
+        if self.job.ckpt_dir is not None:
+            self.job.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.job.ckpt_dir / "train.log", "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def train_step(self) -> float:
@@ -295,7 +344,9 @@ class Trainer:
         budget = self.cfg["max_wallclock_seconds"]
         return budget > 0 and self.elapsed >= budget
 
-    def run(self) -> None:
+    def run(self, stop_after_step: int = 0) -> None:
+        """Resume, train to the end (or the time budget), write the outputs. `stop_after_step` is the
+        tests' kill: the process dies abruptly after that step."""
         self.sigterm = False
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "sigterm", True))
         self.resume()
@@ -309,14 +360,14 @@ class Trainer:
             loss = self.train_step()
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):  # the loss is on the host already: checking it costs no sync
-                raise Diverged(f"{self.args.out_dir}: loss became non-finite ({loss}) at step {self.step + 1}; "
+                raise Diverged(f"{self.job.out_dir}: loss became non-finite ({loss}) at step {self.step + 1}; "
                                "no outputs written (lower the learning rates or raise train.grad_clip)")
             self.elapsed += dt
             self.step += 1
             self.record(loss, dt)
             if self.step % cfg["checkpoint_every"] == 0 or self.step == n:
                 self.save_checkpoint()
-            if self.args.stop_after_step and self.step >= self.args.stop_after_step:
+            if stop_after_step and self.step >= stop_after_step:
                 os._exit(3)  # test hook: die abruptly, as a killed job would
             if self.preempted():
                 self.save_checkpoint()
@@ -338,12 +389,12 @@ class Trainer:
                      f"eta {max(eta, 0):.1f}s mem {memory_mb(self.device):.0f}MB")
 
     def finish(self) -> None:
-        if self.rank == 0:
-            self.write_outputs(Path(self.args.out_dir))
+        if self.rank == 0 and self.job.out_dir is not None:
+            self.write_outputs(self.job.out_dir)
         teardown(self.world)
 
     def write_outputs(self, out: Path) -> None:
-        meta = {**self.model.meta(), "step": self.step, "seed": self.args.seed}
+        meta = {**self.model.meta(), "step": self.step, "seed": self.job.seed}
         export, source = self.ema.shadow, "ema"
         if self.swa is not None and self.swa.count:
             export, source = self.swa.average(), f"swa over {self.swa.count} snapshots"
@@ -363,6 +414,11 @@ class Trainer:
         self.log(f"done: {self.step} steps, {tokens:,} tokens in {self.elapsed:.1f}s")
 
 
+def train(job: TrainJob, stop_after_step: int = 0) -> None:
+    """`pgolf train`'s entry: one seed, resumed from its last checkpoint when there is one."""
+    Trainer(job).run(stop_after_step)
+
+
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf train", description=__doc__)
     ap.add_argument("--data", required=True, help="dataset folder with fineweb_train_*.bin")
@@ -377,4 +433,11 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--loader-cfg", default="", help="the loader config section as JSON (default: sequential)")
     ap.add_argument("--shard-order", default="", help="shard_order.json, for loader mode ordered (hardest/easiest)")
     ap.add_argument("--stop-after-step", type=int, default=0, help=argparse.SUPPRESS)
-    Trainer(ap.parse_args(argv)).run()
+    a = ap.parse_args(argv)
+    # no --loader-cfg is the challenge baseline, as its help says (the rules always pass the section)
+    loader = json.loads(a.loader_cfg) if a.loader_cfg else {"mode": "sequential"}
+    job = TrainJob(model_cfg=json.loads(a.model_cfg), train_cfg=json.loads(a.cfg), loader_cfg=loader,
+                   data=Path(a.data), vocab_size=a.vocab_size, seed=a.seed, device=a.device, precision=a.precision,
+                   out_dir=Path(a.out_dir), ckpt_dir=Path(a.ckpt_dir),
+                   shard_order=Path(a.shard_order) if a.shard_order else None)
+    train(job, a.stop_after_step)
