@@ -25,13 +25,12 @@ rule aggregate:
         compare=section("compare"),
         # a flag and its path, or nothing: a list, so that :q quotes each element
         baseline=["--baseline-summary", BASELINE_SUMMARY] if BASELINE else [],
-        run_dir=RUN,
         code=code("aggregate"),
     log:
         f"{RUN}/logs/aggregate.log",
     shell:
-        "pgolf aggregate --run {params.run:q} --seeds {params.seeds:q} --run-dir {params.run_dir:q} "
-        "--out-json {output.json:q} --out-parquet {output.parquet:q} --out-table {output.table:q} "
+        "pgolf aggregate --run {params.run:q} --seeds {params.seeds:q} --eval {input.evals:q} --size {input.sizes:q} "
+        "--train {input.trains:q} --out-json {output.json:q} --out-parquet {output.parquet:q} --out-table {output.table:q} "
         "--compare {params.compare:q} {params.baseline:q} > {log:q} 2>&1"
 
 
@@ -51,13 +50,13 @@ rule record:
         seeds=config["seeds"],
         config=json.dumps(config, sort_keys=True),
         code_bytes=pgolf.bundle.code_bytes(),
-        run_dir=RUN,
         code=code("record"),
     log:
         f"{RUN}/logs/record.log",
     shell:
-        "pgolf record --run-dir {params.run_dir:q} --seeds {params.seeds:q} --config {params.config:q} "
-        "--out {output:q} > {log:q} 2>&1"
+        "pgolf record --summary {input.summary:q} --table {input.table:q} --seeds {params.seeds:q} "
+        "--eval {input.evals:q} --size {input.sizes:q} --train {input.trains:q} --log {input.logs:q} "
+        "--config {params.config:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plots:
@@ -73,10 +72,10 @@ rule plots:
         bytes=report(f"{RUN}/plots/bytes.png", caption="report/bytes.rst", category="Artifact"),
     params:
         seeds=config["seeds"],
-        run_dir=RUN,
         out_dir=f"{RUN}/plots",
         code=code("plots"),
     log:
         f"{RUN}/logs/plots.log",
     shell:
-        "pgolf plots --run-dir {params.run_dir:q} --seeds {params.seeds:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "pgolf plots --seeds {params.seeds:q} --eval {input.evals:q} --size {input.sizes:q} "
+        "--metrics {input.metrics:q} --quant {input.quant:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -64,3 +64,26 @@ def evaluate_on_two_processes(setup, cfg: dict, out: Path) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+SEED_FILE_NAMES = {"eval": "eval.json", "size": "size.json", "train": "train.json", "metrics": "metrics.parquet",
+                   "quant": "quant.pgt"}
+
+
+def run_files(run_dir: Path, seeds: list[int], kinds: tuple[str, ...] = ("eval", "size", "train")) -> dict:
+    """seed -> kind -> path in a run folder's layout, as the report rules declare them; kind `log` is
+    logs/train_seed<S>.log."""
+    def path(s: int, kind: str) -> Path:
+        if kind == "log":
+            return run_dir / "logs" / f"train_seed{s}.log"
+        return run_dir / f"seed{s}" / SEED_FILE_NAMES[kind]
+    return {s: {k: path(s, k) for k in kinds} for s in seeds}
+
+
+def seed_argv(files: dict) -> list:
+    """The report stages' --seeds and per-kind options for `files` (run_files)."""
+    seeds = list(files)
+    argv: list = ["--seeds", *seeds]
+    for kind in next(iter(files.values())):
+        argv += [f"--{kind}", *(files[s][kind] for s in seeds)]
+    return argv

@@ -1,7 +1,6 @@
 """CaseOps: the reversible case transform, its tokenizer, the per-token byte sidecar and BPB counted
 against the original text's bytes."""
 
-import argparse
 import json
 import math
 import random
@@ -20,7 +19,7 @@ from pgolf.data.caseops import ALLCAPS, CAPNEXT, ESC, SP_SPACE, TITLE, CaseOpsEr
 from pgolf.data.documents import read_documents
 from pgolf.data.shards import ShardError, load_sidecar, load_split, open_dataset, read_manifest, write_shard
 from pgolf.eval.bpb import BPBMeter, ByteLUTs, ByteSidecar, build_byte_luts, byte_counts
-from pgolf.eval.evaluate import evaluate, score, val_tokens, windows
+from pgolf.eval.evaluate import measure, score, val_tokens, windows
 from pgolf.eval.windows import Scores, score_windows
 from pgolf.model import GPT
 from pgolf.quant.compress import compress
@@ -203,12 +202,12 @@ def test_evaluate_counts_the_sidecar(caseops_dataset, tmp_path):
     quant = {"method": "rtn", "clip": "quantile", "bits": int8, "clip_quantile": 1.0, "min_numel": 256}
     quantize(tmp_path / "ema.pgt", validate({"quant": quant})["quant"], tmp_path / "q.pgt")
     compress(tmp_path / "q.pgt", {**validate({})["compress"], "codec": "zstd", "level": 3}, tmp_path / "a.pgz")
-    args = argparse.Namespace(data=caseops_dataset.dataset_dir, tokenizer=caseops_dataset.tokenizer,
-                              ema=tmp_path / "ema.pgt", artifact=tmp_path / "a.pgz")
+    paths = (caseops_dataset.dataset_dir, caseops_dataset.tokenizer, tmp_path / "ema.pgt", tmp_path / "a.pgz", 0, 1,
+             torch.device("cpu"))
     sidecar = load_sidecar(caseops_dataset.dataset_dir, "val")
     for max_tokens, expected in ((0, int(sidecar.sum())), (700, int(sidecar[1:701].sum()))):
         cfg = validate({"eval": {"seq_len": 32, "stride": 16, "batch_seqs": 8, "max_tokens": max_tokens}})["eval"]
-        r = evaluate(args, cfg, 0, 1, torch.device("cpu"))
+        r = measure(cfg, *paths)
         assert r["sliding"]["bytes"] == expected
     assert expected < sum(len(d.encode()) for d in read_documents(caseops_dataset.docs, "val")) == sidecar.sum()
 

@@ -2,7 +2,6 @@
 Skipped where there is no GPU; run them on one with `python -m pytest tests/test_cuda.py`. The same
 lines run on CPU in tests/test_runtime.py (bf16 autocast and inductor work there too)."""
 
-import argparse
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from test_switches import randomize
 from test_train import losses, train
 
 from pgolf.config import validate
-from pgolf.eval.evaluate import evaluate
+from pgolf.eval.evaluate import measure
 from pgolf.model import GPT, token_losses
 from pgolf.runtime import autocast
 
@@ -69,8 +68,8 @@ def test_primed_compiled_training_on_the_gpu(tiny_dataset, tmp_path):
 def test_compiled_evaluation_on_the_gpu_matches_eager(setup):
     cfg = validate({"eval": {"seq_len": 32, "stride": 16, "batch_seqs": 5, "max_tokens": 700,
                              "ttt": {"enabled": True, "chunk_tokens": 256, "epochs": 1, "batch_seqs": 4}}})["eval"]
-    args = argparse.Namespace(**vars(setup), precision="auto")
-    eager = evaluate(args, {**cfg, "compile": False}, 0, 1, CUDA)
-    fast = evaluate(args, {**cfg, "compile": True}, 0, 1, CUDA)
+    paths = (setup.data, setup.tokenizer, setup.ema, setup.artifact, 0, 1, CUDA)
+    eager = measure({**cfg, "compile": False}, *paths)
+    fast = measure({**cfg, "compile": True}, *paths)
     for part in ("pre_quant", "post_quant", "sliding", "ttt"):
         assert fast[part]["val_bpb"] == pytest.approx(eager[part]["val_bpb"], abs=2e-3), part

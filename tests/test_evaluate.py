@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,9 +75,15 @@ def test_val_tokens_concatenate_the_split_and_cap(tiny_dataset):
         val_tokens(tiny_dataset.dataset_dir, 100, 200)
 
 
-def test_evaluate_end_to_end(setup):
+def evaluate_on_one_process(setup, cfg: dict, out: Path, **kw) -> dict:
+    """The evaluate stage's entry in this process (no torchrun: rank 0 of 1), on the CPU."""
+    return evaluate(cfg, setup.data, setup.tokenizer, setup.ema, setup.artifact, out, "cpu", **kw)
+
+
+def test_evaluate_end_to_end(setup, tmp_path):
     cfg = validate({"eval": {"seq_len": 32, "stride": 8, "batch_seqs": 16, "max_tokens": 2000}})["eval"]
-    r = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
+    r = evaluate_on_one_process(setup, cfg, tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text()) == r  # what the stage returns is what it wrote
     assert r["pre_quant"]["tokens"] == r["post_quant"]["tokens"] == 1984 and r["sliding"]["tokens"] == 2000
     assert r["quant_gap_bpb"] == r["post_quant"]["val_bpb"] - r["pre_quant"]["val_bpb"]
     assert 0 < abs(r["quant_gap_bpb"]) < 0.05  # int8 barely moves the loss, but it does move it
@@ -87,7 +94,7 @@ def test_evaluate_end_to_end(setup):
 def test_two_processes_match_one(setup, tmp_path):
     """Under torchrun the windows are split over processes and the sums all-reduced: same numbers."""
     cfg = validate({"eval": {"seq_len": 32, "stride": 8, "batch_seqs": 4, "max_tokens": 1000}})["eval"]
-    one = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
+    one = evaluate_on_one_process(setup, cfg, tmp_path / "one.json")
     two = evaluate_on_two_processes(setup, cfg, tmp_path / "eval.json")
     for part in ("pre_quant", "post_quant", "sliding"):
         assert two[part]["tokens"] == one[part]["tokens"] and two[part]["bytes"] == one[part]["bytes"]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_files, seed_argv
 from test_train import configs
 
 from pgolf import process
@@ -218,7 +219,7 @@ def run_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("results") / "run"
     for s, v in ((1, 1.5), (2, 1.52)):
         write_seed(d, s, v)
-    (d / "summary.json").write_text(json.dumps(aggregate("run", d, [1, 2])))
+    (d / "summary.json").write_text(json.dumps(aggregate("run", run_files(d, [1, 2]))))
     (d / "summary.md").write_text("| seed |\n")
     (d / "logs").mkdir()
     for s in (1, 2):
@@ -235,13 +236,15 @@ def copy_run(src: Path, dest: Path) -> Path:
 
 
 def aggregate_argv(d: Path, out: Path) -> list:
-    return ["aggregate", "--run", "run", "--run-dir", d, "--seeds", 1, 2, "--out-json", out / "s.json",
+    return ["aggregate", "--run", "run", *seed_argv(run_files(d, [1, 2])), "--out-json", out / "s.json",
             "--out-parquet", out / "s.parquet", "--out-table", out / "s.md"]
 
 
 def record_argv(d: Path, out: Path) -> list:
     cfg = validate({"compare": {"metric": "sliding_bpb"}})
-    return ["record", "--run-dir", d, "--seeds", 1, 2, "--config", json.dumps(cfg), "--out", out / "record"]
+    files = run_files(d, [1, 2], ("eval", "size", "train", "log"))
+    return ["record", "--summary", d / "summary.json", "--table", d / "summary.md", *seed_argv(files),
+            "--config", json.dumps(cfg), "--out", out / "record"]
 
 
 @pytest.mark.parametrize("name, file, keys, value, problem",
@@ -276,13 +279,13 @@ def test_clean_results_pass_and_record_writes_finite_numbers(run_dir, tmp_path):
 
 
 def test_evaluate_refuses_a_nan_score(setup, tmp_path):
-    args = type("Args", (), {"ema": setup.ema, "artifact": setup.artifact, "out": tmp_path / "eval.json"})
+    args = (setup.ema, setup.artifact, tmp_path / "eval.json")
     ok = {"pre_quant": {"val_bpb": 3.0}, "post_quant": {"val_bpb": 3.1}, "quant_gap_bpb": 0.1}
-    refuse_nonfinite(ok, args)
+    refuse_nonfinite(ok, *args)
     with pytest.raises(PgolfError, match=rf"{setup.artifact}: post_quant.val_bpb is nan .*eval.json not written"):
-        refuse_nonfinite({**ok, "post_quant": {"val_bpb": math.nan}}, args)
+        refuse_nonfinite({**ok, "post_quant": {"val_bpb": math.nan}}, *args)
     with pytest.raises(PgolfError, match=rf"{setup.ema}: pre_quant.val_bpb is inf"):
-        refuse_nonfinite({**ok, "pre_quant": {"val_bpb": math.inf}}, args)
+        refuse_nonfinite({**ok, "pre_quant": {"val_bpb": math.inf}}, *args)
 
 
 # ---- the contract holds for code not yet written ----

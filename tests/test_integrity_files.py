@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import run_files
 
 from pgolf import tensorfile
 from pgolf.config import validate
@@ -447,7 +448,7 @@ def test_plots_and_tokenizer_readers_refuse_damaged_parquet(tmp_path):
     write_parquet(metrics, metrics_table())
     damaged_copy(metrics, metrics, lambda d: flip(d, 40))
     with refused(metrics, "damaged"):
-        loss_figure(tmp_path, [1], tmp_path / "loss.png")
+        loss_figure(run_files(tmp_path, [1], ("metrics",)), tmp_path / "loss.png")
     assert not (tmp_path / "loss.png").exists()
     docs = tmp_path / "docs.parquet"
     write_parquet(docs, pa.table({"doc_id": ["a", "b"], "text": ["one doc", "another"], "split": ["train", "val"]}))

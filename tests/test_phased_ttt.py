@@ -6,16 +6,16 @@ import copy
 import pytest
 import torch
 from conftest import evaluate_on_two_processes
+from test_evaluate import evaluate_on_one_process
 from test_ttt import train_then_score  # the illegal order, shared with chunk TTT's audit test
 
 from pgolf.config import ConfigError, validate
 from pgolf.eval import phased
 from pgolf.eval.audit import audit, fit_phases
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
-from pgolf.eval.evaluate import evaluate, score, val_tokens, windows
+from pgolf.eval.evaluate import run_ttt, score, val_tokens, windows
 from pgolf.eval.lora import DocLoRA, LoRAForward
 from pgolf.eval.phased import documents, phased_eval
-from pgolf.eval.ttt import ttt_eval
 from pgolf.eval.windows import Scores
 from pgolf.model import GPT, token_losses
 
@@ -123,7 +123,7 @@ def test_phased_ttt_changes_bpb_against_no_ttt_and_adapters_alone(small_model, v
     tokens, luts = val
     base, _ = run(small_model, val, eval_cfg(lora_lr=0.0, phases=0))
     lora_only, _ = run(small_model, val, eval_cfg(phases=0))
-    full = ttt_eval(copy.deepcopy(small_model), tokens, [], SEQ, 8, eval_cfg()["ttt"], BPBMeter(luts))
+    full = run_ttt(copy.deepcopy(small_model), tokens, [], SEQ, 8, eval_cfg()["ttt"], BPBMeter(luts))
     assert lora_only["val_bpb"] < base["val_bpb"]  # each document's adapters learn from its scored chunks
     assert full["val_bpb"] != lora_only["val_bpb"] and full["phases"] == 2  # eval.ttt.mode reaches phased TTT
 
@@ -183,7 +183,7 @@ def test_bad_phased_settings_fail_naming_the_key(small_model, val):
 def test_evaluate_runs_phased_ttt_on_one_and_two_processes_alike(setup, tmp_path):
     cfg = eval_cfg(lora_docs=1, phases=1, phase_docs=2, chunk_tokens=256)
     cfg["max_tokens"] = 2800  # two documents of the fixture's val split and the start of a third
-    one = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
+    one = evaluate_on_one_process(setup, cfg, tmp_path / "one.json")
     assert one["ttt"]["docs"] == 3 and one["ttt"]["phases"] == 1
     assert one["ttt"]["tokens"] == one["sliding"]["tokens"] and one["ttt"]["bytes"] == one["sliding"]["bytes"]
     two = evaluate_on_two_processes(setup, cfg, tmp_path / "eval.json")  # a document each, then the phase

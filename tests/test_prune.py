@@ -1,15 +1,15 @@
 """Pruning to the cap: the codes of least Hessian-weighted error go first, the search needs few
 encodes, and evaluate and aggregate report how many codes went and what they cost in BPB."""
 
-import argparse
 import json
 
 import pytest
 import torch
+from conftest import run_files
 
 from pgolf import tensorfile
 from pgolf.config import validate
-from pgolf.eval.evaluate import evaluate
+from pgolf.eval.evaluate import measure
 from pgolf.quant import artifact, compress
 from pgolf.report.aggregate import aggregate
 
@@ -75,10 +75,10 @@ def test_evaluate_scores_before_and_after_pruning(setup, tmp_path):
     data, n = compress.prune_to_fit(raw, COMPRESS, full - 50)  # int8 codes: few are +-1
     (tmp_path / "pruned.pgz").write_bytes(data)
     cfg = validate({"eval": {"seq_len": 32, "stride": 16, "batch_seqs": 8, "max_tokens": 600}})["eval"]
-    args = argparse.Namespace(**{**vars(setup), "artifact": tmp_path / "pruned.pgz",
-                                 "unpruned": setup.artifact.parent / "q.pgt"})
-    pruned = evaluate(args, cfg, 0, 1, torch.device("cpu"))
-    plain = evaluate(argparse.Namespace(**vars(setup)), cfg, 0, 1, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    pruned = measure(cfg, setup.data, setup.tokenizer, setup.ema, tmp_path / "pruned.pgz", 0, 1, cpu,
+                     unpruned=setup.artifact.parent / "q.pgt")
+    plain = measure(cfg, setup.data, setup.tokenizer, setup.ema, setup.artifact, 0, 1, cpu)
     assert pruned["pruned_codes"] == n > 0 and plain["pruned_codes"] == 0
     assert pruned["unpruned"]["val_bpb"] == plain["post_quant"]["val_bpb"]  # the same codes, scored the same
     assert pruned["prune_cost_bpb"] == pruned["post_quant"]["val_bpb"] - plain["post_quant"]["val_bpb"] != 0
@@ -95,6 +95,6 @@ def test_summary_reports_pruned_codes_and_the_bpb_before_pruning(tmp_path):
         (d / "eval.json").write_text(json.dumps(ev))
         (d / "size.json").write_text(json.dumps({"model_bytes": 10, "total_bytes": 20, "pruned_codes": pruned}))
         (d / "train.json").write_text(json.dumps({"steps": 5, "train_seconds": 1.0, "tokens_per_s": 9.0}))
-    summary = aggregate("r", tmp_path, [1, 2])
+    summary = aggregate("r", run_files(tmp_path, [1, 2]))
     assert [r["pruned_codes"] for r in summary["seeds"]] == [0, 5000]
     assert summary["mean"]["unpruned_bpb"] == 1.5 and summary["mean"]["prune_cost_bpb"] == pytest.approx(0.0025)

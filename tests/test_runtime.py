@@ -1,7 +1,6 @@
 """One code path for CPU and GPU: bf16 autocast, torch.compile (inductor, as on CUDA), compile
 priming outside the clock, and the checks that stop a run before it produces a wrong number."""
 
-import argparse
 import json
 
 import pytest
@@ -12,7 +11,7 @@ from test_train import baseline, losses, train  # noqa: F401  (baseline is a fix
 from pgolf import tensorfile
 from pgolf.config import validate
 from pgolf.distributed import setup_distributed
-from pgolf.eval.evaluate import evaluate
+from pgolf.eval.evaluate import measure
 from pgolf.eval.windows import window_batch
 from pgolf.model import GPT
 from pgolf.optim.muon import newton_schulz
@@ -93,9 +92,9 @@ def test_compiled_evaluation_matches_eager(setup, tmp_path):
     """eval.compile true on CPU (inductor) gives eager's numbers: pre/post-quant, sliding and TTT scoring."""
     cfg = validate({"eval": {"seq_len": 32, "stride": 16, "batch_seqs": 5, "max_tokens": 700,
                              "ttt": {"enabled": True, "chunk_tokens": 256, "epochs": 1, "batch_seqs": 4}}})["eval"]
-    args = argparse.Namespace(**vars(setup), precision="auto")
-    eager = evaluate(args, {**cfg, "compile": False}, 0, 1, torch.device("cpu"))
-    fast = evaluate(args, {**cfg, "compile": True}, 0, 1, torch.device("cpu"))
+    paths = (setup.data, setup.tokenizer, setup.ema, setup.artifact, 0, 1, torch.device("cpu"))
+    eager = measure({**cfg, "compile": False}, *paths)
+    fast = measure({**cfg, "compile": True}, *paths)
     for part in ("pre_quant", "post_quant", "sliding", "ttt"):
         assert fast[part]["tokens"] == eager[part]["tokens"] and fast[part]["bytes"] == eager[part]["bytes"]
         assert fast[part]["val_bpb"] == pytest.approx(eager[part]["val_bpb"], abs=1e-4), part

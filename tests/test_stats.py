@@ -2,6 +2,7 @@ import math
 import statistics
 
 import pytest
+from conftest import run_files
 
 from pgolf.report import stats
 from pgolf.report.aggregate import aggregate
@@ -51,11 +52,11 @@ def test_aggregate_compares_with_another_run(tmp_path):
                                                      "quant_gap_bpb": 0.0}))
             (d / "size.json").write_text(json.dumps({"model_bytes": 10, "total_bytes": 20}))
             (d / "train.json").write_text(json.dumps({"steps": 5, "train_seconds": 1.0, "tokens_per_s": 9.0}))
-        summary = aggregate(run, tmp_path / "results" / run, [1, 2, 3])
+        summary = aggregate(run, run_files(tmp_path / "results" / run, [1, 2, 3]))
         (tmp_path / "results" / run / "summary.json").write_text(json.dumps(summary))
     cfg = {"metric": "sliding_bpb", "baseline_run": "base", "baseline_mean": None, "baseline_std": None,
            "baseline_n": 3, "min_gain_nats": 0.005, "alpha": 0.01}
-    result = aggregate("new", tmp_path / "results" / "new", [1, 2, 3], cfg,
+    result = aggregate("new", run_files(tmp_path / "results" / "new", [1, 2, 3]), cfg,
                        tmp_path / "results" / "base" / "summary.json")["compare"]
     assert result["baseline"]["mean"] == pytest.approx(1.505) and result["gain_bpb"] == pytest.approx(0.1)
     assert result["is_record"]

@@ -1,15 +1,18 @@
 """Legal score-first TTT: the order is structural, the audit proves it and catches the wrong one."""
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import evaluate_on_two_processes
+from test_evaluate import evaluate_on_one_process
 
 from pgolf.config import ConfigError, validate
 from pgolf.eval.audit import audit
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
-from pgolf.eval.evaluate import evaluate, score, val_tokens, windows
+from pgolf.eval.evaluate import score, val_tokens, windows
 from pgolf.eval.ttt import chunk_windows, ttt_eval
 
 SEQ, STRIDE = 32, 8
@@ -83,28 +86,39 @@ def test_audit_catches_training_before_scoring(small_model, val):
     assert not inside["ok"] and inside["first_changed"] <= 256 + 128  # chunk 1's own targets moved
 
 
+def test_the_two_ttt_modes_import_the_shared_steps_not_each_other():
+    """Chunk and phased TTT build on pgolf.eval.tttsteps; evaluate picks the mode. Either mode importing
+    the other (at the top or inside a function) would bring back the import circle."""
+    root = Path(__file__).resolve().parent.parent / "pgolf" / "eval"
+    for mode, other in (("ttt", "phased"), ("phased", "ttt")):
+        tree = ast.parse((root / f"{mode}.py").read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "pgolf.eval.tttsteps" in names and f"pgolf.eval.{other}" not in names, mode
+
+
 def test_illegal_ttt_configs_are_refused_naming_the_rule():
     for bad in ({"prequant": True}, {"passes": 2}, {"rescore": True}):
         with pytest.raises(ConfigError, match="score-before-update rule"):
             validate({"eval": {"ttt": bad}})
 
 
-def test_eval_budget_warns_or_fails(setup, capsys):
+def test_eval_budget_warns_or_fails(setup, capsys, tmp_path):
     cfg = eval_cfg(epochs=1)
     cfg.update(time_budget_seconds=1e-6, max_tokens=400)
-    r = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
+    r = evaluate_on_one_process(setup, cfg, tmp_path / "eval.json")
     assert "WARNING: the scored evaluation" in capsys.readouterr().out
     assert r["scored_eval_seconds"] == r["eval_seconds"]["sliding"] + r["eval_seconds"]["ttt"]
     assert r["ttt_gain_bpb"] == r["ttt"]["val_bpb"] - r["sliding"]["val_bpb"]
     cfg["on_over_budget"] = "fail"
     with pytest.raises(ValueError, match="over eval.time_budget_seconds"):
-        evaluate(setup, cfg, 0, 1, torch.device("cpu"))
+        evaluate_on_one_process(setup, cfg, tmp_path / "failed.json")
+    assert not (tmp_path / "failed.json").exists()
 
 
 def test_two_processes_match_one(setup, tmp_path):
     cfg = eval_cfg(batch_seqs=4)
     cfg["max_tokens"] = 600
-    one = evaluate(setup, cfg, 0, 1, torch.device("cpu"))
+    one = evaluate_on_one_process(setup, cfg, tmp_path / "one.json")
     two = evaluate_on_two_processes(setup, cfg, tmp_path / "eval.json")
     assert two["ttt"]["tokens"] == one["ttt"]["tokens"]
     assert two["ttt"]["val_bpb"] == pytest.approx(one["ttt"]["val_bpb"], rel=1e-5)

@@ -26,19 +26,19 @@ import torch
 
 from pgolf.config import load
 from pgolf.eval.bpb import BPBMeter, ByteCounts, byte_counts
-from pgolf.eval.evaluate import artifact_model, val_tokens, windows
+from pgolf.eval.evaluate import artifact_model, run_ttt, val_tokens, windows
 from pgolf.eval.phased import doc_chunks, documents, phase_ends
-from pgolf.eval.ttt import run_chunks, ttt_eval
+from pgolf.eval.tttsteps import run_chunks
 from pgolf.eval.windows import Scores
 from pgolf.model import GPT
 
 
 def recorded_losses(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts,
-                    order=run_chunks) -> dict[int, float]:
+                    order: Callable = run_chunks) -> dict[int, float]:
     scores = Scores()
     wins = windows(len(tokens), cfg["seq_len"], cfg["stride"])
-    ttt_eval(copy.deepcopy(model), tokens, wins, cfg["seq_len"], cfg["batch_seqs"], cfg["ttt"], BPBMeter(luts),
-             scores=scores, order=order)
+    run_ttt(copy.deepcopy(model), tokens, wins, cfg["seq_len"], cfg["batch_seqs"], cfg["ttt"], BPBMeter(luts),
+            scores=scores, order=order)
     return scores.by_target()
 
 
@@ -75,7 +75,7 @@ def progress(msg: str) -> None:
 
 
 def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positions: list[int] | None = None,
-          order=run_chunks, seed: int = 0, log: Callable[[str], None] = progress) -> list[dict]:
+          order: Callable = run_chunks, seed: int = 0, log: Callable[[str], None] = progress) -> list[dict]:
     """For each t: how many recorded losses at targets <= t changed when the tokens after t changed.
     Each pass is a whole TTT evaluation (about a minute on the default model on CPU): `log` says
     which one runs and how long the rest will take."""

@@ -1,5 +1,6 @@
 """`pgolf evaluate`: val BPB of the EMA weights, of the weights read back from the artifact, by
-sliding window over the artifact weights, and with legal score-first TTT when eval.ttt.enabled.
+sliding window over the artifact weights, and with legal score-first TTT when eval.ttt.enabled (in
+the mode eval.ttt.mode names: chunk, pgolf/eval/ttt.py, or phased_lora, pgolf/eval/phased.py).
 Windows are spread over processes under torchrun; the scored path is checked against the budget."""
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pgolf.data.shards import check_tokenizer, check_vocab, load_split, open_dat
 from pgolf.distributed import setup_distributed, teardown
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter, byte_counts
-from pgolf.eval.ttt import freeze, ttt_eval
-from pgolf.eval.windows import plain_windows, score_windows, windows
+from pgolf.eval.phased import phased_eval
+from pgolf.eval.ttt import ttt_eval
+from pgolf.eval.tttsteps import freeze, run_chunks
+from pgolf.eval.windows import Scores, Window, plain_windows, score_windows, windows
 from pgolf.io import write_json
 from pgolf.model import GPT, load_weights
 from pgolf.quant.artifact import read_artifact, read_header
@@ -67,32 +70,45 @@ def quantized_model(state: dict[str, torch.Tensor], meta: dict) -> GPT:
     return model
 
 
-def pruning(args: argparse.Namespace, post_quant: dict, score_model: Callable[[GPT], dict]) -> dict:
+def pruning(artifact: Path, unpruned: Path | None, post_quant: dict, score_model: Callable[[GPT], dict]) -> dict:
     """How many +-1 codes compress pruned and the BPB before pruning: the quantized tensors compress
-    read (--unpruned), scored as post_quant is; post_quant itself when nothing was pruned. Without
-    --unpruned, a pruned artifact reports only its count."""
-    pruned = int(read_header(args.artifact).get("pruned_codes", 0))
-    if pruned and getattr(args, "unpruned", None) is None:
+    read (`unpruned`, --unpruned), scored as post_quant is; post_quant itself when nothing was
+    pruned. Without `unpruned`, a pruned artifact reports only its count."""
+    pruned = int(read_header(artifact).get("pruned_codes", 0))
+    if pruned and unpruned is None:
         return {"pruned_codes": pruned}
-    unpruned = score_model(quantized_model(*dequantize(args.unpruned))) if pruned else post_quant
-    return {"pruned_codes": pruned, "unpruned": unpruned, "prune_cost_bpb": post_quant["val_bpb"] - unpruned["val_bpb"]}
+    before = score_model(quantized_model(*dequantize(unpruned))) if pruned else post_quant
+    return {"pruned_codes": pruned, "unpruned": before, "prune_cost_bpb": post_quant["val_bpb"] - before["val_bpb"]}
 
 
-def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device: torch.device) -> dict:
+def run_ttt(model: GPT, tokens: torch.Tensor, wins: list[Window], seq_len: int, batch: int, cfg: dict,
+            meter: BPBMeter, rank: int = 0, world: int = 1, scores: Scores | None = None,
+            order: Callable = run_chunks, precision: str = "auto", forward: torch.nn.Module | None = None) -> dict:
+    """BPB under the TTT mode eval.ttt.mode names (`cfg` is eval.ttt); the model is adapted in place.
+    Chunk mode scores the sliding windows `wins` through `forward` (the compiled model); phased LoRA
+    mode cuts the same val stream into documents and runs the model with its adapters hooked in."""
+    if cfg["mode"] == "phased_lora":
+        return phased_eval(model, tokens, seq_len, cfg, meter, rank, world, scores, order, precision)
+    return ttt_eval(model, tokens, wins, seq_len, batch, cfg, meter, rank, world, scores, order, precision, forward)
+
+
+def measure(cfg: dict, data: Path, tokenizer: Path, ema: Path, artifact: Path, rank: int, world: int,
+            device: torch.device, precision: str = "auto", unpruned: Path | None = None) -> dict:
+    """The scores of evaluate (`cfg` is the eval section) on this process's share of the windows,
+    summed over all processes: every process returns the same result."""
     T, B = cfg["seq_len"], cfg["batch_seqs"]
     # A tokenizer other than the shards' counts other bytes: a plausible BPB, and a wrong one.
-    check_tokenizer(args.data, args.tokenizer)
-    ema, art = load_weights(args.ema).to(device).eval(), artifact_model(args.artifact).to(device).eval()
-    open_dataset(args.data, ema.vocab_size, f"the vocabulary of {args.ema}")
-    check_vocab(args.data, art.vocab_size, f"the vocabulary of {args.artifact}")
-    tokens = val_tokens(args.data, cfg["max_tokens"], T, ema.vocab_size)
-    luts = byte_counts(args.data, args.tokenizer, ema.vocab_size, len(tokens))  # a CaseOps sidecar, or the tables
+    check_tokenizer(data, tokenizer)
+    ema_model, art = load_weights(ema).to(device).eval(), artifact_model(artifact).to(device).eval()
+    open_dataset(data, ema_model.vocab_size, f"the vocabulary of {ema}")
+    check_vocab(data, art.vocab_size, f"the vocabulary of {artifact}")
+    tokens = val_tokens(data, cfg["max_tokens"], T, ema_model.vocab_size)
+    luts = byte_counts(data, tokenizer, ema_model.vocab_size, len(tokens))  # a CaseOps sidecar, or the tables
     plain, sliding = plain_windows(len(tokens), T), windows(len(tokens), T, cfg["stride"])
     if cfg["ttt"]["enabled"]:  # frozen before the first compile: requires_grad is part of a compiled graph's guards
         freeze(art, cfg["ttt"])
-    precision = getattr(args, "precision", "auto")
-    fwd = {id(m): compiled(m, cfg["compile"], device) for m in (ema, art)}
-    parts = {"pre_quant": (ema, plain), "post_quant": (art, plain), "sliding": (art, sliding)}
+    fwd = {id(m): compiled(m, cfg["compile"], device) for m in (ema_model, art)}
+    parts = {"pre_quant": (ema_model, plain), "post_quant": (art, plain), "sliding": (art, sliding)}
     result, seconds = {}, {}
     for name, (model, wins) in parts.items():
         t0 = time.perf_counter()
@@ -103,7 +119,7 @@ def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device:
                   f"({len(wins)} windows, {seconds[name]:.1f}s)")
     result["sliding"].update(seq_len=T, stride=cfg["stride"])
     t0 = time.perf_counter()  # not part of the scored path: a diagnostic of pruning's cost
-    result.update(pruning(args, result["post_quant"], lambda m: score(
+    result.update(pruning(artifact, unpruned, result["post_quant"], lambda m: score(
         m.to(device).eval(), tokens, plain, T, B, BPBMeter(luts), rank, world, label="unpruned", precision=precision)))
     if "unpruned" in result and result["pruned_codes"]:
         seconds["unpruned"] = time.perf_counter() - t0
@@ -111,8 +127,8 @@ def evaluate(args: argparse.Namespace, cfg: dict, rank: int, world: int, device:
                   f"{result['prune_cost_bpb']:+.4f} ({seconds['unpruned']:.1f}s)")
     if cfg["ttt"]["enabled"]:  # adapts `art` in place: it runs last
         t0 = time.perf_counter()
-        result["ttt"] = ttt_eval(art, tokens, sliding, T, B, cfg["ttt"], BPBMeter(luts), rank, world,
-                                 precision=precision, forward=fwd[id(art)])
+        result["ttt"] = run_ttt(art, tokens, sliding, T, B, cfg["ttt"], BPBMeter(luts), rank, world,
+                                precision=precision, forward=fwd[id(art)])
         seconds["ttt"] = time.perf_counter() - t0
         result["ttt_gain_bpb"] = result["ttt"]["val_bpb"] - result["sliding"]["val_bpb"]
         log(rank, f"ttt: bpb {result['ttt']['val_bpb']:.4f} (gain {result['ttt_gain_bpb']:+.4f}) over "
@@ -140,12 +156,26 @@ def check_budget(cfg: dict, used: float, rank: int) -> None:
     log(rank, f"WARNING: {msg}")
 
 
-def refuse_nonfinite(result: dict, args: argparse.Namespace) -> None:
+def refuse_nonfinite(result: dict, ema: Path, artifact: Path, out: Path) -> None:
     """A NaN score is no score: name the weights it came from, and write no eval.json for aggregate to average."""
     bad = first_nonfinite(result)
     if bad is not None:
-        source = args.ema if bad[0].startswith("pre_quant") else args.artifact
-        raise PgolfError(f"{source}: {bad[0]} is {bad[1]} (NaN/Inf weights or an overflow); {args.out} not written")
+        source = ema if bad[0].startswith("pre_quant") else artifact
+        raise PgolfError(f"{source}: {bad[0]} is {bad[1]} (NaN/Inf weights or an overflow); {out} not written")
+
+
+def evaluate(cfg: dict, data: Path, tokenizer: Path, ema: Path, artifact: Path, out: Path, device: str = "auto",
+             precision: str = "auto", unpruned: Path | None = None) -> dict:
+    """The evaluate stage: `cfg` is the eval section, the paths are the rule's (`unpruned` only when
+    compress pruned); `device` is auto, cpu or cuda. Under torchrun every process scores its share
+    and rank 0 writes `out`. Returns what `out` holds."""
+    rank, world, dev = setup_distributed(device)
+    result = measure(cfg, data, tokenizer, ema, artifact, rank, world, dev, precision, unpruned)
+    refuse_nonfinite(result, ema, artifact, out)  # every process holds the same all-reduced result, so all stop alike
+    if rank == 0:
+        write_json(out, result)
+    teardown(world)
+    return result
 
 
 def cli(argv: list[str]) -> None:
@@ -156,9 +186,5 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast: bf16, fp32, auto (bf16 on CUDA)")
     args = ap.parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    result = evaluate(args, json.loads(args.cfg), rank, world, device)
-    refuse_nonfinite(result, args)  # every process holds the same all-reduced result, so all stop alike
-    if rank == 0:
-        write_json(args.out, result)
-    teardown(world)
+    evaluate(json.loads(args.cfg), Path(args.data), Path(args.tokenizer), Path(args.ema), Path(args.artifact),
+             Path(args.out), args.device, args.precision, None if args.unpruned is None else Path(args.unpruned))

@@ -9,9 +9,9 @@ batch in which the scored documents first reach a phase boundary (`phase_docs` s
 them already scored, as chunk mode trains on a chunk (the optimizer, lr, momentum, epochs,
 chunk_tokens, batch_seqs and grad_clip keys; cosine LR; the last chunk left out, as the record does).
 
-Both kinds of step go through the same `order` as chunk mode (ttt.run_chunks: score chunk c, then
-train on it), so the score-before-update rule is one piece of code and `pgolf audit` checks it here
-too. Where pgolf differs from the record, it is so that no update has seen a later token:
+Both kinds of step go through the same `order` as chunk mode (tttsteps.run_chunks: score chunk c,
+then train on it), so the score-before-update rule is one piece of code and `pgolf audit` checks it
+here too. Where pgolf differs from the record, it is so that no update has seen a later token:
 - documents are taken in stream order, not sorted by length (a length is known only at a document's
   end);
 - chunk [a, e) is scored in the seq_len-token window that a full chunk from a would end, across
@@ -30,7 +30,7 @@ from torch import Tensor
 from pgolf.errors import ConfigError
 from pgolf.eval.bpb import BPBMeter
 from pgolf.eval.lora import DocLoRA, LoRAForward
-from pgolf.eval.ttt import Chunk, chunk_lr, make_optimizer, run_chunks, train_chunk, training_sequences
+from pgolf.eval.tttsteps import Chunk, chunk_lr, freeze, make_optimizer, run_chunks, train_chunk, training_sequences
 from pgolf.eval.windows import Scores, Window, score_windows, scored_mask, window_batch
 from pgolf.model import GPT, token_losses
 from pgolf.runtime import autocast
@@ -146,6 +146,7 @@ def phased_eval(model: GPT, tokens: Tensor, seq_len: int, cfg: dict, meter: BPBM
     if cfg["lora_chunk_tokens"] > seq_len:  # pgolf.config refuses it too; a wrong window here would score silently
         raise ConfigError(f"eval.ttt.lora_chunk_tokens={cfg['lora_chunk_tokens']} is longer than "
                           f"eval.seq_len={seq_len}")
+    freeze(model, cfg)  # the frozen blocks stay out of the global phases
     docs = documents(tokens, model.cfg["bos_id"]) if docs is None else docs
     params = [p for p in model.parameters() if p.requires_grad]  # what freeze() left trainable
     for p in params:

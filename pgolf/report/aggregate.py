@@ -15,6 +15,7 @@ from pgolf.errors import PgolfError
 from pgolf.io import write_bytes, write_json
 from pgolf.io import write_parquet as write_table
 from pgolf.report import stats
+from pgolf.report.inputs import add_seed_files, seed_files
 from pgolf.results import has, integer, number, read_object
 
 # Column -> (file, path of keys inside it). The order is the table's order.
@@ -44,9 +45,8 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
 OPTIONAL = {"ttt_bpb", "ttt_gain_bpb", "unpruned_bpb", "prune_cost_bpb", "pruned_codes"}
 
 
-def seed_row(run_dir: Path, seed: int) -> dict[str, Any]:
-    d = run_dir / f"seed{seed}"
-    files = {name: d / f"{name}.json" for name in ("eval", "size", "train")}
+def seed_row(seed: int, files: dict[str, Path]) -> dict[str, Any]:
+    """One seed's columns from its eval, size and train files."""
     loaded = {name: read_object(p) for name, p in files.items()}
     row: dict[str, Any] = {"seed": seed}
     for col, (name, keys) in COLUMNS.items():
@@ -109,9 +109,10 @@ def baseline_of(cfg: dict, summary: Path | None = None) -> dict | None:
     return None
 
 
-def aggregate(run: str, run_dir: Path, seeds: list[int], compare_cfg: dict | None = None,
+def aggregate(run: str, files: dict[int, dict[str, Path]], compare_cfg: dict | None = None,
               baseline_summary: Path | None = None) -> dict[str, Any]:
-    rows = [seed_row(run_dir, s) for s in seeds]
+    """The summary of seeds' files (seed -> eval, size, train: pgolf.report.inputs.seed_files)."""
+    rows = [seed_row(s, f) for s, f in files.items()]
     mean, std = summarize(rows)
     summary = {"run": run, "n_seeds": len(rows), "seeds": rows, "mean": mean, "std": std}
     base = baseline_of(compare_cfg, baseline_summary) if compare_cfg else None
@@ -138,16 +139,15 @@ def render_compare(c: dict) -> str:
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf aggregate", description=__doc__)
     ap.add_argument("--run", required=True)
-    ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, nargs="+", required=True)
+    add_seed_files(ap, "eval", "size", "train")
     ap.add_argument("--out-json", type=Path, required=True)
     ap.add_argument("--out-parquet", type=Path, required=True)
     ap.add_argument("--out-table", type=Path, required=True)
     ap.add_argument("--compare", default="", help="the compare config section as JSON")
     ap.add_argument("--baseline-summary", type=Path, help="summary.json of compare.baseline_run")
     args = ap.parse_args(argv)
-    summary = aggregate(args.run, args.run_dir, args.seeds, json.loads(args.compare) if args.compare else None,
-                        args.baseline_summary)
+    files = seed_files(args.seeds, eval=args.eval, size=args.size, train=args.train)
+    summary = aggregate(args.run, files, json.loads(args.compare) if args.compare else None, args.baseline_summary)
     table = render_table(args.run, summary["seeds"], summary["mean"], summary["std"])
     if "compare" in summary:
         table += "\n" + render_compare(summary["compare"])

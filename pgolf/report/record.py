@@ -23,6 +23,7 @@ from pgolf import bundle
 from pgolf.config import validate
 from pgolf.io import atomic_dir, write_bytes, write_json
 from pgolf.provenance import PACKAGE, code_files
+from pgolf.report.inputs import add_seed_files, seed_files
 from pgolf.results import integer, number, read_object
 
 PIPELINE_FILES = ("Snakefile", "pyproject.toml", "rules", "schemas", "profiles")
@@ -46,16 +47,19 @@ def copy_code(dest: Path) -> int:
     return (dest / bundle.FILE_NAME).stat().st_size
 
 
-def seed_results(run_dir: Path, seeds: list[int], metric: str, code_bytes: int) -> dict:
-    out = {}
-    for s in seeds:
-        d = run_dir / f"seed{s}"
-        ev, size, tr = (read_object(d / f"{name}.json") for name in ("eval", "size", "train"))
-        part = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre_quant"}.get(metric, "post_quant")
-        model_bytes, steps = integer(size, ("model_bytes",), d / "size.json"), integer(tr, ("steps",), d / "train.json")
-        seconds = number(tr, ("train_seconds",), d / "train.json")
-        out[str(s)] = {"val_bpb": number(ev, (part, "val_bpb"), d / "eval.json"),
-                       "val_loss": number(ev, (part, "val_loss"), d / "eval.json"),
+# compare.metric -> the part of eval.json that holds it
+METRIC_PART = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre_quant", "post_quant_bpb": "post_quant"}
+
+
+def seed_results(files: dict[int, dict[str, Path]], metric: str, code_bytes: int) -> dict:
+    """Each seed's score, bytes and time from its eval, size and train files."""
+    out, part = {}, METRIC_PART[metric]
+    for s, f in files.items():
+        ev, size, tr = (read_object(f[name]) for name in ("eval", "size", "train"))
+        model_bytes, steps = integer(size, ("model_bytes",), f["size"]), integer(tr, ("steps",), f["train"])
+        seconds = number(tr, ("train_seconds",), f["train"])
+        out[str(s)] = {"val_bpb": number(ev, (part, "val_bpb"), f["eval"]),
+                       "val_loss": number(ev, (part, "val_loss"), f["eval"]),
                        "artifact_bytes": model_bytes, "bytes_total": model_bytes + code_bytes,
                        "steps": steps, "train_seconds": seconds, "step_avg_ms": 1000 * seconds / max(steps, 1)}
     return out
@@ -144,27 +148,30 @@ def readme(cfg: dict, sub: dict, table: str) -> str:
         "orchestrate and are not counted as code.", ""])
 
 
-def build(run_dir: Path, seeds: list[int], cfg: dict, out: Path) -> dict:
-    numbers = summary_numbers(read_object(run_dir / "summary.json"), cfg["compare"]["metric"], run_dir / "summary.json")
-    table = (run_dir / "summary.md").read_text()
+def build(summary: Path, table: Path, files: dict[int, dict[str, Path]], cfg: dict, out: Path) -> dict:
+    """The record folder from the run's summary and table and each seed's files (eval, size, train, log)."""
+    numbers = summary_numbers(read_object(summary), cfg["compare"]["metric"], summary)
+    text = table.read_text()
     with atomic_dir(out) as staging:
         code_bytes = copy_code(staging)
-        results = seed_results(run_dir, seeds, cfg["compare"]["metric"], code_bytes)
+        results = seed_results(files, cfg["compare"]["metric"], code_bytes)
         sub = submission(cfg, numbers, results, code_bytes)
         write_json(staging / "submission.json", sub)
-        write_bytes(staging / "README.md", readme(cfg, sub, table).encode())
+        write_bytes(staging / "README.md", readme(cfg, sub, text).encode())
         write_bytes(staging / "config.yaml", json.dumps(cfg, indent=2).encode())  # JSON is valid YAML
-        for s in seeds:
-            shutil.copyfile(run_dir / "logs" / f"train_seed{s}.log", staging / f"train_seed{s}.log")
+        for s, f in files.items():
+            shutil.copyfile(f["log"], staging / f"train_seed{s}.log")
     print(f"{out}: val_bpb {sub['val_bpb']:.4f}, bytes_total {sub['bytes_total']:,}", flush=True)
     return sub
 
 
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf record", description=__doc__)
-    ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, nargs="+", required=True)
+    ap.add_argument("--summary", type=Path, required=True, help="the run's summary.json")
+    ap.add_argument("--table", type=Path, required=True, help="the run's summary.md")
+    add_seed_files(ap, "eval", "size", "train", "log")
     ap.add_argument("--config", required=True, help="the whole resolved config as JSON")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    build(args.run_dir, args.seeds, json.loads(args.config), args.out)
+    files = seed_files(args.seeds, eval=args.eval, size=args.size, train=args.train, log=args.log)
+    build(args.summary, args.table, files, json.loads(args.config), args.out)
