@@ -6,8 +6,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pgolf import errors, process
+from pgolf import errors
 from pgolf.pipeline.stages import commands
+from pgolf.runtime import process
 
 # Commands that are no pipeline stage: "module:function" taking argv.
 TOOLS = {
@@ -15,8 +16,8 @@ TOOLS = {
     "config": ("pgolf.config_cli", "validate config files and print the resolved config"),
     "params": ("pgolf.config_cli:params_cli", "parameter count of a config (config.yaml plus presets)"),
     "bench-loader": ("pgolf.train.loader:bench_cli", "tokens/s of the training loader alone, per mode"),
-    "bench": ("pgolf.bench", "ms/step, tokens/s, MFU and peak memory of a config's training step"),
-    "launch": ("pgolf.launch", "torchrun (same arguments) whose log ends with a stage's one-line error"),
+    "bench": ("pgolf.train.bench", "ms/step, tokens/s, MFU and peak memory of a config's training step"),
+    "launch": ("pgolf.runtime.launch", "torchrun (same arguments) whose log ends with a stage's one-line error"),
 }
 
 

@@ -72,7 +72,7 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError("compare: baseline_mean and baseline_std go together")
     hub = cfg["data"]["hub"]
     if cfg["data"]["source"] == "fineweb":
-        from pgolf.data.fineweb import is_caseops, vocab_of
+        from pgolf.data.fetch_fineweb import is_caseops, vocab_of
 
         if vocab_of(hub["variant"]) != cfg["tokenizer"]["vocab_size"]:
             raise ConfigError(f"tokenizer.vocab_size ({cfg['tokenizer']['vocab_size']}) must match data.hub.variant "

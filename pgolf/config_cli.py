@@ -19,7 +19,7 @@ def cli(argv: list[str]) -> None:
 
 
 def params_cli(argv: list[str]) -> None:
-    from pgolf.model import GPT, count_parameters, layer_order
+    from pgolf.model.gpt import GPT, count_parameters, layer_order
 
     ap = argparse.ArgumentParser(prog="pgolf params", description="Parameter count of a config's model.")
     ap.add_argument("files", nargs="+", help="config.yaml, then presets (later files win)")

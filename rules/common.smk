@@ -4,12 +4,12 @@
 import json
 from pathlib import Path
 
-import pgolf.bundle
-import pgolf.cluster
+import pgolf.pipeline.bundle
+import pgolf.pipeline.cluster
 import pgolf.config
 import pgolf.errors
 import pgolf.pipeline.stages
-import pgolf.provenance
+import pgolf.pipeline.provenance
 
 # Snakemake reads config files with YAML 1.1 (`3e-4` is a string there) and keeps the last of two
 # equal keys. Build the config again from the same files with pgolf's reader (YAML 1.2 numbers, a
@@ -40,10 +40,10 @@ TOKENIZER = f"data/tokenizers/{DATASET}_sp{VOCAB}{_CASEOPS}.model"
 DATASET_DIR = f"data/datasets/{DATASET}_sp{VOCAB}{_CASEOPS}"
 SEED_DIR = f"{RUN}/seed{{seed}}"
 NPROC = config["train"]["nproc"]
-# SLURM: the site comes from the profile's default-resources (pgolf/cluster.py); a local run has none.
+# SLURM: the site comes from the profile's default-resources (pgolf/pipeline/cluster.py); a local run has none.
 # A placeholder left in the profile fails here, before anything is submitted.
 try:
-    SITE = pgolf.cluster.read_site(getattr(workflow.resource_settings.default_resources, "args", None) or [])
+    SITE = pgolf.pipeline.cluster.read_site(getattr(workflow.resource_settings.default_resources, "args", None) or [])
 except pgolf.errors.PgolfError as e:
     raise WorkflowError(str(e)) from None
 
@@ -55,7 +55,7 @@ def is_local(stage):
 
 def slurm(stage):
     """A stage's SLURM resources (partition by the config's device, cores, memory, runtime, GPUs, one node)."""
-    return pgolf.cluster.resources(stage, config, SITE)
+    return pgolf.pipeline.cluster.resources(stage, config, SITE)
 
 
 def gpus(stage):
@@ -68,17 +68,17 @@ def gpus(stage):
 
 
 def threads_of(stage):
-    return pgolf.cluster.threads(stage, SITE, workflow.cores)
+    return pgolf.pipeline.cluster.threads(stage, SITE, workflow.cores)
 
 
 def group_of(stage):
-    return pgolf.cluster.group(stage, SITE)
+    return pgolf.pipeline.cluster.group(stage, SITE)
 
 
 
 # torchrun picks a free rendezvous port with --standalone, so several trainings can share a host.
 # `pgolf launch` is torchrun with the same arguments, whose log ends with a stage's one-line error
-# instead of torchrun's own traceback (pgolf/launch.py).
+# instead of torchrun's own traceback (pgolf/runtime/launch.py).
 TORCHRUN = "pgolf launch --standalone --nproc-per-node {resources.nproc:q} -m pgolf"
 
 
@@ -94,7 +94,7 @@ def section(name, without=()):
 
 
 def code(stage):
-    return pgolf.provenance.code_version(stage)
+    return pgolf.pipeline.provenance.code_version(stage)
 
 
 def print_summary():

@@ -94,7 +94,7 @@ rule size:
         f"{SEED_DIR}/size.json",
     params:
         cfg=section("compress"),
-        code_bytes=pgolf.bundle.code_bytes(),
+        code_bytes=pgolf.pipeline.bundle.code_bytes(),
         code=code("size"),
     log:
         f"{RUN}/logs/size_seed{{seed}}.log",

@@ -49,7 +49,7 @@ rule record:
     params:
         seeds=config["seeds"],
         config=json.dumps(config, sort_keys=True),
-        code_bytes=pgolf.bundle.code_bytes(),
+        code_bytes=pgolf.pipeline.bundle.code_bytes(),
         code=code("record"),
     log:
         f"{RUN}/logs/record.log",

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pgolf import tensorfile
 from pgolf.config import validate
-from pgolf.data import documents, encode, tokenizer
-from pgolf.model import GPT
+from pgolf.data import documents, shards, tokenizer
+from pgolf.formats import tensorfile
+from pgolf.model.gpt import GPT
 from pgolf.quant.compress import compress
 from pgolf.quant.quantize import quantize
 
@@ -28,7 +28,7 @@ def tiny_dataset(tmp_path_factory) -> SimpleNamespace:
     docs, tok, ds = root / "docs.parquet", root / "tok.model", root / "dataset"
     documents.build(cfg["data"], None, docs)
     tokenizer.train(docs, cfg["tokenizer"], tok)
-    encode.build(docs, tok, cfg["data"], ds)
+    shards.build(docs, tok, cfg["data"], ds)
     return SimpleNamespace(docs=docs, tokenizer=tok, dataset_dir=ds, vocab_size=320, config=cfg)
 
 

@@ -5,8 +5,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pgolf.distributed import teardown
 from pgolf.optim.muon import Muon
+from pgolf.runtime.distributed import teardown
 
 SHAPES = [(8, 4), (8, 4), (8, 4), (4, 8), (6, 6)]  # a bank of 3 (padded over 2 ranks), 1 and 1
 STEPS = 3

@@ -7,9 +7,10 @@ import re
 import pytest
 import torch
 
-from pgolf import bundle, tensorfile
 from pgolf.cli import main
 from pgolf.config import validate
+from pgolf.formats import tensorfile
+from pgolf.pipeline import bundle
 from pgolf.quant import artifact
 from pgolf.quant.compress import BudgetError, compress, prune_to_fit
 from pgolf.quant.size import check_size
@@ -158,7 +159,7 @@ def test_size_counts_code_and_model_bytes(good_artifact, tmp_path):
     assert json.loads((tmp_path / "size.json").read_text()) == report
     assert report["model_bytes"] == path.stat().st_size
     assert report["code_bytes"] == len(bundle.build()) and report["code_file"] == "train_gpt.py"
-    assert "pgolf/model.py" in report["code_sources"] and "pgolf/config.py" not in report["code_sources"]
+    assert "pgolf/model/gpt.py" in report["code_sources"] and "pgolf/config.py" not in report["code_sources"]
     assert report["total_bytes"] == report["model_bytes"] + report["code_bytes"]
     assert report["fits"] and report["headroom_bytes"] == 16_000_000 - report["total_bytes"]
     assert report["codec"] == "zstd" and report["budget_bytes"] == 16_000_000 and report["pruned_codes"] == 0

@@ -5,8 +5,8 @@ import sentencepiece as spm
 import torch
 
 from pgolf.data.documents import read_documents
-from pgolf.data.shards import load_split
 from pgolf.eval.bpb import BPBMeter, build_byte_luts, target_bytes
+from pgolf.formats.shards import load_split
 
 
 def split_docs(tokens: list[int], bos: int = 1) -> list[list[int]]:

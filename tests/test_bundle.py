@@ -1,4 +1,4 @@
-"""The packed code a submission runs (pgolf.bundle): small, self-contained, and the same numbers as
+"""The packed code a submission runs (pgolf.pipeline.bundle): small, self-contained, and the same numbers as
 the package, stage by stage, from a folder that holds nothing else."""
 
 import ast
@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf import bundle, tensorfile
 from pgolf.cli import main
 from pgolf.config import validate
+from pgolf.formats import tensorfile
+from pgolf.pipeline import bundle
 
 # The packed file was 35,265 bytes with PR #1855's parts in (phased TTT, LQER, pergroup, CaseOps
 # sidecar); compress.code_reserve keeps the same 40,000 for it.
@@ -23,11 +24,12 @@ CODE_BOUND = 40_000
 
 def test_packed_code_is_under_40_kb_and_holds_only_what_a_submission_runs():
     mods = bundle.modules()
-    assert {"pgolf.cli", "pgolf.train.main", "pgolf.quant.calibrate", "pgolf.quant.gptq", "pgolf.quant.compress",
-            "pgolf.eval.evaluate", "pgolf.eval.ttt", "pgolf.eval.phased", "pgolf.model"} <= set(mods)
-    assert not set(mods) & {"pgolf.config", "pgolf.provenance", "pgolf.bundle", "pgolf.quant.size",
-                            "pgolf.report.record", "pgolf.data.tokenizer", "pgolf.data.documents", "pgolf.launch"}
-    assert "def load_shard(" in mods["pgolf.data.shards"] and "def write_shard(" not in mods["pgolf.data.shards"]
+    assert {"pgolf.cli", "pgolf.train.train", "pgolf.quant.calibrate", "pgolf.quant.gptq", "pgolf.quant.compress",
+            "pgolf.eval.evaluate", "pgolf.eval.ttt", "pgolf.eval.phased", "pgolf.model.gpt"} <= set(mods)
+    assert not set(mods) & {"pgolf.config", "pgolf.pipeline.provenance", "pgolf.pipeline.bundle", "pgolf.quant.size",
+                            "pgolf.report.record", "pgolf.data.tokenizer", "pgolf.data.documents",
+                            "pgolf.runtime.launch"}
+    assert "def load_shard(" in mods["pgolf.formats.shards"] and "def write_shard(" not in mods["pgolf.formats.shards"]
     assert len(bundle.build()) == bundle.code_bytes() < CODE_BOUND
     assert validate({})["compress"]["code_reserve"] == CODE_BOUND
 

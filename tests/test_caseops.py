@@ -12,16 +12,16 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf import tensorfile
 from pgolf.config import ConfigError, validate
-from pgolf.data import caseops, documents, encode, tokenizer
+from pgolf.data import caseops, documents, shards, tokenizer
 from pgolf.data.caseops import ALLCAPS, CAPNEXT, ESC, SP_SPACE, TITLE, CaseOpsError
 from pgolf.data.documents import read_documents
-from pgolf.data.shards import ShardError, load_sidecar, load_split, open_dataset, read_manifest, write_shard
 from pgolf.eval.bpb import BPBMeter, ByteLUTs, ByteSidecar, build_byte_luts, byte_counts
 from pgolf.eval.evaluate import measure, score, val_tokens, windows
 from pgolf.eval.windows import Scores, score_windows
-from pgolf.model import GPT
+from pgolf.formats import tensorfile
+from pgolf.formats.shards import ShardError, load_sidecar, load_split, open_dataset, read_manifest, write_shard
+from pgolf.model.gpt import GPT
 from pgolf.quant.compress import compress
 from pgolf.quant.quantize import quantize
 
@@ -45,14 +45,14 @@ def caseops_dataset(tmp_path_factory):
     docs, tok, ds = root / "docs.parquet", root / "tok.model", root / "dataset"
     documents.build(cfg["data"], None, docs)
     tokenizer.cli(["--docs", str(docs), "--cfg", json.dumps(cfg["tokenizer"]), "--out", str(tok)])
-    encode.cli(["--docs", str(docs), "--tokenizer", str(tok), "--cfg", json.dumps({"shard_tokens": 20000}),
+    shards.cli(["--docs", str(docs), "--tokenizer", str(tok), "--cfg", json.dumps({"shard_tokens": 20000}),
                 "--out", str(ds), "--caseops"])
     return type("D", (), {"docs": docs, "tokenizer": tok, "dataset_dir": ds,
                           "sp": spm.SentencePieceProcessor(model_file=str(tok))})
 
 
 def split_docs(tokens: np.ndarray, counts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    starts = [*np.flatnonzero(tokens == encode.BOS_ID), len(tokens)]
+    starts = [*np.flatnonzero(tokens == shards.BOS_ID), len(tokens)]
     return [(tokens[a:b], counts[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
@@ -109,7 +109,7 @@ def test_operators_are_pieces_of_their_own(caseops_dataset):
 
 def test_a_plain_tokenizer_is_refused_for_caseops(tiny_dataset, tmp_path):
     with pytest.raises(CaseOpsError, match=f"{tiny_dataset.tokenizer}.*not trained with tokenizer.caseops"):
-        encode.build(tiny_dataset.docs, tiny_dataset.tokenizer, {"shard_tokens": 20000}, tmp_path / "d", True)
+        shards.build(tiny_dataset.docs, tiny_dataset.tokenizer, {"shard_tokens": 20000}, tmp_path / "d", True)
 
 
 @pytest.mark.parametrize("split", ["val", "train"])
@@ -262,7 +262,7 @@ def test_a_rehashed_sidecar_must_still_add_up(copy_of):
     values[-1] += 1
     write_shard(side, values)
     m = json.loads((copy_of / "manifest.json").read_text())
-    m["splits"]["val"]["byte_sidecar"]["sha256"][0] = encode.sha256(side)
+    m["splits"]["val"]["byte_sidecar"]["sha256"][0] = shards.sha256(side)
     (copy_of / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ShardError, match="val byte sidecars add up to"):
         load_sidecar(copy_of, "val")

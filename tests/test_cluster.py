@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.cluster import read_site, resources, threads
 from pgolf.config import load
 from pgolf.errors import PgolfError
+from pgolf.pipeline.cluster import read_site, resources, threads
 from pgolf.pipeline.stages import STAGES
 
 REPO = Path(__file__).resolve().parent.parent

@@ -33,6 +33,8 @@ CONDITIONS: dict[str, tuple[dict, str]] = {
        for k in ("probe_checkpoint", "probe_iterations", "sample_tokens", "seq_len")},
     "loader.shard_order": ({"loader": {"mode": "ordered", "order": "given", "shard_order": [0]}},
                            "the shards' order by hand: only with order given"),
+    "compress.code_reserve": ({"compress": {"prune": True}},
+                              "the code's allowance: only pruning aims below the budget"),
     "compare.baseline_mean": ({"compare": {"baseline_mean": 1.5, "baseline_std": 0.01}},
                               "a baseline by its figures: mean and std go together"),
     "compare.baseline_std": ({"compare": {"baseline_mean": 1.5, "baseline_std": 0.01}},
@@ -239,7 +241,7 @@ def test_cli_commands_are_the_table():
 
     table = cli.table()
     assert {s.cli for s in stages.STAGES} <= set(table)
-    assert table["shard-order"][0] == "pgolf.data.order" and "order" not in table
+    assert table["shard-order"][0] == "pgolf.data.shard_order" and "order" not in table
     for s in stages.STAGES:
         assert table[s.cli][0] == stages.commands()[s.cli].entry
 

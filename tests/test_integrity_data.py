@@ -20,7 +20,7 @@ import yaml
 
 from pgolf.config import load
 from pgolf.data import tokenizer
-from pgolf.data.shards import ShardError, load_shard, open_dataset, read_header, write_shard
+from pgolf.formats.shards import ShardError, load_shard, open_dataset, read_header, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = load(REPO / "config.yaml", REPO / "configs" / "smoke.yaml")
@@ -196,7 +196,7 @@ def test_a_damaged_manifest_through_a_stage(data, tmp_path):
 
 def test_id_check_costs_one_pass_per_shard(data):
     """The largest id is cached per file (and its mtime): loaders reopen shards as they wrap around."""
-    from pgolf.data import shards
+    from pgolf.formats import shards
 
     path = data.good / "fineweb_train_000000.bin"
     load_shard(path, vocab_size=320)

@@ -17,7 +17,6 @@ import pytest
 from conftest import run_files, seed_argv
 from test_train import configs
 
-from pgolf import process
 from pgolf.cli import main
 from pgolf.config import validate
 from pgolf.errors import PgolfError
@@ -25,6 +24,7 @@ from pgolf.eval.audit import audit
 from pgolf.eval.bpb import build_byte_luts
 from pgolf.eval.evaluate import refuse_nonfinite, val_tokens
 from pgolf.report.aggregate import aggregate
+from pgolf.runtime import process
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PACKAGE = Path(__file__).resolve().parent.parent / "pgolf"
@@ -347,7 +347,7 @@ def test_a_trainer_dies_when_its_launcher_is_killed(tiny_dataset, tmp_path):
 @pytest.mark.parametrize("prctl", [True, False], ids=["prctl", "watch"])
 def test_die_with_parent_by_prctl_or_by_watching(tmp_path, prctl):
     """A parent starts a child that arms the guard, then exits; the child must not outlive it."""
-    child = ("import time, pgolf.process as p\n"
+    child = ("import time, pgolf.runtime.process as p\n"
              + ("" if prctl else "p._pdeathsig = lambda sig: False\n")
              + "print(p.die_with_parent(poll_s=0.1), flush=True)\ntime.sleep(60)\n")
     parent = ("import subprocess, sys\n"

@@ -27,13 +27,13 @@ import pytest
 import torch
 from conftest import run_files
 
-from pgolf import tensorfile
 from pgolf.config import validate
-from pgolf.container import frame, unframe
 from pgolf.data.documents import read_documents
 from pgolf.errors import PgolfError
-from pgolf.io import read_parquet, write_parquet
-from pgolf.model import load_weights
+from pgolf.formats import tensorfile
+from pgolf.formats.container import frame, unframe
+from pgolf.formats.io import read_parquet, write_parquet
+from pgolf.model.gpt import load_weights
 from pgolf.quant import artifact
 from pgolf.quant.calibrate import calibrate
 from pgolf.quant.compress import compress

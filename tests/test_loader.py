@@ -7,10 +7,10 @@ import pytest
 import torch
 from test_train import losses, train
 
-from pgolf.data.order import score_shards, unigram_kl
-from pgolf.data.shards import list_shards, load_shard
-from pgolf.model import GPT
-from pgolf.tensorfile import save
+from pgolf.data.shard_order import score_shards, unigram_kl
+from pgolf.formats.shards import list_shards, load_shard
+from pgolf.formats.tensorfile import save
+from pgolf.model.gpt import GPT
 from pgolf.train.loader import DistributedLoader
 
 CPU = torch.device("cpu")
@@ -84,7 +84,7 @@ def test_training_follows_the_shard_order(tiny_dataset, tmp_path):
 
 def test_loader_private_memory_stays_flat_over_many_shards(tmp_path, capsys):
     """25 shards of 4 MB (links to one file) cost no more private memory than one: mapped, never copied."""
-    from pgolf.data.shards import write_shard
+    from pgolf.formats.shards import write_shard
     from pgolf.train.loader import bench_cli
 
     shard = tmp_path / "shard.bin"

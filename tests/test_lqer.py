@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgolf import tensorfile
 from pgolf.config import validate
 from pgolf.errors import PgolfError
-from pgolf.model import GPT
+from pgolf.formats import tensorfile
+from pgolf.model.gpt import GPT
 from pgolf.quant import artifact
 from pgolf.quant.lqer import correction, low_rank, pack_asym, pack_sym
 from pgolf.quant.quantize import dequantize, quantize, quantize_state

@@ -1,7 +1,7 @@
 import torch
 
 from pgolf.config import validate
-from pgolf.model import GPT, token_losses
+from pgolf.model.gpt import GPT, token_losses
 from pgolf.optim.muon import Muon, newton_schulz
 
 
@@ -61,7 +61,7 @@ def test_muon_step_matches_a_hand_written_loop():
 
 
 def test_optimizer_groups_cover_every_parameter_once():
-    from pgolf.train.main import build_optimizers
+    from pgolf.train.train import build_optimizers
 
     model = tiny()
     cfg = validate({})["train"]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf import tensorfile
 from pgolf.config import ConfigError, validate
-from pgolf.container import frame, unframe
+from pgolf.formats import tensorfile
+from pgolf.formats.container import frame, unframe
 from pgolf.quant import artifact, pergroup
 from pgolf.quant.compress import prune_to_fit
 

@@ -17,7 +17,7 @@ from pgolf.eval.evaluate import run_ttt, score, val_tokens, windows
 from pgolf.eval.lora import DocLoRA, LoRAForward
 from pgolf.eval.phased import documents, phased_eval
 from pgolf.eval.windows import Scores
-from pgolf.model import GPT, token_losses
+from pgolf.model.gpt import GPT, token_losses
 
 SEQ, STRIDE = 32, 8
 STARTS = [0, 40, 100, 130, 200, 240]  # BOS positions of the test stream: 6 documents, 299 targets

@@ -9,12 +9,12 @@ from test_switches import BASE, build, randomize, tokens, transplant
 from test_train import losses, train
 
 from pgolf.config import ConfigError, load, validate
-from pgolf.layers import InputSmearGate, rms_norm
-from pgolf.model import GPT, count_parameters, layer_order, token_losses
+from pgolf.model.gpt import GPT, count_parameters, layer_order, token_losses
+from pgolf.model.layers import InputSmearGate, rms_norm
 from pgolf.optim.muon import newton_schulz
 from pgolf.train.averaging import EMA
-from pgolf.train.main import build_optimizers, param_groups
 from pgolf.train.schedule import lr_scale, recurrence_on
+from pgolf.train.train import build_optimizers, param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 GATE = {"attn_gate_window": 4}

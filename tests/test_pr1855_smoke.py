@@ -15,11 +15,12 @@ import pytest
 import torch
 import yaml
 
-from pgolf import bundle, tensorfile
 from pgolf.config import load
-from pgolf.data.shards import load_sidecar
 from pgolf.eval.bpb import build_byte_luts
 from pgolf.eval.evaluate import val_tokens
+from pgolf.formats import tensorfile
+from pgolf.formats.shards import load_sidecar
+from pgolf.pipeline import bundle
 from pgolf.quant.artifact import read_header, read_tensors
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pgolf import provenance
+from pgolf.pipeline import provenance
 from pgolf.pipeline.stages import BY_NAME
 
 
@@ -32,12 +32,17 @@ def test_logic_changes_the_version(fake_package):
 
 
 def test_stage_modules_follow_imports():
-    names = {stage: {p.name for p in provenance.module_files(stage)} for stage in BY_NAME}
-    assert {"main.py", "model.py", "muon.py", "loader.py", "shards.py", "tensorfile.py"} <= names["train"]
-    assert {"evaluate.py", "bpb.py", "artifact.py", "rtn.py", "model.py"} <= names["evaluate"]
-    assert "model.py" not in names["quantize"] and "muon.py" not in names["evaluate"]
-    assert {"calibrate.py", "model.py", "shards.py"} <= names["calibrate"]
-    assert {"gptq.py", "clip.py"} <= names["quantize"] and {"pack.py", "artifact.py"} <= names["compress"]
+    names = {stage: {str(p.relative_to(provenance.PACKAGE)) for p in provenance.module_files(stage)}
+             for stage in BY_NAME}
+    assert {"train/train.py", "model/gpt.py", "optim/muon.py", "train/loader.py", "formats/shards.py",
+            "formats/tensorfile.py"} <= names["train"]
+    assert {"eval/evaluate.py", "eval/bpb.py", "quant/artifact.py", "quant/rtn.py", "model/gpt.py"} <= names["evaluate"]
+    assert "model/gpt.py" not in names["quantize"] and "optim/muon.py" not in names["evaluate"]
+    assert {"quant/calibrate.py", "model/gpt.py", "formats/shards.py"} <= names["calibrate"]
+    assert {"quant/gptq.py", "quant/clip.py"} <= names["quantize"]
+    assert {"quant/pack.py", "quant/artifact.py"} <= names["compress"]
+    # a rule's stage is its module: rule shards runs pgolf/data/shards.py, rule shard_order shard_order.py
+    assert "data/shards.py" in names["shards"] and "data/shard_order.py" in names["shard_order"]
     with pytest.raises(KeyError, match="unknown stage"):
         provenance.code_version("nope")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import run_files
 
-from pgolf import tensorfile
 from pgolf.config import validate
 from pgolf.eval.evaluate import measure
+from pgolf.formats import tensorfile
 from pgolf.quant import artifact, compress
 from pgolf.report.aggregate import aggregate
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pgolf import tensorfile
 from pgolf.config import validate
-from pgolf.model import GPT
+from pgolf.formats import tensorfile
+from pgolf.model.gpt import GPT
 from pgolf.quant.clip import row_quantile, row_scales, search_scale
 from pgolf.quant.quantize import dequantize, group_of, quantize
 from pgolf.quant.rtn import dequantize_rows, quantize_rows, storage_for

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf import tensorfile
 from pgolf.config import load, validate
+from pgolf.formats import tensorfile
 from pgolf.quant.artifact import encode
 from pgolf.quant.clip import quantile_scale, row_scales
 from pgolf.quant.quantize import quantize_state

@@ -8,14 +8,14 @@ import torch
 from test_switches import BASE, randomize, tokens
 from test_train import baseline, losses, train  # noqa: F401  (baseline is a fixture)
 
-from pgolf import tensorfile
 from pgolf.config import validate
-from pgolf.distributed import setup_distributed
 from pgolf.eval.evaluate import measure
 from pgolf.eval.windows import window_batch
-from pgolf.model import GPT
+from pgolf.formats import tensorfile
+from pgolf.model.gpt import GPT
 from pgolf.optim.muon import newton_schulz
-from pgolf.runtime import autocast, bf16
+from pgolf.runtime.device import autocast, bf16
+from pgolf.runtime.distributed import setup_distributed
 
 # Every phase switch at once: recurrence from step 5, late QAT and SWA once the LR falls, shuffled loader.
 PHASED = {"model": {"qat_bits": 6, "recur_layers": [1], "recur_start_step": 5},

@@ -10,13 +10,13 @@ import pytest
 import torch
 from test_train import TORCHRUN, losses, train
 
-from pgolf import tensorfile
 from pgolf.config import ConfigError, load, validate
-from pgolf.layers import SmearGate, exclusive
-from pgolf.model import GPT, count_parameters, layer_order, token_losses
+from pgolf.formats import tensorfile
+from pgolf.model.gpt import GPT, count_parameters, layer_order, token_losses
+from pgolf.model.layers import SmearGate, exclusive
 from pgolf.optim.muon import Muon, newton_schulz
 from pgolf.train.averaging import SWA
-from pgolf.train.main import build_optimizers, sync_and_clip
+from pgolf.train.train import build_optimizers, sync_and_clip
 
 BASE = {"num_layers": 4, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2}
 ROOT = Path(__file__).resolve().parent.parent

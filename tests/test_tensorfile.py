@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pgolf import tensorfile
+from pgolf.formats import tensorfile
 
 
 def test_round_trip_keeps_dtypes_and_meta(tmp_path):

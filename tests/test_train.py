@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pgolf import tensorfile
 from pgolf.config import validate
-from pgolf.train.main import Trainer, TrainJob
-from pgolf.train.main import train as train_job
+from pgolf.formats import tensorfile
+from pgolf.train.train import Trainer, TrainJob
+from pgolf.train.train import train as train_job
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 

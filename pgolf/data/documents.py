@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pgolf.errors import PgolfError
-from pgolf.io import read_parquet, write_parquet
+from pgolf.formats.io import read_parquet, write_parquet
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 

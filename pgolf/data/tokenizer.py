@@ -15,7 +15,7 @@ import sentencepiece as spm
 from pgolf.data import caseops
 from pgolf.data.documents import read_documents
 from pgolf.errors import PgolfError
-from pgolf.io import write_bytes
+from pgolf.formats.io import write_bytes
 
 # data/download_hf_docs_and_tokenize.py in openai/parameter-golf.
 CHALLENGE_SETTINGS = dict(

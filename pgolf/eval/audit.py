@@ -30,7 +30,7 @@ from pgolf.eval.evaluate import artifact_model, run_ttt, val_tokens, windows
 from pgolf.eval.phased import doc_chunks, documents, phase_ends
 from pgolf.eval.tttsteps import run_chunks
 from pgolf.eval.windows import Scores
-from pgolf.model import GPT
+from pgolf.model.gpt import GPT
 
 
 def recorded_losses(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts,

@@ -17,8 +17,8 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 
-from pgolf.data.shards import load_sidecar
 from pgolf.errors import PgolfError
+from pgolf.formats.shards import load_sidecar
 
 
 @dataclass(frozen=True)

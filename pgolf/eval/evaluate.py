@@ -14,21 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf import tensorfile
-from pgolf.data.shards import check_tokenizer, check_vocab, load_split, open_dataset
-from pgolf.distributed import setup_distributed, teardown
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter, byte_counts
 from pgolf.eval.phased import phased_eval
 from pgolf.eval.ttt import ttt_eval
 from pgolf.eval.tttsteps import freeze, run_chunks
 from pgolf.eval.windows import Scores, Window, plain_windows, score_windows, windows
-from pgolf.io import write_json
-from pgolf.model import GPT, load_weights
+from pgolf.formats import tensorfile
+from pgolf.formats.io import write_json
+from pgolf.formats.results import first_nonfinite
+from pgolf.formats.shards import check_tokenizer, check_vocab, load_split, open_dataset
+from pgolf.model.gpt import GPT, load_weights
 from pgolf.quant.artifact import read_artifact, read_header
 from pgolf.quant.quantize import dequantize
-from pgolf.results import first_nonfinite
-from pgolf.runtime import PRECISIONS, compiled
+from pgolf.runtime.device import PRECISIONS, compiled
+from pgolf.runtime.distributed import setup_distributed, teardown
 
 __all__ = ["evaluate", "plain_windows", "score", "val_tokens", "windows"]
 

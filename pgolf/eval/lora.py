@@ -7,7 +7,7 @@ before the softcap). Each virtual layer has its own adapters, so a block that re
 times gets three sets. Every adapter holds one (A, B) pair per document of a batch: row r of a
 forward uses document `rows[r]`'s pair, so documents batched together never share an update.
 
-Hooks leave pgolf/model.py as it is: the model's modules are wrapped from outside, and `detach`
+Hooks leave pgolf/model/gpt.py as it is: the model's modules are wrapped from outside, and `detach`
 takes the adapters off again.
 """
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from pgolf.model import GPT, layer_order
+from pgolf.model.gpt import GPT, layer_order
 
 
 class BatchedLoRA(nn.Module):

@@ -32,8 +32,8 @@ from pgolf.eval.bpb import BPBMeter
 from pgolf.eval.lora import DocLoRA, LoRAForward
 from pgolf.eval.tttsteps import Chunk, chunk_lr, freeze, make_optimizer, run_chunks, train_chunk, training_sequences
 from pgolf.eval.windows import Scores, Window, score_windows, scored_mask, window_batch
-from pgolf.model import GPT, token_losses
-from pgolf.runtime import autocast
+from pgolf.model.gpt import GPT, token_losses
+from pgolf.runtime.device import autocast
 
 Doc = tuple[int, int]  # targets [lo, hi); target i predicts token i + 1, so a document's last target is the next BOS
 

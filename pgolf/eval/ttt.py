@@ -29,7 +29,7 @@ from pgolf.eval.tttsteps import (
     training_sequences,
 )
 from pgolf.eval.windows import Scores, Window, score_windows
-from pgolf.model import GPT
+from pgolf.model.gpt import GPT
 
 
 def chunk_windows(wins: list[Window], seq_len: int, chunk_tokens: int) -> list[Chunk]:

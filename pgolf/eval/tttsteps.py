@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.eval.windows import Window
-from pgolf.model import GPT, token_losses
-from pgolf.runtime import autocast
+from pgolf.model.gpt import GPT, token_losses
+from pgolf.runtime.device import autocast
 
 
 @dataclass

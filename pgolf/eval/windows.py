@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter
-from pgolf.model import token_losses
-from pgolf.runtime import autocast
+from pgolf.model.gpt import token_losses
+from pgolf.runtime.device import autocast
 
 # (start, first scored offset) or (start, first, stop): a window scores its offsets first..stop-1,
 # up to its end when stop is absent (phased TTT scores a chunk that ends before its window does).

@@ -1,6 +1,6 @@
 """The artifact: a plain header, then the compressed quantized tensor file. Never pickle.
 
-Layout (pgolf.container): b"PGOLFART" | u32 version | u64 header length | JSON header | body.
+Layout (pgolf.formats.container): b"PGOLFART" | u32 version | u64 header length | JSON header | body.
 The body is the codec's compression of the payload: the quantized tensor file with sub-byte codes
 packed densely (pgolf.quant.pack), then optionally byte-shuffled; or, with codec pergroup, several
 streams (pgolf.quant.pergroup), each listed in the header. The header names the codec and level, the
@@ -21,10 +21,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pgolf import tensorfile
-from pgolf.container import frame, unframe
 from pgolf.errors import PgolfError
-from pgolf.io import write_bytes
+from pgolf.formats import tensorfile
+from pgolf.formats.container import frame, unframe
+from pgolf.formats.io import write_bytes
 from pgolf.quant import pergroup
 from pgolf.quant.codec import CODEC_ERRORS, CODECS
 from pgolf.quant.pack import PackError, pack_codes, shuffle, unpack_codes, unshuffle

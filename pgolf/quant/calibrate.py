@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pgolf import tensorfile
-from pgolf.data.shards import list_shards, load_shard, open_dataset
-from pgolf.distributed import setup_distributed
 from pgolf.errors import PgolfError
-from pgolf.model import GPT, load_weights
-from pgolf.runtime import PRECISIONS, autocast
+from pgolf.formats import tensorfile
+from pgolf.formats.shards import list_shards, load_shard, open_dataset
+from pgolf.model.gpt import GPT, load_weights
+from pgolf.runtime.device import PRECISIONS, autocast
+from pgolf.runtime.distributed import setup_distributed
 
 EMBED = "tok_emb.weight"  # the tied embedding, whose input is head_input's output
 

@@ -1,6 +1,6 @@
 """`pgolf compress`: quantized tensors into the artifact, pruned to the budget when compress.prune is on.
 
-Code bytes (pgolf.bundle's packed file) are counted by `pgolf size` (pgolf/quant/size.py), its own
+Code bytes (pgolf.pipeline.bundle's packed file) are counted by `pgolf size` (pgolf/quant/size.py), its own
 stage, so that editing code reruns only the size check, not compression and evaluation. With
 pruning on, compress aims at the budget minus compress.code_reserve, a fixed allowance for the code
 (40,000 bytes; the packed code is 35,265 with PR #1855's parts), not its exact size: then too a code edit
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from pgolf import tensorfile
-from pgolf.container import read_file
 from pgolf.errors import PgolfError
-from pgolf.io import write_bytes
+from pgolf.formats import tensorfile
+from pgolf.formats.container import read_file
+from pgolf.formats.io import write_bytes
 from pgolf.quant.artifact import encode
 
 # The search stops at a fitting size this close below its target (a fraction of it): 1,600 bytes of

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pgolf import tensorfile
 from pgolf.errors import PgolfError
+from pgolf.formats import tensorfile
 from pgolf.quant.codec import CODEC_ERRORS, CODECS, decompress, smallest
 from pgolf.quant.pack import shuffle, unshuffle
 

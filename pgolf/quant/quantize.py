@@ -24,8 +24,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from pgolf import tensorfile
 from pgolf.errors import PgolfError
+from pgolf.formats import tensorfile
 from pgolf.quant.clip import quantile_scale, round_codes, row_scales
 from pgolf.quant.gptq import gptq_matrix, output_error
 from pgolf.quant.lqer import apply_lqer, corrected, lqer_tensors

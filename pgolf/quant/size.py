@@ -1,6 +1,6 @@
 """`pgolf size`: code plus model bytes against the challenge's cap: size.json.
 
-Code bytes are the size of the packed file a submission runs (pgolf.bundle: the runtime stages'
+Code bytes are the size of the packed file a submission runs (pgolf.pipeline.bundle: the runtime stages'
 modules, minified, compressed, in one self-extracting train_gpt.py), built here from the installed
 package, byte for byte the file `pgolf record` ships. This is its own stage so that editing code
 reruns only this check. Over the budget it fails, naming the amount; with compress.prune off it
@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pgolf import bundle
-from pgolf.io import write_json
+from pgolf.formats.io import write_json
+from pgolf.pipeline import bundle
 from pgolf.quant.artifact import ArtifactError, read_header, read_tensors
 from pgolf.quant.compress import BudgetError
 from pgolf.quant.quantize import dequantize

@@ -12,11 +12,11 @@ from typing import Any
 import pyarrow as pa
 
 from pgolf.errors import PgolfError
-from pgolf.io import write_bytes, write_json
-from pgolf.io import write_parquet as write_table
+from pgolf.formats.io import write_bytes, write_json
+from pgolf.formats.io import write_parquet as write_table
+from pgolf.formats.results import has, integer, number, read_object
 from pgolf.report import stats
 from pgolf.report.inputs import add_seed_files, seed_files
-from pgolf.results import has, integer, number, read_object
 
 # Column -> (file, path of keys inside it). The order is the table's order.
 COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -11,8 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pgolf import tensorfile  # noqa: E402
-from pgolf.io import atomic_path, read_json, read_parquet  # noqa: E402
+from pgolf.formats import tensorfile  # noqa: E402
+from pgolf.formats.io import atomic_path, read_json, read_parquet  # noqa: E402
 from pgolf.report.inputs import add_seed_files, seed_files  # noqa: E402
 
 Files = dict[int, dict[str, Path]]  # seed -> kind -> path (pgolf.report.inputs.seed_files)

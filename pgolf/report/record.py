@@ -1,7 +1,7 @@
 """`pgolf record`: a submission folder in the challenge's format (records/track_10min_16mb/<name>/).
 
 It holds README.md, submission.json, each seed's training log, and the code:
-- train_gpt.py, the counted code: pgolf.bundle's self-extracting file of the modules that train,
+- train_gpt.py, the counted code: pgolf.pipeline.bundle's self-extracting file of the modules that train,
   quantize, compress and evaluate (`python train_gpt.py <stage> ...`); bytes_code is its size, the
   same bytes size.json counts;
 - the readable pgolf package those modules come from, with the data stages, and the pipeline
@@ -19,12 +19,12 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from pgolf import bundle
 from pgolf.config import validate
-from pgolf.io import atomic_dir, write_bytes, write_json
-from pgolf.provenance import PACKAGE, code_files
+from pgolf.formats.io import atomic_dir, write_bytes, write_json
+from pgolf.formats.results import integer, number, read_object
+from pgolf.pipeline import bundle
+from pgolf.pipeline.provenance import PACKAGE, code_files
 from pgolf.report.inputs import add_seed_files, seed_files
-from pgolf.results import integer, number, read_object
 
 PIPELINE_FILES = ("Snakefile", "pyproject.toml", "rules", "schemas", "profiles")
 

@@ -1,7 +1,7 @@
 """Resumable training state: written atomically with a checksum, the one before it kept; refused when
 it belongs to another config, and never resumed from when damaged.
 
-A checkpoint file is torch.save's bytes framed like every pgolf binary file (pgolf.container):
+A checkpoint file is torch.save's bytes framed like every pgolf binary file (pgolf.formats.container):
 b"PGOLFCKP" | u32 version | u64 header length | JSON header {sha256, bytes} | torch.save body.
 Saving renames latest.pt to previous.pt, then the new file to latest.pt: a kill between the two
 renames leaves previous.pt alone, which is resumed. Loading refuses a file that is truncated, fails
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pgolf.container import frame, read_file, unframe
 from pgolf.errors import PgolfError
-from pgolf.io import atomic_path
-from pgolf.tensorfile import first_nonfinite
+from pgolf.formats.container import frame, read_file, unframe
+from pgolf.formats.io import atomic_path
+from pgolf.formats.tensorfile import first_nonfinite
 
 MAGIC = b"PGOLFCKP"
 VERSION = 1

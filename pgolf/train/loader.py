@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.data.shards import list_shards, load_shard, read_header
 from pgolf.errors import PgolfError
+from pgolf.formats.shards import list_shards, load_shard, read_header
 
 
 class TokenStream:

@@ -19,16 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pgolf import tensorfile
-from pgolf.data.shards import open_dataset
-from pgolf.distributed import setup_distributed, teardown
 from pgolf.errors import PgolfError
-from pgolf.io import write_json, write_parquet
-from pgolf.layers import GateLinear
-from pgolf.model import GPT, token_losses
+from pgolf.formats import tensorfile
+from pgolf.formats.io import write_json, write_parquet
+from pgolf.formats.shards import open_dataset
+from pgolf.model.gpt import GPT, token_losses
+from pgolf.model.layers import GateLinear
 from pgolf.optim.muon import Muon
-from pgolf.process import lock_seed
-from pgolf.runtime import PRECISIONS, autocast, bf16, compiled
+from pgolf.runtime.device import PRECISIONS, autocast, bf16, compiled
+from pgolf.runtime.distributed import setup_distributed, teardown
+from pgolf.runtime.process import lock_seed
 from pgolf.train import checkpoint
 from pgolf.train.averaging import EMA, SWA
 from pgolf.train.loader import DistributedLoader

@@ -21,9 +21,9 @@ import shutil
 from pathlib import Path
 
 from pgolf.data import caseops
-from pgolf.data.shards import HEADER_BYTES, ShardError, list_shards, read_header, sidecar_name
+from pgolf.formats.shards import HEADER_BYTES, ShardError, list_shards, read_header, sidecar_name
 from pgolf.errors import PgolfError
-from pgolf.io import atomic_dir, atomic_path, write_json
+from pgolf.formats.io import atomic_dir, atomic_path, write_json
 
 
 def _split_variant(variant: str) -> tuple[int, str]:

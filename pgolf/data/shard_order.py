@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.data.shards import list_shards, load_shard, open_dataset
+from pgolf.formats.shards import list_shards, load_shard, open_dataset
 from pgolf.errors import PgolfError
-from pgolf.io import write_json
-from pgolf.model import GPT, load_weights, token_losses
+from pgolf.formats.io import write_json
+from pgolf.model.gpt import GPT, load_weights, token_losses
 
 
 @torch.inference_mode()

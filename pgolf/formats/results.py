@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.errors import PgolfError
-from pgolf.io import read_json
+from pgolf.formats.io import read_json
 
 
 def read_object(path: str | Path) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """A plain tensor container: magic, JSON header, raw little-endian tensor bytes. Never pickle.
 
-Layout (pgolf.container): b"PGOLFTEN" | u32 version | u64 header length | JSON header | tensor bytes.
+Layout (pgolf.formats.container): b"PGOLFTEN" | u32 version | u64 header length | JSON header | tensor bytes.
 The header lists each tensor's dtype, shape, byte offset into the body and sha256, plus free-form
 `meta` (model config, step, ...), and the sha256 of all that. Reading checks every offset against
 the real body size first, so a corrupt header can never make us allocate or read more than the file
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgolf.container import frame, read_file, unframe
 from pgolf.errors import PgolfError
-from pgolf.io import write_bytes
+from pgolf.formats.container import frame, read_file, unframe
+from pgolf.formats.io import write_bytes
 
 MAGIC = b"PGOLFTEN"
 VERSION = 2  # 2: per-tensor and header checksums

@@ -4,7 +4,7 @@ At the defaults it is the baseline train_gpt.py: GQA attention with QK RMSNorm, 
 per-head query gain; relu^2 MLP; resid_mix with the post-embedding input x0; U-Net skips; tied
 embeddings; logits softcapped by c*tanh(z/c). The switches add the records' ideas on top: LeakyReLU^2,
 partial RoPE with NTK scaling, LN scale, XSA, BigramHash, SmearGate, value embeddings, sigmoid skip
-gates, depth recurrence and parallel residuals; `pgolf/layers.py` holds the small modules.
+gates, depth recurrence and parallel residuals; `pgolf/model/layers.py` holds the small modules.
 
 Naming rule the quantizer relies on: every matrix is an nn.Linear or nn.Embedding (its name ends in
 ".weight"); every control tensor (gains, scales, mixes, gates) is a bare parameter with another name.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf import tensorfile
 from pgolf.errors import PgolfError
-from pgolf.layers import (
+from pgolf.formats import tensorfile
+from pgolf.model.layers import (
     BigramHash,
     GateLinear,
     InputSmearGate,

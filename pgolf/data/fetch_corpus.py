@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgolf.errors import PgolfError
-from pgolf.io import atomic_dir, write_json
+from pgolf.formats.io import atomic_dir, write_json
 
 
 class CorpusError(PgolfError):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pgolf.pipeline.stages import stage as stage_row
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # pgolf/
 
 def _module_path(name: str) -> Path | None:
     parts = name.split(".")[1:]
@@ -105,5 +105,5 @@ def code_version(stage: str) -> str:
 
 def code_files() -> list[Path]:
     """Every Python source of the package, as a record folder ships it to read and to rerun the
-    pipeline. The counted code is another file: pgolf.bundle packs what a submission runs."""
+    pipeline. The counted code is another file: pgolf.pipeline.bundle packs what a submission runs."""
     return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)

@@ -1,7 +1,7 @@
 """The code a submission runs, packed into one self-extracting Python file: what `bytes_code` counts.
 
 Which code: the modules that the stages making and scoring the artifact import (RUNTIME_STAGES,
-followed through their pgolf imports by pgolf.provenance.closure), plus the CLI that runs them,
+followed through their pgolf imports by pgolf.pipeline.provenance.closure), plus the CLI that runs them,
 its stage table cut to the stages packed. Data preparation, shard ordering, the size check,
 reports and config validation are not in it: a submission runs none of them.
 
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import brotli
 
+from pgolf.pipeline.provenance import PACKAGE, closure
 from pgolf.pipeline.stages import STAGES
-from pgolf.provenance import PACKAGE, closure
 
 RUNTIME_STAGES = tuple(s.name for s in STAGES if s.packed)
 ENTRY = PACKAGE / "cli.py"
@@ -59,6 +59,8 @@ sys.meta_path.insert(0,F())
 from pgolf.cli import main
 main()
 """
+# What the bootstrap calls (`from pgolf.cli import main`): no packed module names it, yet it must stay.
+BOOT_NAMES = frozenset({"main"})
 # Bytes a single-quoted literal of a latin-1 file cannot hold as themselves.
 ESCAPES = {0: "\\x00", 10: "\\n", 13: "\\r", 39: "\\'", 92: "\\\\"}
 
@@ -186,13 +188,13 @@ def _decorator_name(d: ast.expr) -> str | None:
     return d.id if isinstance(d, ast.Name) else d.attr if isinstance(d, ast.Attribute) else None
 
 
-def drop_unused(trees: dict[str, ast.Module]) -> list[str]:
+def drop_unused(trees: dict[str, ast.Module], keep: frozenset[str] = frozenset()) -> list[str]:
     """Remove, in place, the top-level defs and classes that no packed module names, until none is
     left (a function only an unused one called goes too). By name, not by scope, so a name used
     anywhere keeps every definition of it: conservative, never wrong. Returns 'module.name's."""
     dropped: list[str] = []
     while True:
-        used = set().union(*(_words(t) for t in trees.values()))
+        used = set().union(keep, *(_words(t) for t in trees.values()))
         gone = [(m, s) for m, t in trees.items() for s in t.body if _droppable(s) and s.name not in used]
         if not gone:
             return dropped
@@ -283,7 +285,7 @@ def modules() -> dict[str, str]:
     files = runtime_files()
     names = {module_name(p) for p in files}
     trees = {module_name(p): stripped(p.read_text(), str(p), names if p in (ENTRY, TABLE) else None) for p in files}
-    drop_unused(trees)
+    drop_unused(trees, BOOT_NAMES)
     return {m: unparse(tree, m) for m, tree in trees.items()}
 
 

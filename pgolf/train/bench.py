@@ -16,8 +16,8 @@ import time
 import torch
 
 from pgolf.config import load
-from pgolf.model import GPT, layer_order
-from pgolf.train.main import Trainer, TrainJob, memory_mb
+from pgolf.model.gpt import GPT, layer_order
+from pgolf.train.train import Trainer, TrainJob, memory_mb
 
 # Dense bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.0, "4090": 165.2}
@@ -126,6 +126,6 @@ def cli(argv: list[str]) -> None:
     if r is not None:
         print(report(r), flush=True)
         if args.json:
-            from pgolf.io import write_json
+            from pgolf.formats.io import write_json
 
             write_json(args.json, r)
