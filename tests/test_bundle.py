@@ -150,7 +150,7 @@ def stage_args(ds, d: Path) -> dict[str, list[str]]:
     return {
         "train": ["--data", str(ds.dataset_dir), "--vocab-size", str(ds.vocab_size), "--model-cfg", js("model"),
                   "--cfg", js("train"), "--seed", "3", "--device", "cpu", "--out-dir", str(d), "--ckpt-dir",
-                  str(d / "ckpt")],
+                  str(d / "ckpt"), "--loader-cfg", js("loader")],
         "calibrate": ["--weights", str(d / "ema.pgt"), "--data", str(ds.dataset_dir), "--cfg", js("calibrate"),
                       "--seed", "3", "--device", "cpu", "--out", str(d / "hessians.pgt")],
         "quantize": ["--weights", str(d / "ema.pgt"), "--hessians", str(d / "hessians.pgt"), "--cfg", js("quant"),

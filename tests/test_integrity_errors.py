@@ -64,7 +64,8 @@ def assert_log_ends_with_the_error(rc: int, log: str, name: str, *mentions) -> N
 def train_argv(data: Path, out: Path, **over) -> list[str]:
     model, tr = configs(**over)
     return ["train", "--data", data, "--vocab-size", 320, "--model-cfg", json.dumps(model), "--cfg", json.dumps(tr),
-            "--seed", 1, "--device", "cpu", "--out-dir", out, "--ckpt-dir", out / "ckpt"]
+            "--seed", 1, "--device", "cpu", "--out-dir", out, "--ckpt-dir", out / "ckpt",
+            "--loader-cfg", json.dumps(validate({})["loader"])]
 
 
 def eval_argv(setup, artifact: Path, out: Path) -> list[str]:

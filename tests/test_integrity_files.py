@@ -355,7 +355,7 @@ def train_cmd(ds, out: Path, stop_after: int = 0) -> list[str]:
                               "warmup_steps": 1, "warmdown_steps": 2, "checkpoint_every": 4, "log_every": 4}})
     cmd = ["train", "--data", ds.dataset_dir, "--vocab-size", ds.vocab_size, "--model-cfg", json.dumps(cfg["model"]),
            "--cfg", json.dumps(cfg["train"]), "--seed", 1, "--device", "cpu", "--out-dir", out,
-           "--ckpt-dir", out / "ckpt"]
+           "--ckpt-dir", out / "ckpt", "--loader-cfg", json.dumps(cfg["loader"])]
     return cmd + (["--stop-after-step", stop_after] if stop_after else [])
 
 

@@ -96,10 +96,10 @@ def other_pythons() -> list[str]:
 def test_stage_code_versions_are_the_same_on_another_python(python):
     """A cluster node with another Python must not rerun finished stages."""
     # the package's own sources on the path, not an install (the other Python has none of its dependencies)
-    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pgolf import provenance as m; "
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pgolf.pipeline import provenance as m; "
               "from pgolf.pipeline.stages import BY_NAME; "
               "print(json.dumps([m.source_hash(sys.argv[2]), {s: m.code_version(s) for s in BY_NAME}]))")
-    root = str(Path(provenance.__file__).resolve().parent.parent)
+    root = str(Path(provenance.__file__).resolve().parents[2])  # the repository, above pgolf/
     out = subprocess.run([python, "-c", script, root, SNIPPET], capture_output=True, text=True, check=True)
     here = [provenance.source_hash(SNIPPET), {s: provenance.code_version(s) for s in BY_NAME}]
     assert json.loads(out.stdout) == here

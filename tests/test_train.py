@@ -38,8 +38,9 @@ def train(ds, out: Path, nproc: int = 1, stop_after: int = 0, seed: int = 7, mod
            "--ckpt-dir", str(out / "ckpt")]
     if stop_after:
         cmd += ["--stop-after-step", str(stop_after)]
+    cmd += ["--loader-cfg", loader or json.dumps(validate({})["loader"])]
     if loader:
-        cmd += ["--loader-cfg", loader, "--shard-order", str(order or "")]
+        cmd += ["--shard-order", str(order or "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if not stop_after and proc.returncode:
@@ -122,7 +123,8 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes(tiny_dataset, tmp_pat
     model, tr = configs(**over)
     cmd = [sys.executable, "-m", "pgolf", "train", "--data", str(tiny_dataset.dataset_dir), "--vocab-size", "320",
            "--model-cfg", json.dumps(model), "--cfg", json.dumps(tr), "--seed", "7", "--device", "cpu",
-           "--out-dir", str(tmp_path / "a"), "--ckpt-dir", str(tmp_path / "a" / "ckpt")]
+           "--out-dir", str(tmp_path / "a"), "--ckpt-dir", str(tmp_path / "a" / "ckpt"),
+           "--loader-cfg", json.dumps(validate({})["loader"])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in proc.stdout:  # wait until training is under way
         if line.startswith("step 4/"):

@@ -430,12 +430,11 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast: bf16, fp32, auto (bf16 on CUDA)")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--ckpt-dir", required=True, help="resume checkpoints; keep it outside Snakemake's outputs")
-    ap.add_argument("--loader-cfg", default="", help="the loader config section as JSON (default: sequential)")
+    ap.add_argument("--loader-cfg", required=True, help="the loader config section as JSON")
     ap.add_argument("--shard-order", default="", help="shard_order.json, for loader mode ordered (hardest/easiest)")
     ap.add_argument("--stop-after-step", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    # no --loader-cfg is the challenge baseline, as its help says (the rules always pass the section)
-    loader = json.loads(a.loader_cfg) if a.loader_cfg else {"mode": "sequential"}
+    loader = json.loads(a.loader_cfg)
     job = TrainJob(model_cfg=json.loads(a.model_cfg), train_cfg=json.loads(a.cfg), loader_cfg=loader,
                    data=Path(a.data), vocab_size=a.vocab_size, seed=a.seed, device=a.device, precision=a.precision,
                    out_dir=Path(a.out_dir), ckpt_dir=Path(a.ckpt_dir),
