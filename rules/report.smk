@@ -43,6 +43,8 @@ rule record:
         evals=expand(f"{RUN}/seed{{seed}}/eval.json", seed=config["seeds"]),
         sizes=expand(f"{RUN}/seed{{seed}}/size.json", seed=config["seeds"]),
         trains=expand(f"{RUN}/seed{{seed}}/train.json", seed=config["seeds"]),
+        # the artifacts themselves: submission.json takes their bytes from the files, not from size.json
+        artifacts=expand(f"{RUN}/seed{{seed}}/artifact.pgz", seed=config["seeds"]),
         logs=expand(f"{RUN}/logs/train_seed{{seed}}.log", seed=config["seeds"]),
     output:
         directory(f"{RUN}/record"),
@@ -55,7 +57,8 @@ rule record:
         f"{RUN}/logs/record.log",
     shell:
         "pgolf record --summary {input.summary:q} --table {input.table:q} --seeds {params.seeds:q} "
-        "--eval {input.evals:q} --size {input.sizes:q} --train {input.trains:q} --log {input.logs:q} "
+        "--eval {input.evals:q} --size {input.sizes:q} --train {input.trains:q} --artifact {input.artifacts:q} "
+        "--log {input.logs:q} "
         "--config {params.config:q} --out {output:q} > {log:q} 2>&1"
 
 

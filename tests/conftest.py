@@ -67,7 +67,7 @@ def evaluate_on_two_processes(setup, cfg: dict, out: Path) -> dict:
 
 
 SEED_FILE_NAMES = {"eval": "eval.json", "size": "size.json", "train": "train.json", "metrics": "metrics.parquet",
-                   "quant": "quant.pgt"}
+                   "quant": "quant.pgt", "artifact": "artifact.pgz"}
 
 
 def run_files(run_dir: Path, seeds: list[int], kinds: tuple[str, ...] = ("eval", "size", "train")) -> dict:

@@ -10,6 +10,7 @@ import torch
 from pgolf.cli import main
 from pgolf.config import validate
 from pgolf.formats import tensorfile
+from pgolf.formats.results import read_result
 from pgolf.pipeline import bundle
 from pgolf.quant import artifact
 from pgolf.quant.compress import BudgetError, compress, prune_to_fit
@@ -156,7 +157,7 @@ def test_pruning_fits_the_target_with_the_fewest_smallest_codes(tmp_path):
 def test_size_counts_code_and_model_bytes(good_artifact, tmp_path):
     path, _ = good_artifact
     report = check_size(path, COMPRESS, tmp_path / "size.json")
-    assert json.loads((tmp_path / "size.json").read_text()) == report
+    assert read_result(tmp_path / "size.json") == report
     assert report["model_bytes"] == path.stat().st_size
     assert report["code_bytes"] == len(bundle.build()) and report["code_file"] == "train_gpt.py"
     assert "pgolf/model/gpt.py" in report["code_sources"] and "pgolf/config.py" not in report["code_sources"]

@@ -29,7 +29,7 @@ def test_packed_code_is_under_40_kb_and_holds_only_what_a_submission_runs():
     assert not set(mods) & {"pgolf.config", "pgolf.pipeline.provenance", "pgolf.pipeline.bundle", "pgolf.quant.size",
                             "pgolf.report.record", "pgolf.data.tokenizer", "pgolf.data.documents",
                             "pgolf.runtime.launch"}
-    assert "def load_shard(" in mods["pgolf.formats.shards"] and "def write_shard(" not in mods["pgolf.formats.shards"]
+    assert "def open_shard(" in mods["pgolf.formats.shards"] and "def write_shard(" not in mods["pgolf.formats.shards"]
     assert len(bundle.build()) == bundle.code_bytes() < CODE_BOUND
     assert validate({})["compress"]["code_reserve"] == CODE_BOUND
 

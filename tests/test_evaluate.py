@@ -13,6 +13,7 @@ from pgolf.cli import main
 from pgolf.config import validate
 from pgolf.eval.bpb import BPBMeter, build_byte_luts
 from pgolf.eval.evaluate import evaluate, plain_windows, score, val_tokens, windows
+from pgolf.formats.results import read_result
 from pgolf.formats.shards import load_split
 from pgolf.model.gpt import token_losses
 
@@ -83,7 +84,7 @@ def evaluate_on_one_process(setup, cfg: dict, out: Path, **kw) -> dict:
 def test_evaluate_end_to_end(setup, tmp_path):
     cfg = validate({"eval": {"seq_len": 32, "stride": 8, "batch_seqs": 16, "max_tokens": 2000}})["eval"]
     r = evaluate_on_one_process(setup, cfg, tmp_path / "eval.json")
-    assert json.loads((tmp_path / "eval.json").read_text()) == r  # what the stage returns is what it wrote
+    assert read_result(tmp_path / "eval.json") == r  # what the stage returns is what it wrote
     assert r["pre_quant"]["tokens"] == r["post_quant"]["tokens"] == 1984 and r["sliding"]["tokens"] == 2000
     assert r["quant_gap_bpb"] == r["post_quant"]["val_bpb"] - r["pre_quant"]["val_bpb"]
     assert 0 < abs(r["quant_gap_bpb"]) < 0.05  # int8 barely moves the loss, but it does move it

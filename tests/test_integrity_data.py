@@ -20,6 +20,7 @@ import yaml
 
 from pgolf.config import load
 from pgolf.data import tokenizer
+from pgolf.formats.results import write_result
 from pgolf.formats.shards import ShardError, load_shard, open_dataset, read_header, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,10 +60,17 @@ def copy_dataset(src: Path, dst: Path) -> Path:
 
 
 def set_token(shard: Path, pos: int, value: int) -> None:
+    """One token changed, and the manifest's sha256 of the shard with it: a dataset built that way
+    (its ids are what is checked here, not its checksums)."""
     tokens = np.array(load_shard(shard, mmap=False))
     tokens[pos] = value
     shard.unlink()  # the original may still be memory-mapped by this process
-    write_shard(shard, tokens)
+    sha = write_shard(shard, tokens)
+    m = json.loads((shard.parent / "manifest.json").read_text())
+    for entry in m["splits"].values():
+        pairs = zip(entry["shards"], entry["sha256"], strict=True)
+        entry["sha256"] = [sha if name == shard.name else h for name, h in pairs]
+    (shard.parent / "manifest.json").write_text(json.dumps(m))
 
 
 def edit_manifest(dataset: Path, **changes) -> None:
@@ -327,7 +335,7 @@ def test_paths_with_spaces_and_commands_run_and_execute_nothing(tmp_path, setup)
     shutil.copyfile(setup.ema, probe)
     baseline = workdir / "results" / "base-1" / "summary.json"
     baseline.parent.mkdir(parents=True)
-    baseline.write_text(json.dumps({"mean": {"sliding_bpb": 9.0}, "std": {"sliding_bpb": 0.1}, "n_seeds": 3}))
+    write_result(baseline, {"mean": {"sliding_bpb": 9.0}, "std": {"sliding_bpb": 0.1}, "n_seeds": 3})
     preset = smoke_preset(workdir, seeds=[1, 2], **{
         "data.paths": [str(corpus)], "order.probe_checkpoint": str(probe), "compare.baseline_run": "base-1",
         "loader.mode": "ordered", "loader.order": "hardest"})

@@ -10,7 +10,6 @@ as the rules do, to check the exit status, the one line and the absence of a tra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -205,9 +204,8 @@ def damaged_payload(quant: bytes) -> bytes:
     raw = flip(quant, tensor_byte(quant, ".scale"))
     body = artifact.CODECS["zstd"][0](raw, 3)
     header = {"codec": "zstd", "level": 3, "shuffle": 0, "packed": {}, "body_bytes": len(body),
-              "payload_bytes": len(raw), "raw_bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-              "params": 0, "pruned_codes": 0}
-    return frame(artifact.MAGIC, artifact.VERSION, header) + body
+              "payload_bytes": len(raw), "raw_bytes": len(raw), "params": 0, "pruned_codes": 0}
+    return frame(artifact.MAGIC, artifact.VERSION, {**header, "sha256": artifact.digest(header, raw)}) + body
 
 
 ARTIFACT_DAMAGE: dict[str, tuple[Callable[[bytes, bytes], bytes], str]] = {

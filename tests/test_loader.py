@@ -8,6 +8,7 @@ import torch
 from test_train import losses, train
 
 from pgolf.data.shard_order import score_shards, unigram_kl
+from pgolf.formats.results import write_result
 from pgolf.formats.shards import list_shards, load_shard
 from pgolf.formats.tensorfile import save
 from pgolf.model.gpt import GPT
@@ -73,7 +74,7 @@ def test_shard_scores_spread_and_correlation(tiny_dataset, tmp_path):
 def test_training_follows_the_shard_order(tiny_dataset, tmp_path):
     order = tmp_path / "shard_order.json"
     n = len(list_shards(tiny_dataset.dataset_dir, "train"))
-    order.write_text(json.dumps({"hardest_first": list(range(n))[::-1], "easiest_first": list(range(n))}))
+    write_result(order, {"hardest_first": list(range(n))[::-1], "easiest_first": list(range(n))})
     seq = train(tiny_dataset, tmp_path / "seq")
     easy = train(tiny_dataset, tmp_path / "easy", loader='{"mode": "ordered", "order": "easiest"}', order=order)
     hard = train(tiny_dataset, tmp_path / "hard", loader='{"mode": "ordered", "order": "hardest"}', order=order)
@@ -88,11 +89,16 @@ def test_loader_private_memory_stays_flat_over_many_shards(tmp_path, capsys):
     from pgolf.train.loader import bench_cli
 
     shard = tmp_path / "shard.bin"
-    write_shard(shard, np.random.default_rng(0).integers(0, 1024, 2_000_000))
+    sha = write_shard(shard, np.random.default_rng(0).integers(0, 1024, 2_000_000))
     for n in (1, 25):
         (tmp_path / str(n)).mkdir()
-        for i in range(n):
-            (tmp_path / str(n) / f"fineweb_train_{i:06d}.bin").symlink_to(shard)
+        names = [f"fineweb_train_{i:06d}.bin" for i in range(n)]
+        for name in names:
+            (tmp_path / str(n) / name).symlink_to(shard)
+        splits = {"train": {"shards": names, "tokens": 2_000_000 * n, "sha256": [sha] * n},
+                  "val": {"shards": [], "tokens": 0, "sha256": []}}
+        manifest = {"vocab_size": 1024, "tokenizer_sha256": "0" * 64, "splits": splits}
+        (tmp_path / str(n) / "manifest.json").write_text(json.dumps(manifest))
     args = ["--seq-len", "1024", "--batch-seqs", "8", "--batches", "100", "--modes", "sequential", "shuffled"]
     bench_cli(["--data", str(tmp_path / "1"), *args])
     bench_cli(["--data", str(tmp_path / "25"), *args])

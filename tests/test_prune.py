@@ -1,7 +1,6 @@
 """Pruning to the cap: the codes of least Hessian-weighted error go first, the search needs few
 encodes, and evaluate and aggregate report how many codes went and what they cost in BPB."""
 
-import json
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from conftest import run_files
 from pgolf.config import validate
 from pgolf.eval.evaluate import measure
 from pgolf.formats import tensorfile
+from pgolf.formats.results import write_result
 from pgolf.quant import artifact, compress
 from pgolf.report.aggregate import aggregate
 
@@ -92,9 +92,9 @@ def test_summary_reports_pruned_codes_and_the_bpb_before_pruning(tmp_path):
         part = {"val_bpb": 1.5 + pruned / 1e6, "val_loss": 1.0, "tokens": 100, "bytes": 300}
         ev = {"pre_quant": part, "post_quant": part, "sliding": part, "quant_gap_bpb": 0.0, "pruned_codes": pruned,
               "unpruned": {**part, "val_bpb": 1.5}, "prune_cost_bpb": pruned / 1e6}
-        (d / "eval.json").write_text(json.dumps(ev))
-        (d / "size.json").write_text(json.dumps({"model_bytes": 10, "total_bytes": 20, "pruned_codes": pruned}))
-        (d / "train.json").write_text(json.dumps({"steps": 5, "train_seconds": 1.0, "tokens_per_s": 9.0}))
+        write_result(d / "eval.json", ev)
+        write_result(d / "size.json", {"model_bytes": 10, "total_bytes": 20, "pruned_codes": pruned})
+        write_result(d / "train.json", {"steps": 5, "train_seconds": 1.0, "tokens_per_s": 9.0})
     summary = aggregate("r", run_files(tmp_path, [1, 2]))
     assert [r["pruned_codes"] for r in summary["seeds"]] == [0, 5000]
     assert summary["mean"]["unpruned_bpb"] == 1.5 and summary["mean"]["prune_cost_bpb"] == pytest.approx(0.0025)

@@ -41,19 +41,19 @@ def test_one_seed_is_refused():
 
 
 def test_aggregate_compares_with_another_run(tmp_path):
-    import json
+    from pgolf.formats.results import write_result
 
     for run, values in (("base", [1.50, 1.51, 1.505]), ("new", [1.40, 1.41, 1.405])):
         for seed, v in zip((1, 2, 3), values, strict=True):
             d = tmp_path / "results" / run / f"seed{seed}"
             d.mkdir(parents=True)
             part = {"val_bpb": v, "val_loss": v, "tokens": 1000, "bytes": 3000}
-            (d / "eval.json").write_text(json.dumps({"pre_quant": part, "post_quant": part, "sliding": part,
-                                                     "quant_gap_bpb": 0.0}))
-            (d / "size.json").write_text(json.dumps({"model_bytes": 10, "total_bytes": 20}))
-            (d / "train.json").write_text(json.dumps({"steps": 5, "train_seconds": 1.0, "tokens_per_s": 9.0}))
+            write_result(d / "eval.json", {"pre_quant": part, "post_quant": part, "sliding": part,
+                                           "quant_gap_bpb": 0.0})
+            write_result(d / "size.json", {"model_bytes": 10, "total_bytes": 20})
+            write_result(d / "train.json", {"steps": 5, "train_seconds": 1.0, "tokens_per_s": 9.0})
         summary = aggregate(run, run_files(tmp_path / "results" / run, [1, 2, 3]))
-        (tmp_path / "results" / run / "summary.json").write_text(json.dumps(summary))
+        write_result(tmp_path / "results" / run / "summary.json", summary)
     cfg = {"metric": "sliding_bpb", "baseline_run": "base", "baseline_mean": None, "baseline_std": None,
            "baseline_n": 3, "min_gain_nats": 0.005, "alpha": 0.01}
     result = aggregate("new", run_files(tmp_path / "results" / "new", [1, 2, 3]), cfg,

@@ -109,10 +109,16 @@ class ByteTable:
     esc: int
 
 
+def has_operators(sp: spm.SentencePieceProcessor) -> bool:
+    """Whether a tokenizer holds the four CaseOps operators as pieces of their own: a CaseOps
+    tokenizer, whatever a manifest or config says (plain text never trains these private-use pieces)."""
+    return all(sp.id_to_piece(sp.piece_to_id(op)) == op for op in OPERATORS)
+
+
 def byte_table(sp: spm.SentencePieceProcessor, name: str = "tokenizer") -> ByteTable:
     """The byte table of a CaseOps tokenizer; one without the operators as pieces of their own is refused."""
     ids = [sp.piece_to_id(op) for op in OPERATORS]
-    if any(sp.id_to_piece(i) != op for i, op in zip(ids, OPERATORS, strict=True)):
+    if not has_operators(sp):
         raise CaseOpsError(f"{name}: the CaseOps operators U+E001..U+E004 are not pieces of their own; "
                            "it was not trained with tokenizer.caseops")
     n = sp.get_piece_size()

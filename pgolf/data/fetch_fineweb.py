@@ -113,6 +113,21 @@ def val_sidecar(tokenizer: Path, val: list[Path], sidecars: list[Path]) -> dict:
             "bytes": total}
 
 
+def copy_hashed(src: Path, dst: Path, chunk: int = 1 << 24) -> str:
+    """Copy a downloaded shard into the dataset; the sha256 of the bytes written, for the manifest."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while block := fin.read(chunk):
+            digest.update(block)
+            fout.write(block)
+    return digest.hexdigest()
+
+
+def split_entry(names: list[str], tokens: dict[str, int], digests: dict[str, str]) -> dict:
+    """A split's manifest entry: its shards in order, their token total and each one's sha256."""
+    return {"shards": names, "tokens": sum(tokens[n] for n in names), "sha256": [digests[n] for n in names]}
+
+
 def fetch(cfg: dict, cache: Path, dataset_out: Path, tokenizer_out: Path) -> dict:
     vocab, suffix = _split_variant(cfg["variant"])
     dataset = f"fineweb10B_{cfg['variant']}"
@@ -134,12 +149,12 @@ def fetch(cfg: dict, cache: Path, dataset_out: Path, tokenizer_out: Path) -> dic
             raise PgolfError(f"downloaded shard failed its check: {e}") from None
     extra = val_sidecar(tokenizer, local[: n_val or 1], local_sidecars) if local_sidecars else {}
     with atomic_dir(dataset_out) as staging:
-        for path in local + local_sidecars:
+        digests = {path.name: copy_hashed(path, staging / path.name) for path in local}
+        for path in local_sidecars:
             shutil.copyfile(path, staging / path.name)
         summary = {"source": f"{cfg['repo_id']}@{cfg['revision']}", "variant": cfg["variant"], "vocab_size": vocab,
                    "tokenizer": tokenizer_out.name, "tokenizer_sha256": tokenizer_sha256(tokenizer, vocab),
-                   "splits": {s: {"shards": [p.name for p in list_shards(staging, s)],
-                                  "tokens": sum(n for name, n in tokens.items() if f"_{s}_" in name)}
+                   "splits": {s: split_entry([p.name for p in list_shards(staging, s)], tokens, digests)
                               for s in ("train", "val")}}
         if extra:
             summary["text_transform"] = caseops.NAME

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.formats.shards import list_shards, load_shard, open_dataset
+from pgolf.formats.shards import open_dataset, open_shard, shard_files
 from pgolf.errors import PgolfError
-from pgolf.formats.io import write_json
+from pgolf.formats.results import write_result
 from pgolf.model.gpt import GPT, load_weights, token_losses
 
 
@@ -58,8 +58,9 @@ def score_shards(dataset_dir: str | Path, probe: str | Path, cfg: dict, vocab: i
     model = load_weights(probe).eval()
     if model.vocab_size != vocab:
         raise PgolfError(f"{probe}: the probe model's vocabulary is {model.vocab_size}, the shards' is {vocab}")
-    files = list_shards(dataset_dir, "train")
-    shards = [load_shard(f, vocab_size=vocab) for f in files]
+    listed = shard_files(dataset_dir, "train")
+    files = [path for path, _ in listed]
+    shards = [open_shard(path, sha, vocab) for path, sha in listed]
     counts = [np.bincount(s, minlength=vocab).astype(np.float64) for s in shards]
     total = np.sum(counts, axis=0)
     losses = [probe_loss(model, s, cfg["sample_tokens"], cfg["seq_len"]) for s in shards]
@@ -88,7 +89,7 @@ def cli(argv: list[str]) -> None:
     t0 = time.perf_counter()
     result = score_shards(args.data, args.probe, json.loads(args.cfg), args.vocab_size)
     result["seconds"] = time.perf_counter() - t0
-    write_json(args.out, result)
+    write_result(args.out, result)
     for s in result["shards"]:
         print(f"{s['name']}: probe loss {s['probe_loss']:.4f} nats/token, unigram KL {s['unigram_kl']:.5f}")
     print(f"spread {result['probe_loss_spread']:.4f} nats ({result['probe_loss_spread_bits']:.4f} bits), "

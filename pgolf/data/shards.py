@@ -50,14 +50,15 @@ def caseops_sidecar(sp: spm.SentencePieceProcessor, table: caseops.ByteTable, do
 
 
 def write_split(out_dir: Path, split: str, encoded: list[np.ndarray], shard_tokens: int,
-                name=shard_name) -> list[str]:
-    """Concatenate the documents and cut the stream into shards of shard_tokens tokens."""
+                name=shard_name) -> tuple[list[str], list[str]]:
+    """Concatenate the documents and cut the stream into shards of shard_tokens tokens: their names
+    and the sha256 of each, taken as it is written."""
     stream = np.concatenate(encoded) if encoded else np.zeros(0, np.uint16)
-    names = []
+    names, digests = [], []
     for i, start in enumerate(range(0, max(len(stream), 1), shard_tokens)):
         names.append(name(split, i))
-        write_shard(out_dir / names[-1], stream[start : start + shard_tokens])
-    return names
+        digests.append(write_shard(out_dir / names[-1], stream[start : start + shard_tokens]))
+    return names, digests
 
 
 def sha256(path: Path) -> str:
@@ -76,18 +77,19 @@ def build(docs_path: str | Path, tokenizer: str | Path, cfg: dict, out: str | Pa
             docs = read_documents(docs_path, split)
             print(f"{split}: encoding {len(docs)} documents{' (CaseOps)' if caseops_on else ''}", flush=True)
             encoded = encode_docs(sp, [caseops.encode(d) for d in docs] if caseops_on else docs)
+            names, digests = write_split(staging, split, encoded, cfg["shard_tokens"])
             entry = manifest["splits"][split] = {
                 "documents": len(docs), "tokens": int(sum(len(e) for e in encoded)),
-                "bytes": sum(len(d.encode()) for d in docs),
-                "shards": write_split(staging, split, encoded, cfg["shard_tokens"]),
+                "bytes": sum(len(d.encode()) for d in docs), "shards": names, "sha256": digests,
             }
             if table is not None:
                 counts = caseops_sidecar(sp, table, docs, encoded, f"{docs_path} ({split})")
-                names = write_split(staging, split, counts, cfg["shard_tokens"],
-                                    lambda s, i: sidecar_name(s, shard_name(s, i)))
-                entry["byte_sidecar"] = {"shards": names, "sha256": [sha256(staging / n) for n in names]}
+                names, digests = write_split(staging, split, counts, cfg["shard_tokens"],
+                                             lambda s, i: sidecar_name(s, shard_name(s, i)))
+                entry["byte_sidecar"] = {"shards": names, "sha256": digests}
         write_json(staging / "manifest.json", manifest)
-    print(json.dumps({s: {k: v for k, v in m.items() if k != "shards"} for s, m in manifest["splits"].items()}))
+    print(json.dumps({s: {k: v for k, v in m.items() if k not in ("shards", "sha256")}
+                      for s, m in manifest["splits"].items()}))
     return manifest
 
 

@@ -17,8 +17,9 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 
+from pgolf.data import caseops
 from pgolf.errors import PgolfError
-from pgolf.formats.shards import load_sidecar
+from pgolf.formats.shards import MANIFEST, ShardError, load_sidecar
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,16 @@ ByteCounts = ByteLUTs | ByteSidecar
 
 def byte_counts(dataset_dir: str | Path, tokenizer_path: str | Path, vocab_size: int, n_tokens: int) -> ByteCounts:
     """How the dataset's bytes are counted: its val sidecar, cut to the first n_tokens scored, when
-    it has one, else the tokenizer's tables (the challenge's count)."""
+    it has one, else the tokenizer's tables (the challenge's count). A CaseOps tokenizer's tables
+    count the transformed text (operators, lowercased letters), not the original: it is never scored
+    without its sidecar, and the tokenizer file itself says whether it is one."""
     sidecar = load_sidecar(dataset_dir, "val")
     if sidecar is None:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+        if caseops.has_operators(sp):
+            raise ShardError(f"{Path(dataset_dir) / MANIFEST}: splits.val has no byte_sidecar, but {tokenizer_path} "
+                             "is a CaseOps tokenizer (it holds the case operators U+E001..U+E004): its tables would "
+                             "count the transformed text's bytes, not the original's; rebuild the dataset")
         return build_byte_luts(tokenizer_path, vocab_size)
     return ByteSidecar(torch.from_numpy(sidecar[:n_tokens]))
 

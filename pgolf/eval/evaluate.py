@@ -21,11 +21,10 @@ from pgolf.eval.ttt import ttt_eval
 from pgolf.eval.tttsteps import freeze, run_chunks
 from pgolf.eval.windows import Scores, Window, plain_windows, score_windows, windows
 from pgolf.formats import tensorfile
-from pgolf.formats.io import write_json
-from pgolf.formats.results import first_nonfinite
+from pgolf.formats.results import first_nonfinite, write_result
 from pgolf.formats.shards import check_tokenizer, check_vocab, load_split, open_dataset
 from pgolf.model.gpt import GPT, load_weights
-from pgolf.quant.artifact import read_artifact, read_header
+from pgolf.quant.artifact import read_artifact, read_checked
 from pgolf.quant.quantize import dequantize
 from pgolf.runtime.device import PRECISIONS, compiled
 from pgolf.runtime.distributed import setup_distributed, teardown
@@ -70,11 +69,11 @@ def quantized_model(state: dict[str, torch.Tensor], meta: dict) -> GPT:
     return model
 
 
-def pruning(artifact: Path, unpruned: Path | None, post_quant: dict, score_model: Callable[[GPT], dict]) -> dict:
-    """How many +-1 codes compress pruned and the BPB before pruning: the quantized tensors compress
-    read (`unpruned`, --unpruned), scored as post_quant is; post_quant itself when nothing was
-    pruned. Without `unpruned`, a pruned artifact reports only its count."""
-    pruned = int(read_header(artifact).get("pruned_codes", 0))
+def pruning(header: dict, unpruned: Path | None, post_quant: dict, score_model: Callable[[GPT], dict]) -> dict:
+    """How many +-1 codes compress pruned (the checked artifact header's count) and the BPB before
+    pruning: the quantized tensors compress read (`unpruned`, --unpruned), scored as post_quant is;
+    post_quant itself when nothing was pruned. Without `unpruned`, a pruned artifact reports only its count."""
+    pruned = int(header.get("pruned_codes", 0))
     if pruned and unpruned is None:
         return {"pruned_codes": pruned}
     before = score_model(quantized_model(*dequantize(unpruned))) if pruned else post_quant
@@ -99,7 +98,9 @@ def measure(cfg: dict, data: Path, tokenizer: Path, ema: Path, artifact: Path, r
     T, B = cfg["seq_len"], cfg["batch_seqs"]
     # A tokenizer other than the shards' counts other bytes: a plausible BPB, and a wrong one.
     check_tokenizer(data, tokenizer)
-    ema_model, art = load_weights(ema).to(device).eval(), artifact_model(artifact).to(device).eval()
+    ema_model = load_weights(ema).to(device).eval()
+    checked = read_checked(artifact)  # one read: the model and the header's counts, under one checksum
+    art = quantized_model(*dequantize(*tensorfile.loads(checked.raw, str(artifact)))).to(device).eval()
     open_dataset(data, ema_model.vocab_size, f"the vocabulary of {ema}")
     check_vocab(data, art.vocab_size, f"the vocabulary of {artifact}")
     tokens = val_tokens(data, cfg["max_tokens"], T, ema_model.vocab_size)
@@ -119,7 +120,7 @@ def measure(cfg: dict, data: Path, tokenizer: Path, ema: Path, artifact: Path, r
                   f"({len(wins)} windows, {seconds[name]:.1f}s)")
     result["sliding"].update(seq_len=T, stride=cfg["stride"])
     t0 = time.perf_counter()  # not part of the scored path: a diagnostic of pruning's cost
-    result.update(pruning(artifact, unpruned, result["post_quant"], lambda m: score(
+    result.update(pruning(checked.header, unpruned, result["post_quant"], lambda m: score(
         m.to(device).eval(), tokens, plain, T, B, BPBMeter(luts), rank, world, label="unpruned", precision=precision)))
     if "unpruned" in result and result["pruned_codes"]:
         seconds["unpruned"] = time.perf_counter() - t0
@@ -173,7 +174,7 @@ def evaluate(cfg: dict, data: Path, tokenizer: Path, ema: Path, artifact: Path, 
     result = measure(cfg, data, tokenizer, ema, artifact, rank, world, dev, precision, unpruned)
     refuse_nonfinite(result, ema, artifact, out)  # every process holds the same all-reduced result, so all stop alike
     if rank == 0:
-        write_json(out, result)
+        write_result(out, result)
     teardown(world)
     return result
 

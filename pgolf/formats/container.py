@@ -20,8 +20,11 @@ def frame(magic: bytes, version: int, header: dict) -> bytes:
 
 
 def unframe(data: bytes, magic: bytes, version: int, max_header: int, source: str,
-            error: type[ValueError], what: str) -> tuple[dict, memoryview]:
-    """(header, body) of `data`; raise `error` naming `source` and the problem."""
+            error: type[ValueError], what: str, canonical: bool = False) -> tuple[dict, memoryview]:
+    """(header, body) of `data`; raise `error` naming `source` and the problem. With `canonical`, the
+    header must be byte for byte what `frame` writes for its contents: no flipped space, reordered
+    key or length that still parses, so that a checksum over the header's contents covers every
+    byte before the body."""
     if len(data) < _PREFIX.size:
         raise error(f"{source}: truncated ({len(data)} bytes)")
     got_magic, got_version, hlen = _PREFIX.unpack_from(data)
@@ -39,6 +42,8 @@ def unframe(data: bytes, magic: bytes, version: int, max_header: int, source: st
         raise error(f"{source}: unreadable header ({e})") from None
     if not isinstance(header, dict):
         raise error(f"{source}: header is not a JSON object")
+    if canonical and frame(magic, version, header) != bytes(data[: _PREFIX.size + hlen]):
+        raise error(f"{source}: the header is not as pgolf writes it (damaged)")
     return header, memoryview(data)[_PREFIX.size + hlen :]
 
 

@@ -4,22 +4,27 @@ Layout (pgolf.formats.container): b"PGOLFART" | u32 version | u64 header length 
 The body is the codec's compression of the payload: the quantized tensor file with sub-byte codes
 packed densely (pgolf.quant.pack), then optionally byte-shuffled; or, with codec pergroup, several
 streams (pgolf.quant.pergroup), each listed in the header. The header names the codec and level, the
-shuffle stride, the packed tensors (bits, shape), the body, payload and raw lengths and the raw
-tensor file's sha256. The quantize stage's tensor file is verified (its own checksums)
+shuffle stride, the packed tensors (bits, shape), the body, payload and raw lengths, the parameter
+and pruned-code counts, and one sha256 over the rest of the header and the raw tensor file, so that
+no byte of the file lies outside it: a header value (params, pruned_codes) that size.json and
+eval.json quote is as covered as a weight. The quantize stage's tensor file is verified (its own checksums)
 before it is packed, and stored without its per-tensor digests (about 65 bytes a tensor, which the
 artifact's one sha256 makes redundant): the artifact's sha256 is taken over exactly those tensors,
 and reading rebuilds the quantize stage's file byte for byte.
 
-Reading refuses a file over MAX_FILE_BYTES before reading it, checks the body length against the
-header (a truncated or padded file fails), decompresses at most the promised payload length,
-unpacks only tensors whose byte counts match their shapes, and checks the rebuilt tensor file's
-length and checksum: a corrupt or hostile file fails with its name and the problem.
+Reading refuses a file over MAX_FILE_BYTES before reading it, a header not byte for byte as `frame`
+writes it, checks the body length against the header (a truncated or padded file fails),
+decompresses at most the promised payload length, unpacks only tensors whose byte counts match
+their shapes, and checks the rebuilt tensor file's length and the checksum: a corrupt or hostile
+file fails with its name and the problem; every single-bit flip of the header is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import NamedTuple
 
 from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
@@ -30,9 +35,10 @@ from pgolf.quant.codec import CODEC_ERRORS, CODECS
 from pgolf.quant.pack import PackError, pack_codes, shuffle, unpack_codes, unshuffle
 
 MAGIC = b"PGOLFART"
-# 5: the payload may carry LQER factors (a reader that ignored them would score other weights) and the
-# body may be per-group streams; 4: the payload is a tensor file without per-tensor digests
-VERSION = 5
+# 6: the sha256 covers the header too; 5: the payload may carry LQER factors (a reader that ignored
+# them would score other weights) and the body may be per-group streams; 4: the payload is a tensor
+# file without per-tensor digests
+VERSION = 6
 MAX_HEADER_BYTES = 1 << 20
 MAX_RAW_BYTES = 1 << 30  # far above any 16 MB artifact's decompressed size
 MAX_FILE_BYTES = 1 << 28  # sixteen times the challenge's cap: anything larger is not an artifact
@@ -85,9 +91,15 @@ def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned t
         body = CODECS[cfg["codec"]][0](shuffle(payload, stride), cfg["level"])
         lengths = {"body_bytes": len(body), "payload_bytes": len(payload)}
     header = {"codec": cfg["codec"], "level": cfg["level"], "shuffle": stride, "packed": info, **lengths,
-              "raw_bytes": len(slim), "sha256": hashlib.sha256(slim).hexdigest(),
-              "params": param_count(tensors, meta), "pruned_codes": pruned_codes}
-    return frame(MAGIC, VERSION, header) + body
+              "raw_bytes": len(slim), "params": param_count(tensors, meta), "pruned_codes": pruned_codes}
+    return frame(MAGIC, VERSION, {**header, "sha256": digest(header, slim)}) + body
+
+
+def digest(header: dict, raw: bytes) -> str:
+    """The artifact's sha256: over its header's other keys (as `frame` writes them) and the raw tensor
+    file the body decodes to. One digest for both costs no byte more than one for the tensors alone."""
+    rest = {k: v for k, v in header.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode() + raw).hexdigest()
 
 
 def _length(header: dict, key: str, source: str) -> int:
@@ -134,7 +146,12 @@ def _unpack_payload(payload: bytes, packed: object, source: str) -> bytes:
 
 def decode(data: bytes, source: str = "<bytes>") -> bytes:
     """The raw tensor file; raise ArtifactError naming `source` unless it is exactly what the header promises."""
-    header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, ArtifactError, "artifact")
+    return decode_checked(data, source)[0]
+
+
+def decode_checked(data: bytes, source: str) -> tuple[bytes, dict]:
+    """(raw tensor file, header), both covered by the checksum; ArtifactError naming `source` otherwise."""
+    header, body = unframe(data, MAGIC, VERSION, MAX_HEADER_BYTES, source, ArtifactError, "artifact", canonical=True)
     n = _length(header, "raw_bytes", source)
     try:
         if header.get("codec") == "pergroup":
@@ -150,10 +167,10 @@ def decode(data: bytes, source: str = "<bytes>") -> bytes:
         raise ArtifactError(f"{source}: payload is corrupt ({e})") from None
     if len(raw) != n:
         raise ArtifactError(f"{source}: rebuilt {len(raw)} bytes, header promises {n} (corrupt)")
-    if hashlib.sha256(raw).hexdigest() != header.get("sha256"):
+    if digest(header, raw) != header.get("sha256"):
         raise ArtifactError(f"{source}: checksum mismatch; the artifact is corrupt")
     try:  # the quantize stage's tensor file again, digests and all, byte for byte
-        return tensorfile.dumps(*tensorfile.loads(raw, source, checksums=False))
+        return tensorfile.dumps(*tensorfile.loads(raw, source, checksums=False)), header
     except tensorfile.TensorFileError as e:
         raise ArtifactError(f"{source}: payload is corrupt ({e})") from None
 
@@ -179,11 +196,24 @@ def read_artifact(path: str | Path) -> bytes:
     return decode(_read(path), str(path))
 
 
+class Checked(NamedTuple):
+    raw: bytes  # the quantize stage's tensor file
+    header: dict
+    file_bytes: int  # the artifact's size: the bytes read and checked
+
+
+def read_checked(path: str | Path) -> Checked:
+    """The artifact's tensor file, header and size from one read, every check passed."""
+    data = _read(path)
+    return Checked(*decode_checked(data, str(path)), len(data))
+
+
 def read_tensors(path: str | Path) -> tuple[dict, dict]:
     """The artifact's quantized tensors and meta, every check of both readers passed."""
     return tensorfile.loads(read_artifact(path), str(path))
 
 
 def read_header(path: str | Path) -> dict:
-    """The artifact's header, checked for framing only (size reports read it without decompressing)."""
-    return unframe(_read(path), MAGIC, VERSION, MAX_HEADER_BYTES, str(path), ArtifactError, "artifact")[0]
+    """The artifact's header, once the whole file has passed every check: its values reach size.json
+    and eval.json, and a header is only as good as the checksum over it."""
+    return read_checked(path).header

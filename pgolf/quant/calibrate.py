@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
-from pgolf.formats.shards import list_shards, load_shard, open_dataset
+from pgolf.formats.shards import open_dataset, open_shard, shard_files
 from pgolf.model.gpt import GPT, load_weights
 from pgolf.runtime.device import PRECISIONS, autocast
 from pgolf.runtime.distributed import setup_distributed
@@ -40,11 +40,12 @@ def train_windows(dataset_dir: str | Path, seqs: int, seq_len: int, seed: int,
                   vocab_size: int | None = None) -> Tensor:
     """`seqs` windows of `seq_len` tokens at random places in the train shards, (seqs, seq_len) int64.
     Given the model's `vocab_size`, the dataset's manifest and every shard's ids are checked against
-    it first: windows that happen to miss a bad id must not make a bad shard pass."""
+    it first: windows that happen to miss a bad id must not make a bad shard pass. Every shard is
+    checked against the sha256 its manifest records before a window is drawn."""
     rng = np.random.default_rng(seed)
     if vocab_size is not None:
         open_dataset(dataset_dir, vocab_size, "the model's vocabulary")
-    shards = [load_shard(p, vocab_size=vocab_size) for p in list_shards(dataset_dir, "train")]
+    shards = [open_shard(p, sha, vocab_size) for p, sha in shard_files(dataset_dir, "train")]
     usable = [s for s in shards if len(s) >= seq_len]
     if not usable:
         raise PgolfError(f"{dataset_dir}: no train shard holds calibrate.seq_len={seq_len} tokens")

@@ -13,28 +13,32 @@ import argparse
 import json
 from pathlib import Path
 
-from pgolf.formats.io import write_json
+from pgolf.formats import tensorfile
+from pgolf.formats.results import write_result
 from pgolf.pipeline import bundle
-from pgolf.quant.artifact import ArtifactError, read_header, read_tensors
+from pgolf.quant.artifact import ArtifactError, Checked, read_checked
 from pgolf.quant.compress import BudgetError
 from pgolf.quant.quantize import dequantize
 
 
-def verify(artifact: str | Path) -> None:
-    """Read the artifact exactly as evaluate does (framing, lengths, codec, checksum, tensor file,
-    decoding plan): a size is certified only for an artifact that evaluate would accept."""
-    tensors, meta = read_tensors(artifact)
+def verify(artifact: str | Path) -> Checked:
+    """Read the artifact exactly as evaluate does (framing, lengths, codec, checksum over header and
+    tensors, tensor file, decoding plan): a size is certified only for an artifact that evaluate would
+    accept, and every number size.json takes from it comes from that one checked read."""
+    checked = read_checked(artifact)
+    tensors, meta = tensorfile.loads(checked.raw, str(artifact))
     try:
         dequantize(tensors, meta)
     except ValueError as e:  # the readers name the file; dequantize does not
         raise ArtifactError(f"{artifact}: {e}") from None
+    return checked
 
 
 def size_report(artifact: str | Path, cfg: dict) -> dict:
-    verify(artifact)
-    model, code = Path(artifact).stat().st_size, bundle.code_bytes()
+    checked = verify(artifact)
+    model, code = checked.file_bytes, bundle.code_bytes()
     total, budget = model + code, cfg["budget_bytes"]
-    header = read_header(artifact)
+    header = checked.header
     params = header.get("params") or 0
     return {"model_bytes": model, "code_bytes": code, "total_bytes": total, "budget_bytes": budget,
             "fits": total <= budget, "headroom_bytes": budget - total, "codec": header.get("codec"),
@@ -53,7 +57,7 @@ def check_size(artifact: str | Path, cfg: dict, out: str | Path) -> dict:
         hint = "" if cfg["prune"] else "; compress.prune: true zeroes +-1 codes until it fits"
         raise BudgetError(f"{artifact}: code plus model is {report['total_bytes']:,} bytes, "
                           f"{-report['headroom_bytes']:,} over the {report['budget_bytes']:,}-byte budget{hint}")
-    write_json(out, report)
+    write_result(out, report)
     return report
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import pyarrow as pa
 
 from pgolf.errors import PgolfError
-from pgolf.formats.io import write_bytes, write_json
+from pgolf.formats.io import write_bytes
 from pgolf.formats.io import write_parquet as write_table
-from pgolf.formats.results import has, integer, number, read_object
+from pgolf.formats.results import has, integer, number, read_result, write_result
 from pgolf.report import stats
 from pgolf.report.inputs import add_seed_files, seed_files
 
@@ -47,7 +47,7 @@ OPTIONAL = {"ttt_bpb", "ttt_gain_bpb", "unpruned_bpb", "prune_cost_bpb", "pruned
 
 def seed_row(seed: int, files: dict[str, Path]) -> dict[str, Any]:
     """One seed's columns from its eval, size and train files."""
-    loaded = {name: read_object(p) for name, p in files.items()}
+    loaded = {name: read_result(p) for name, p in files.items()}
     row: dict[str, Any] = {"seed": seed}
     for col, (name, keys) in COLUMNS.items():
         if col in OPTIONAL and not has(loaded[name], keys[:1]):
@@ -101,7 +101,7 @@ def baseline_of(cfg: dict, summary: Path | None = None) -> dict | None:
     if cfg["baseline_run"]:
         if summary is None:
             raise PgolfError(f"compare.baseline_run {cfg['baseline_run']!r}: no --baseline-summary given")
-        other, metric = read_object(summary), cfg["metric"]
+        other, metric = read_result(summary), cfg["metric"]
         return {"source": cfg["baseline_run"], "mean": number(other, ("mean", metric), summary),
                 "std": number(other, ("std", metric), summary), "n": integer(other, ("n_seeds",), summary)}
     if cfg["baseline_mean"] is not None:
@@ -153,5 +153,5 @@ def cli(argv: list[str]) -> None:
         table += "\n" + render_compare(summary["compare"])
     write_parquet(args.out_parquet, summary["seeds"], summary["mean"], summary["std"])
     write_bytes(args.out_table, table.encode())
-    write_json(args.out_json, summary)
+    write_result(args.out_json, summary)
     print(table)

@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pgolf.formats import tensorfile  # noqa: E402
-from pgolf.formats.io import atomic_path, read_json, read_parquet  # noqa: E402
+from pgolf.formats.io import atomic_path, read_parquet  # noqa: E402
+from pgolf.formats.results import read_result  # noqa: E402
 from pgolf.report.inputs import add_seed_files, seed_files  # noqa: E402
 
 Files = dict[int, dict[str, Path]]  # seed -> kind -> path (pgolf.report.inputs.seed_files)
@@ -40,7 +41,7 @@ def loss_figure(files: Files, out: Path) -> None:
 def bpb_figure(files: Files, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(files)
-    evals = {s: read_json(f["eval"]) for s, f in files.items()}
+    evals = {s: read_result(f["eval"]) for s, f in files.items()}
     for i, (s, ev) in enumerate(evals.items()):
         xs = [j + i * width for j in range(len(STAGES))]
         ax.bar(xs, [ev[k]["val_bpb"] for k in STAGES], width, label=f"seed {s}")
@@ -65,7 +66,7 @@ def tensor_group(name: str) -> str:
 def bytes_figure(files: Files, out: Path) -> None:
     """Left: model and code bytes against the budget per seed. Right: raw bytes per tensor group."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    sizes = [read_json(f["size"]) for f in files.values()]
+    sizes = [read_result(f["size"]) for f in files.values()]
     labels = [str(s) for s in files]
     first = next(iter(files))
     left.bar(labels, [z["model_bytes"] for z in sizes], label="model (compressed)")

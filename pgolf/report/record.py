@@ -20,8 +20,9 @@ from importlib import metadata
 from pathlib import Path
 
 from pgolf.config import validate
+from pgolf.errors import PgolfError
 from pgolf.formats.io import atomic_dir, write_bytes, write_json
-from pgolf.formats.results import integer, number, read_object
+from pgolf.formats.results import integer, number, read_result
 from pgolf.pipeline import bundle
 from pgolf.pipeline.provenance import PACKAGE, code_files
 from pgolf.report.inputs import add_seed_files, seed_files
@@ -51,12 +52,26 @@ def copy_code(dest: Path) -> int:
 METRIC_PART = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre_quant", "post_quant_bpb": "post_quant"}
 
 
+def artifact_bytes(artifact: Path, size: Path) -> int:
+    """The artifact's bytes, from the file itself; its size.json must have measured this very file."""
+    try:
+        n = artifact.stat().st_size
+    except FileNotFoundError:
+        raise PgolfError(f"{artifact}: file not found") from None
+    measured = integer(read_result(size), ("model_bytes",), size)
+    if measured != n:
+        raise PgolfError(f"{size}: model_bytes is {measured:,}, but {artifact} is {n:,} bytes: it describes another "
+                         "artifact (rerun pgolf size)")
+    return n
+
+
 def seed_results(files: dict[int, dict[str, Path]], metric: str, code_bytes: int) -> dict:
-    """Each seed's score, bytes and time from its eval, size and train files."""
+    """Each seed's score, bytes and time from its eval, train and artifact files (bytes from the
+    artifact itself, code bytes from the packed file: derived, never copied)."""
     out, part = {}, METRIC_PART[metric]
     for s, f in files.items():
-        ev, size, tr = (read_object(f[name]) for name in ("eval", "size", "train"))
-        model_bytes, steps = integer(size, ("model_bytes",), f["size"]), integer(tr, ("steps",), f["train"])
+        ev, tr = read_result(f["eval"]), read_result(f["train"])
+        model_bytes, steps = artifact_bytes(f["artifact"], f["size"]), integer(tr, ("steps",), f["train"])
         seconds = number(tr, ("train_seconds",), f["train"])
         out[str(s)] = {"val_bpb": number(ev, (part, "val_bpb"), f["eval"]),
                        "val_loss": number(ev, (part, "val_loss"), f["eval"]),
@@ -149,8 +164,9 @@ def readme(cfg: dict, sub: dict, table: str) -> str:
 
 
 def build(summary: Path, table: Path, files: dict[int, dict[str, Path]], cfg: dict, out: Path) -> dict:
-    """The record folder from the run's summary and table and each seed's files (eval, size, train, log)."""
-    numbers = summary_numbers(read_object(summary), cfg["compare"]["metric"], summary)
+    """The record folder from the run's summary and table and each seed's files (eval, size, train,
+    artifact, log)."""
+    numbers = summary_numbers(read_result(summary), cfg["compare"]["metric"], summary)
     text = table.read_text()
     with atomic_dir(out) as staging:
         code_bytes = copy_code(staging)
@@ -169,9 +185,10 @@ def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf record", description=__doc__)
     ap.add_argument("--summary", type=Path, required=True, help="the run's summary.json")
     ap.add_argument("--table", type=Path, required=True, help="the run's summary.md")
-    add_seed_files(ap, "eval", "size", "train", "log")
+    add_seed_files(ap, "eval", "size", "train", "artifact", "log")
     ap.add_argument("--config", required=True, help="the whole resolved config as JSON")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    files = seed_files(args.seeds, eval=args.eval, size=args.size, train=args.train, log=args.log)
+    files = seed_files(args.seeds, eval=args.eval, size=args.size, train=args.train, artifact=args.artifact,
+                       log=args.log)
     build(args.summary, args.table, files, json.loads(args.config), args.out)

@@ -2,7 +2,9 @@
 it belongs to another config, and never resumed from when damaged.
 
 A checkpoint file is torch.save's bytes framed like every pgolf binary file (pgolf.formats.container):
-b"PGOLFCKP" | u32 version | u64 header length | JSON header {sha256, bytes} | torch.save body.
+b"PGOLFCKP" | u32 version | u64 header length | JSON header {sha256, bytes} | torch.save body; the
+header must be exactly as written (a flipped bit anywhere before the body is refused), and its two
+values are checked against the body.
 Saving renames latest.pt to previous.pt, then the new file to latest.pt: a kill between the two
 renames leaves previous.pt alone, which is resumed. Loading refuses a file that is truncated, fails
 its checksum, lacks a key or holds NaN/Inf weights; it then resumes from previous.pt with a warning
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from pgolf.errors import PgolfError
 from pgolf.formats.container import frame, read_file, unframe
 from pgolf.formats.io import atomic_path
+from pgolf.formats.shards import read_manifest
 from pgolf.formats.tensorfile import first_nonfinite
 
 MAGIC = b"PGOLFCKP"
@@ -37,11 +40,17 @@ class CheckpointError(PgolfError):
 
 
 def fingerprint(model_cfg: dict, train_cfg: dict, seed: int, vocab: int, dataset_dir: str | Path) -> str:
-    """What a checkpoint must match to be resumed: the configs, the seed and the shards' sizes."""
-    shards = sorted((p.name, p.stat().st_size) for p in Path(dataset_dir).glob("fineweb_train_*.bin"))
+    """What a checkpoint must match to be resumed: the configs, the seed, and the data by content: each
+    train shard's sha256 and the tokenizer's, as the dataset's manifest records them (the loader checks
+    every shard against it before using it). Names and sizes alone let a rebuilt dataset of the same
+    shape resume a run trained on the old one."""
+    m = read_manifest(dataset_dir)
+    train_split = m["splits"]["train"]
+    data = {"tokenizer_sha256": m["tokenizer_sha256"],
+            "train": sorted(zip(train_split["shards"], train_split["sha256"], strict=True))}
     # Logging cadence and compile priming do not change the result; everything else does.
     train = {k: v for k, v in train_cfg.items() if k not in ("log_every", "checkpoint_every", "prime_steps")}
-    blob = json.dumps([model_cfg, train, seed, vocab, shards], sort_keys=True)
+    blob = json.dumps([model_cfg, train, seed, vocab, data], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -76,7 +85,8 @@ def save(ckpt_dir: str | Path, state: dict) -> None:
 def read(path: Path) -> dict:
     """The state saved in `path`; CheckpointError naming it unless framing, checksum and contents are sound."""
     data = read_file(path, CheckpointError)
-    header, body = unframe(data, MAGIC, VERSION, 1 << 16, str(path), CheckpointError, "checkpoint")
+    # canonical: the header's two values are checked below, and no other byte of it may differ
+    header, body = unframe(data, MAGIC, VERSION, 1 << 16, str(path), CheckpointError, "checkpoint", canonical=True)
     if header.get("bytes") != len(body):
         raise CheckpointError(f"{path}: the body is {len(body):,} bytes, the header says {header.get('bytes')!r} "
                               "(truncated, or bytes appended)")

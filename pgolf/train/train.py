@@ -21,7 +21,8 @@ from torch import nn
 
 from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
-from pgolf.formats.io import write_json, write_parquet
+from pgolf.formats.io import write_parquet
+from pgolf.formats.results import read_result, write_result
 from pgolf.formats.shards import open_dataset
 from pgolf.model.gpt import GPT, token_losses
 from pgolf.model.layers import GateLinear
@@ -133,7 +134,11 @@ def read_shard_order(path: Path | None, cfg: dict) -> list[int] | None:
         return list(cfg["shard_order"])
     if path is None:
         raise PgolfError(f"loader.order {cfg['order']!r} needs --shard-order (shard_order.json)")
-    return json.loads(path.read_text())[f"{cfg['order']}_first"]
+    key = f"{cfg['order']}_first"
+    order = read_result(path).get(key)  # checksummed: an edited order would train another model
+    if not (isinstance(order, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in order)):
+        raise PgolfError(f"{path}: {key} must be a list of shard indices, got {order!r}")
+    return order
 
 
 def memory_mb(device: torch.device) -> float:
@@ -404,7 +409,7 @@ class Trainer:
         tensorfile.save(out / "raw.pgt", {k: v.float() for k, v in self.model.state_dict().items()}, meta)
         write_parquet(out / "metrics.parquet", pa.Table.from_pylist(self.rows))
         tokens = self.step * self.cfg["batch_tokens"]
-        write_json(out / "train.json", {
+        write_result(out / "train.json", {
             "steps": self.step, "tokens": tokens, "train_seconds": self.elapsed,
             "tokens_per_s": tokens / max(self.elapsed, 1e-9), "final_loss": self.rows[-1]["loss"],
             "prime_seconds": self.prime_seconds, "precision": self.precision,
