@@ -13,6 +13,7 @@ from pgolf.runtime import process
 # Commands that are no pipeline stage: "module:function" taking argv.
 TOOLS = {
     "audit": ("pgolf.eval.audit", "check a run's evaluation is causal: losses before t ignore tokens after t"),
+    "check": ("pgolf.report.check", "audit a record folder: bytes, time, seeds, significance, data, score-first"),
     "config": ("pgolf.config_cli", "validate config files and print the resolved config"),
     "params": ("pgolf.config_cli:params_cli", "parameter count of a config (config.yaml plus presets)"),
     "bench-loader": ("pgolf.train.loader:bench_cli", "tokens/s of the training loader alone, per mode"),

@@ -21,10 +21,12 @@ from pathlib import Path
 
 from pgolf.config import validate
 from pgolf.errors import PgolfError
+from pgolf.formats import tensorfile
 from pgolf.formats.io import atomic_dir, write_bytes, write_json
-from pgolf.formats.results import integer, number, read_result
+from pgolf.formats.results import has, integer, number, read_result
 from pgolf.pipeline import bundle
 from pgolf.pipeline.provenance import PACKAGE, code_files
+from pgolf.report import check
 from pgolf.report.inputs import add_seed_files, seed_files
 
 PIPELINE_FILES = ("Snakefile", "pyproject.toml", "rules", "schemas", "profiles")
@@ -76,8 +78,38 @@ def seed_results(files: dict[int, dict[str, Path]], metric: str, code_bytes: int
         out[str(s)] = {"val_bpb": number(ev, (part, "val_bpb"), f["eval"]),
                        "val_loss": number(ev, (part, "val_loss"), f["eval"]),
                        "artifact_bytes": model_bytes, "bytes_total": model_bytes + code_bytes,
-                       "steps": steps, "train_seconds": seconds, "step_avg_ms": 1000 * seconds / max(steps, 1)}
+                       "steps": steps, "train_seconds": seconds, "step_avg_ms": 1000 * seconds / max(steps, 1),
+                       "calibration_seconds": calibration_seconds(f.get("hessians"))}
+        if has(ev, ("scored_eval_seconds",)):  # an eval.json without it leaves the check no eval time: it fails
+            out[str(s)]["eval_seconds"] = number(ev, ("scored_eval_seconds",), f["eval"])
+        if has(ev, (part, "tokens")):
+            out[str(s)]["val_tokens"] = integer(ev, (part, "tokens"), f["eval"])
     return out
+
+
+def calibration_seconds(hessians: Path | None) -> float:
+    """The calibrate stage's own seconds, as its Hessians file records them (0 without one: round
+    to nearest calibrates nothing). The challenge counts GPTQ calibration as training (#1950)."""
+    if hessians is None:
+        return 0.0
+    return number(tensorfile.load(hessians)[1], ("seconds",), hessians)
+
+
+def seed_log_tail(seed: int, r: dict, code_bytes: int, metric: str) -> str:
+    """The lines a challenge record's seed log ends with, from this seed's result files, in the forms
+    pgolf check reads (pgolf.report.seedlog): its times, bytes and final score."""
+    lines = ["", f"pgolf record: seed {seed}, from its train.json, Hessians, eval.json and artifact",
+             f"train_time:{1000 * r['train_seconds']:.0f}ms step:{r['steps']}/{r['steps']}",
+             f"calibration_time:{1000 * r['calibration_seconds']:.0f}ms"]
+    if "eval_seconds" in r:
+        lines.append(f"total_eval_time:{r['eval_seconds']:.3f}s")
+    if "val_tokens" in r:
+        lines.append(f"val_tokens: {r['val_tokens']}")
+    label = f"pgolf_final_{metric.removesuffix('_bpb')}_exact"
+    lines += [f"Serialized model pgolf: {r['artifact_bytes']} bytes", f"Code size: {code_bytes} bytes",
+              f"Total submission size pgolf: {r['bytes_total']} bytes",
+              f"{label} val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"]
+    return "\n".join(lines) + "\n"
 
 
 def summary_numbers(summary: dict, metric: str, source: Path) -> dict:
@@ -133,7 +165,7 @@ def clip_text(quant: dict) -> str:
     return clip if isinstance(clip, str) else ", ".join(f"{g} {c}" for g, c in clip.items())
 
 
-def readme(cfg: dict, sub: dict, table: str) -> str:
+def readme(cfg: dict, sub: dict, table: str, audit: str) -> str:
     m, t, q = cfg["model"], cfg["train"], cfg["quant"]
     techniques = [
         f"GPT {m['num_layers']}x{m['model_dim']}, {m['num_heads']} heads / {m['num_kv_heads']} KV heads (GQA), "
@@ -154,7 +186,7 @@ def readme(cfg: dict, sub: dict, table: str) -> str:
         f"std {sub['val_bpb_std']:.4f}); at most {sub['bytes_total']:,} bytes "
         f"(code {sub['bytes_code']:,}: `{bundle.FILE_NAME}`, the packed training, quantization and evaluation "
         "code; `pgolf/` here is its readable source).", "",
-        table, "## Techniques", "", *[f"- {x}" for x in techniques], "",
+        table, "## pgolf check", "", audit, "## Techniques", "", *[f"- {x}" for x in techniques], "",
         "## Reproduce", "", "From inside this folder:", "", "```bash",
         "pip install torch==2.13.0 && pip install -e . && snakemake --cores all --configfile config.yaml",
         "```", "", f"or stage by stage with the counted file: `python {bundle.FILE_NAME} train|calibrate|quantize|"
@@ -163,20 +195,32 @@ def readme(cfg: dict, sub: dict, table: str) -> str:
         "orchestrate and are not counted as code.", ""])
 
 
-def build(summary: Path, table: Path, files: dict[int, dict[str, Path]], cfg: dict, out: Path) -> dict:
+def build(summary: Path, table: Path, files: dict[int, dict[str, Path]], cfg: dict, out: Path,
+          data: Path | None = None) -> dict:
     """The record folder from the run's summary and table and each seed's files (eval, size, train,
-    artifact, log)."""
-    numbers = summary_numbers(read_result(summary), cfg["compare"]["metric"], summary)
+    artifact, log, and hessians when GPTQ calibrated), then `pgolf check` on it (with the dataset
+    folder `data`, when given): its table goes into the README, and a failed check fails the stage
+    (record.check: enforce) or is only reported there (report)."""
+    metric = cfg["compare"]["metric"]
+    numbers = summary_numbers(read_result(summary), metric, summary)
     text = table.read_text()
     with atomic_dir(out) as staging:
         code_bytes = copy_code(staging)
-        results = seed_results(files, cfg["compare"]["metric"], code_bytes)
+        results = seed_results(files, metric, code_bytes)
         sub = submission(cfg, numbers, results, code_bytes)
         write_json(staging / "submission.json", sub)
-        write_bytes(staging / "README.md", readme(cfg, sub, text).encode())
         write_bytes(staging / "config.yaml", json.dumps(cfg, indent=2).encode())  # JSON is valid YAML
         for s, f in files.items():
-            shutil.copyfile(f["log"], staging / f"train_seed{s}.log")
+            tail = seed_log_tail(s, results[str(s)], code_bytes, metric)
+            write_bytes(staging / f"train_seed{s}.log", f["log"].read_bytes() + tail.encode())
+        checks = check.run_checks(staging, data)
+        audit = check.table(checks)
+        print(audit, flush=True)
+        write_bytes(staging / "README.md", readme(cfg, sub, text, audit).encode())
+        failed = check.failed(checks)
+        if failed and cfg["record"]["check"] == "enforce":
+            reasons = "; ".join(r for c in failed for r in c.reasons)
+            raise PgolfError(f"{out}: pgolf check failed ({', '.join(c.name for c in failed)}): {reasons}")
     print(f"{out}: val_bpb {sub['val_bpb']:.4f}, bytes_total {sub['bytes_total']:,}", flush=True)
     return sub
 
@@ -186,9 +230,13 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--summary", type=Path, required=True, help="the run's summary.json")
     ap.add_argument("--table", type=Path, required=True, help="the run's summary.md")
     add_seed_files(ap, "eval", "size", "train", "artifact", "log")
+    ap.add_argument("--hessians", type=Path, nargs="+",
+                    help="each seed's Hessians (quant.method gptq): the calibrate stage's seconds count as training")
+    ap.add_argument("--data", type=Path, help="the dataset folder: pgolf check's canonical-val and overlap checks")
     ap.add_argument("--config", required=True, help="the whole resolved config as JSON")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    extra = {"hessians": args.hessians} if args.hessians else {}
     files = seed_files(args.seeds, eval=args.eval, size=args.size, train=args.train, artifact=args.artifact,
-                       log=args.log)
-    build(args.summary, args.table, files, json.loads(args.config), args.out)
+                       log=args.log, **extra)
+    build(args.summary, args.table, files, json.loads(args.config), args.out, args.data)
