@@ -29,11 +29,38 @@ def _fill_defaults(schema: dict, node: dict) -> None:
 
 
 def _where(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+    """The key as a person writes it: `eval.max_tokens`, `seeds[0]`."""
+    out = ""
+    for part in error.absolute_path:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
+    return out or "<top level>"
+
+
+def _is_integer(checker: Any, instance: Any) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# JSON Schema's "integer" takes 1.0 (any float with no fraction); an integer key would then hold a
+# float downstream: `seeds: [1e0]` planned the folder seed1.0/, `eval.max_tokens: 2e3` sliced a tensor
+# with 2000.0. Here an integer is a Python int, whatever YAML or --config wrote.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
+
+# What YAML 1.1 read as booleans, and YAML 1.2 (this reader) reads as strings.
+_YAML_1_1_BOOLS = {"y", "yes", "n", "no", "on", "off"}
 
 
 def _explain(error: jsonschema.ValidationError) -> str:
-    """The schema's message; a bare regular expression says little, so a pattern error adds the key's description."""
+    """The schema's message, where it says too little with what to write instead: a bare regular
+    expression gets the key's description, a float under an integer key and a YAML 1.1 boolean get
+    the form the key takes."""
+    value, types = error.instance, error.validator_value
+    if error.validator == "type" and isinstance(value, float) and "integer" in types and "number" not in types:
+        like = int(value) if value.is_integer() else round(value)
+        return f"{value!r} is a float; an integer key takes a whole number like {like}"
+    if error.validator == "type" and "boolean" in types and str(value).lower() in _YAML_1_1_BOOLS:
+        return f"{value!r} is a string, not a boolean: write true or false (YAML 1.2 reads yes/no/on/off as text)"
     hint = error.schema.get("description") if error.validator == "pattern" else None
     return f"{error.message} ({hint})" if hint else error.message
 
@@ -43,7 +70,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     schema = load_schema()
     config = copy.deepcopy(config or {})
     _fill_defaults(schema, config)
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: e.path)
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: e.path)
     if errors:
         lines = [f"  {_where(e)}: {_explain(e)}" for e in errors]
         raise ConfigError("invalid pgolf config:\n" + "\n".join(lines))
@@ -199,12 +226,52 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent: `3e-4` and `1e6` would be
-# strings, refused as "not of type 'number'". YAML 1.2 (and everyone writing a learning rate) reads
-# them as numbers; this reader, used for config.yaml, presets and Snakemake's --configfile, does too.
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"))
+# PyYAML follows YAML 1.1: `3e-4` is a string there (a float needs a dot), `010` is octal 8, `1:30` is
+# 90 (base 60), `1_000` is 1000, yes/no/on/off are booleans and `2024-05-01` is a date. This reader,
+# used for config.yaml, presets, their `extends`, --config values and (through rules/common.smk)
+# Snakemake's own --configfile, resolves plain scalars as YAML 1.2's core schema does: 3e-4 a float,
+# 010 ten, and 1:30, 1_000, yes and 2024-05-01 text, which a number or boolean key then refuses by name.
+_YAML_1_1_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp", "value")}
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML_1_1_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_INT_1_2 = re.compile(r"^(?:([-+]?[0-9]+)|0o([0-7]+)|0x([0-9a-fA-F]+))$")
+_CORE_1_2 = (  # in this order: an int also matches the float pattern
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", _INT_1_2.pattern, "-+0123456789"),
+    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
+)
+for _tag, _pattern, _first in _CORE_1_2:
+    _StrictLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 integer: decimal whatever its leading zeros, 0o octal, 0x hex (not 1.1's 010 = 8)."""
+    m = _INT_1_2.match(loader.construct_scalar(node))
+    if m is None:
+        raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is not a YAML 1.2 integer",
+                                                node.start_mark)
+    decimal, octal, hexa = m.groups()
+    return int(decimal, 10) if decimal else int(octal, 8) if octal else int(hexa, 16)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+class _StrictDumper(yaml.SafeDumper):
+    """Quotes every string that YAML 1.2 (this reader) or YAML 1.1 (Snakemake's own) would read as
+    another type, a run named 1e3 or yes: `pgolf config`'s output reads back as the same config."""
+
+
+_StrictDumper.yaml_implicit_resolvers = {
+    first: yaml.SafeDumper.yaml_implicit_resolvers.get(first, []) + _StrictLoader.yaml_implicit_resolvers.get(first, [])
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *_StrictLoader.yaml_implicit_resolvers}}
+
+
+def dump(config: dict[str, Any]) -> str:
+    """A config as YAML that read_file reads back to the same values."""
+    return yaml.dump(config, Dumper=_StrictDumper, sort_keys=False)
 
 
 def read_file(path: str | Path) -> dict:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
-from pgolf.config import load
+from pgolf.config import dump, load
 
 
 def cli(argv: list[str]) -> None:
@@ -15,7 +13,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("files", nargs="+", help="config.yaml, then presets (later files win)")
     args = ap.parse_args(argv)
     cfg = load(*args.files)
-    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    print(dump(cfg), end="")  # reads back, through pgolf or Snakemake, as the same values
 
 
 def params_cli(argv: list[str]) -> None:

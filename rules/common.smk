@@ -20,7 +20,10 @@ _cli_files = [Path(f).absolute() for f in workflow.config_settings.configfiles]
 _own_files = [] if workflow.config_settings.replace_workflow_config or _cli_files else [
     f for f in workflow.configfiles if Path(f).absolute() not in _cli_files]
 _overrides = pgolf.config.typed_overrides(dict(workflow.config_settings.config))  # --config seeds=[1337]
-_resolved = pgolf.config.load(*_own_files, *_cli_files, overrides=_overrides)
+try:
+    _resolved = pgolf.config.load(*_own_files, *_cli_files, overrides=_overrides)
+except pgolf.errors.PgolfError as e:
+    raise WorkflowError(str(e)) from None
 config.clear()
 config.update(_resolved)
 
@@ -41,9 +44,15 @@ DATASET_DIR = f"data/datasets/{DATASET}_sp{VOCAB}{_CASEOPS}"
 SEED_DIR = f"{RUN}/seed{{seed}}"
 NPROC = config["train"]["nproc"]
 # SLURM: the site comes from the profile's default-resources (pgolf/pipeline/cluster.py); a local run has none.
-# A placeholder left in the profile fails here, before anything is submitted.
+# Which one this is, Snakemake's executor says (the command's, read where the user invoked Snakemake; a
+# job's own Snakemake inside SLURM gets the site that was checked here). A missing, misspelt or
+# placeholder site key under SLURM, or a site under another executor, fails here, before any submission.
+_cli = pgolf.pipeline.cluster.snakemake_cli_args() if not (workflow.remote_exec or workflow.subprocess_exec) else None
+_profiles = ", ".join(str(p) for p in (getattr(_cli, "profile", None) or []))
 try:
-    SITE = pgolf.pipeline.cluster.read_site(getattr(workflow.resource_settings.default_resources, "args", None) or [])
+    SITE = pgolf.pipeline.cluster.read_site(getattr(workflow.resource_settings.default_resources, "args", None) or [],
+                                            f"the profile ({_profiles})" if _profiles else "the command line",
+                                            getattr(_cli, "executor", None))
 except pgolf.errors.PgolfError as e:
     raise WorkflowError(str(e)) from None
 

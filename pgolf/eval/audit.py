@@ -11,6 +11,11 @@ In phased mode (eval.ttt.mode phased_lora) t is taken in a document that the bat
 first global phase scores: inside its second chunk and on its first chunk's last target, so that an
 adapter trained on a chunk before scoring it shows, and so does a global phase that trained on a
 document not yet scored.
+
+It audits the evaluation the run itself made: its eval section comes from the run's resolved config
+(results/<run>/record/config.yaml, written by the record stage), and config files given with
+--config must agree with it where the audit reads them. The val split is checked against its
+manifest and the artifact's vocabulary, as evaluate checks it.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from pathlib import Path
 import torch
 
 from pgolf.config import load
+from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter, ByteCounts, byte_counts
 from pgolf.eval.evaluate import artifact_model, run_ttt, val_tokens, windows
 from pgolf.eval.phased import doc_chunks, documents, phase_ends
 from pgolf.eval.tttsteps import run_chunks
 from pgolf.eval.windows import Scores
+from pgolf.formats.shards import check_tokenizer, open_dataset
 from pgolf.model.gpt import GPT
 
 
@@ -80,6 +87,11 @@ def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positio
     Each pass is a whole TTT evaluation (about a minute on the default model on CPU): `log` says
     which one runs and how long the rest will take."""
     ts = positions or audit_positions(cfg, tokens, model.cfg["bos_id"])
+    if not ts:  # all() of no verdicts is True: an audit of nothing would print "passed"
+        key = "lora_chunk_tokens" if cfg["ttt"]["mode"] == "phased_lora" else "chunk_tokens"
+        raise PgolfError(f"audit: the {len(tokens) - 1:,} val targets read are too few to audit a target inside a "
+                         f"second chunk of eval.ttt.{key}={cfg['ttt'][key]:,}; raise --chunks, or audit a run whose "
+                         "val split holds two chunks")
     passes, t0 = 1 + len(ts), time.perf_counter()
     log(f"audit: pass 1/{passes}: TTT evaluation of {len(tokens) - 1:,} targets as they are")
     base = recorded_losses(model, tokens, cfg, luts, order)
@@ -100,13 +112,14 @@ def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positio
     return report
 
 
-def enough_documents(data: str | Path, tokens: torch.Tensor, cfg: dict, bos_id: int) -> torch.Tensor:
+def enough_documents(data: str | Path, tokens: torch.Tensor, cfg: dict, bos_id: int,
+                     vocab_size: int | None = None) -> torch.Tensor:
     """Val read on (doubling) until it holds three documents per global phase, so the audited target
     lies after a phase, or until the split ends: a few chunks of FineWeb hold hundreds of documents,
     a small val split may hold fewer than the phases need."""
     want = 3 * max(1, cfg["ttt"]["phases"])
     while len(documents(tokens, bos_id)) < want:
-        more = val_tokens(data, 2 * (len(tokens) - 1), cfg["seq_len"])
+        more = val_tokens(data, 2 * (len(tokens) - 1), cfg["seq_len"], vocab_size)
         if len(more) == len(tokens):
             print(f"audit: the val split holds {len(documents(tokens, bos_id))} documents, fewer than {want}",
                   flush=True)
@@ -115,21 +128,68 @@ def enough_documents(data: str | Path, tokens: torch.Tensor, cfg: dict, bos_id: 
     return tokens
 
 
+# Where a run keeps its resolved config (pgolf/report/record.py writes it), and the eval keys the audit reads.
+RESOLVED_CONFIG = Path("record") / "config.yaml"
+AUDITED_KEYS = ("seq_len", "stride", "batch_seqs", "ttt")
+
+
+def run_eval_config(run: Path, files: list[str] | None) -> dict:
+    """The eval section the run was evaluated with. Its own resolved config says it; config files
+    given instead must agree with it on every key the audit reads (config.yaml's chunk TTT audited
+    for a phased run would pass and prove nothing), and stand alone only where the run has none."""
+    resolved = run / RESOLVED_CONFIG
+    if files is None:
+        if not resolved.is_file():
+            raise PgolfError(f"{resolved}: not found: the audit needs the run's own eval config, which the run's "
+                             "record stage writes there; finish the run (snakemake with its config), or name the "
+                             "config files it ran with: --config FILE...")
+        return load(resolved)["eval"]
+    cfg = load(*files)["eval"]
+    if resolved.is_file():
+        own = load(resolved)["eval"]
+        differ = _differences(_audited(cfg), _audited(own))
+        if differ:
+            key, value, theirs = differ[0]
+            raise PgolfError(f"--config {' '.join(files)}: eval.{key} is {value!r}, but the run was evaluated with "
+                             f"{theirs!r} ({resolved}); drop --config to audit the run's own config")
+    return cfg
+
+
+def _audited(eval_cfg: dict) -> dict:
+    """What the audit reads of an eval section; it runs TTT whether the run had it on or not."""
+    return {**{k: eval_cfg[k] for k in AUDITED_KEYS}, "ttt": {**eval_cfg["ttt"], "enabled": True}}
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for k in a:
+        if isinstance(a[k], dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        elif a[k] != b.get(k):
+            out.append((f"{prefix}{k}", a[k], b.get(k)))
+    return out
+
+
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf audit", description=__doc__)
     ap.add_argument("--run", type=Path, required=True, help="a finished run's folder, e.g. results/default")
     ap.add_argument("--seed", type=int, required=True, help="the seed whose artifact is audited")
-    ap.add_argument("--config", nargs="+", default=["config.yaml"], help="the run's config files")
+    ap.add_argument("--config", nargs="+", default=None,
+                    help=f"the run's config files (default: the run's own, <run>/{RESOLVED_CONFIG})")
     ap.add_argument("--data", required=True, help="the dataset folder (its val shards)")
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--chunks", type=int, default=3, help="val chunks to audit over (the whole split is slow)")
     args = ap.parse_args(argv)
-    cfg = load(*args.config)["eval"]
+    cfg = run_eval_config(args.run, args.config)
     cfg["ttt"] = {**cfg["ttt"], "enabled": True}
-    model = artifact_model(args.run / f"seed{args.seed}" / "artifact.pgz")
-    tokens = val_tokens(args.data, args.chunks * cfg["ttt"]["chunk_tokens"], cfg["seq_len"])
+    artifact = args.run / f"seed{args.seed}" / "artifact.pgz"
+    model = artifact_model(artifact)
+    # as evaluate checks them: the tokenizer counts the bytes, and an id beyond the vocabulary is no token
+    check_tokenizer(args.data, args.tokenizer)
+    open_dataset(args.data, model.vocab_size, f"the vocabulary of {artifact}")
+    tokens = val_tokens(args.data, args.chunks * cfg["ttt"]["chunk_tokens"], cfg["seq_len"], model.vocab_size)
     if cfg["ttt"]["mode"] == "phased_lora":
-        tokens = enough_documents(args.data, tokens, cfg, model.cfg["bos_id"])
+        tokens = enough_documents(args.data, tokens, cfg, model.cfg["bos_id"], model.vocab_size)
         n_docs = len(documents(tokens, model.cfg["bos_id"]))
         cfg["ttt"] = fit_phases(cfg["ttt"], tokens, model.cfg["bos_id"])
         print(f"audit: phased TTT over {n_docs} documents, batches of {cfg['ttt']['lora_docs']}, "

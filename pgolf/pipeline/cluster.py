@@ -7,13 +7,20 @@ after it). Everything else follows from the config: a stage runs where its devic
 from here, never from the cores of the host that submits (`threads: workflow.cores` there asked an
 8-core login node's 8 CPUs of 2-core compute nodes: PENDING forever).
 
-A plain local run has no site: every stage keeps its local resources (threads = all cores).
+A plain local run has no site: every stage keeps its local resources (threads = all cores). Which
+of the two a run is follows from Snakemake's executor (`executor: slurm` in profiles/slurm), not from
+what default-resources happens to hold: under SLURM every site key is required and a key nobody
+reads (`slurm_partiton`) is refused by name; under any other executor a SLURM site key is refused,
+since the run would put its jobs on this host and drop the site without a word.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import math
 import re
+import sys
 from dataclasses import dataclass
 
 from pgolf.errors import PgolfError
@@ -52,14 +59,66 @@ def _int(raw: dict[str, str], key: str, where: str) -> int:
     return value
 
 
-def read_site(default_resources: list[str], where: str = "the SLURM profile") -> Site | None:
-    """The site from a profile's default-resources, or None for a run without SLURM settings.
+# Site keys that mean SLURM and nothing else (mem_mb, cpus_per_task and runtime are Snakemake's too).
+SLURM_ONLY_KEYS = ("slurm_partition", "slurm_account", "gpu_partition", "gpus_per_node", "mem_mb_per_gpu")
+# The executors of a SLURM run: the submitting host's, and the one Snakemake runs inside each job.
+SLURM_EXECUTORS = ("slurm", "slurm-jobstep")
+# default-resources keys that someone reads besides the site's: Snakemake's own (it adds tmpdir and
+# turns mem/disk into *_mb), those snakemake-executor-plugin-slurm 2.x reads, and pgolf's rules' own.
+OTHER_RESOURCE_KEYS = frozenset({
+    "tmpdir", "runtime", "mem", "mem_mb", "mem_mib", "disk", "disk_mb", "disk_mib", "threads", "_cores", "_nodes",
+    "slurm_extra", "slurm_cluster", "clusters", "cluster", "constraint", "qos", "nodes", "tasks", "tasks_per_node",
+    "tasks_per_gpu", "cpus_per_gpu", "mem_mb_per_cpu", "gpu", "gres", "gpu_model", "mpi", "nproc"})
 
-    A run is a SLURM run when its default resources name a `slurm_partition`; then every site key
-    must be there and filled in, so a placeholder fails here, before any job is submitted."""
+
+def snakemake_cli_args() -> argparse.Namespace | None:
+    """The arguments of the `snakemake` command that is reading the rules (its profiles applied), or
+    None where rules are read some other way (Snakemake's Python API).
+
+    Snakemake 9 reads the Snakefile before it picks the executor: `workflow.executor_plugin` is None
+    while the rules are read, and a dry run then swaps in its `dryrun` plugin. Its parsed command
+    line, a local of snakemake.cli.args_to_api further up the stack, is the one place that names
+    the executor while the rules are read."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "args_to_api" and frame.f_globals.get("__name__") == "snakemake.cli":
+            args = frame.f_locals.get("args")
+            return args if isinstance(args, argparse.Namespace) else None
+        frame = frame.f_back
+    return None
+
+
+def _unknown(raw: dict[str, str], where: str) -> None:
+    """Under SLURM a default-resources key that neither the site, Snakemake nor the plugin reads is a
+    misspelling: `slurm_partiton` would leave the real key missing, or its own value unused."""
+    for key in raw:
+        if key not in SITE_KEYS and key not in OTHER_RESOURCE_KEYS:
+            near = difflib.get_close_matches(key, [*SITE_KEYS, *sorted(OTHER_RESOURCE_KEYS)], n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise PgolfError(f"{where}: default-resources {key} is no site key{hint}; a SLURM site takes "
+                             f"{', '.join(SITE_KEYS)} (profiles/README.md)")
+
+
+def read_site(default_resources: list[str], where: str = "the SLURM profile",
+              executor: str | None = None) -> Site | None:
+    """The site from a profile's default-resources, or None for a run without SLURM.
+
+    `executor` is Snakemake's (snakemake_cli_args): under SLURM every site key must be there, spelt
+    right and filled in, so a missing, misspelt or placeholder key fails here, before any job is
+    submitted; under another executor a SLURM site key is refused (the jobs would run on this host).
+    Where the executor is not known (None: a job's own Snakemake, the Python API), a SLURM-only key
+    makes it a SLURM run."""
     raw = _parse(default_resources)
-    if "slurm_partition" not in raw:
+    given = [k for k in SLURM_ONLY_KEYS if k in raw]
+    if executor is not None and executor not in SLURM_EXECUTORS:
+        if given:
+            raise PgolfError(f"{where}: default-resources sets {', '.join(given)}, a SLURM site, but the executor "
+                             f"is {executor}: its jobs would run on this host; add --profile profiles/slurm "
+                             "(executor: slurm), or drop the site's keys for a local run")
         return None
+    if executor is None and not given:
+        return None
+    _unknown(raw, where)
     missing = [k for k in SITE_KEYS if k not in raw]
     if missing:
         raise PgolfError(f"{where}: default-resources lacks {', '.join(missing)} (see profiles/README.md)")
