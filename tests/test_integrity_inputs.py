@@ -107,7 +107,7 @@ def braced_file(w: Path) -> list[str]:
 BAD_LISTS = {
     "a folder without a document": (folder_without_documents, "folder 'empty' holds no .txt, .jsonl, .parquet"),
     "a path that is not there": (lambda w: ["nowhere"], "'nowhere' matches no file or folder"),
-    "a glob that matches folders only": (glob_of_folders, "'d*' matches 1 folders and no file"),
+    "a glob that matches folders only": (glob_of_folders, "'d*' matches no regular file, only 1 folder(s)"),
     "a corpus file with braces": (braced_file, "x{ab}.txt' has '{...}' in its path"),
 }
 
@@ -253,6 +253,24 @@ def test_a_bad_local_corpus_file_is_refused_in_one_line(tmp_path, case):
     out = tmp_path / "docs.parquet"
     proc = pgolf("documents", "--cfg", json.dumps({**LOCAL, "paths": [str(corpus)]}), "--out", out)
     assert_refused(proc, "documents", *(str(corpus / n) if n.startswith("a.") else n for n in named), outputs=(out,))
+
+
+def test_a_corpus_of_one_document_is_refused_before_training(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "only.txt").write_text("the one document")
+    (corpus / "blank.txt").write_text("  \n")
+    out = tmp_path / "docs.parquet"
+    proc = pgolf("documents", "--cfg", json.dumps({**LOCAL, "paths": [str(corpus)]}), "--out", out)
+    assert_refused(proc, "documents", str(corpus), "1 non-empty document; train and val need", outputs=(out,))
+
+
+def test_a_listed_special_file_is_refused(tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    out = tmp_path / "docs.parquet"
+    proc = pgolf("documents", "--cfg", json.dumps({**LOCAL, "paths": [str(fifo)]}), "--out", out)
+    assert_refused(proc, "documents", str(fifo), "matches no regular file", outputs=(out,))
 
 
 def test_good_files_of_every_format_still_read(tmp_path):

@@ -41,9 +41,11 @@ def expand_paths(paths: list[str]) -> list[tuple[Path, Path]]:
         else:
             matches = sorted(Path(m) for m in glob.glob(p, recursive=True))
             files = [(m, m.parent) for m in matches if m.is_file()]
+            if not files and matches:
+                raise DocumentError(f"data.paths: {p!r} matches no regular file, only {len(matches)} folder(s) or "
+                                    "special file(s) (list a folder itself to read its files)")
             if not files:
-                what = f"{len(matches)} folders and no file" if matches else "no file or folder"
-                raise DocumentError(f"data.paths: {p!r} matches {what} (list a folder itself to read its files)")
+                raise DocumentError(f"data.paths: {p!r} matches no file or folder")
             found += files
     for f, _ in found:
         if f.suffix not in SUFFIXES:
@@ -54,7 +56,7 @@ def expand_paths(paths: list[str]) -> list[tuple[Path, Path]]:
 def corpus_files(paths: list[str]) -> list[str]:
     """The files documents reads for `data.paths`: the documents rule's inputs, so that an edited,
     added or removed corpus file reruns it and what follows."""
-    return [str(f) for f, _ in expand_paths(paths)]
+    return list(dict.fromkeys(str(f) for f, _ in expand_paths(paths)))  # a file listed twice is one input
 
 
 def read_text(path: Path) -> str:
@@ -185,7 +187,7 @@ def fetched(raw: Path) -> None:
 
 
 def build(cfg: dict, raw: str | None, out: str | Path) -> dict:
-    import pyarrow as pa  # imported here: the Snakefile lists the corpus with this module, and fast
+    import pyarrow as pa  # imported here: the Snakefile imports this module to list the corpus
 
     paths = [raw] if cfg["source"] == "embedded" else cfg["paths"]
     if not all(paths):
@@ -195,6 +197,9 @@ def build(cfg: dict, raw: str | None, out: str | Path) -> dict:
     docs, empty = collect(paths)
     ids = [d for d, _ in docs]
     splits = assign_splits(ids, cfg["split_seed"], cfg["val_fraction"])
+    if len(ids) < 2:  # evaluation would find no val token, after a whole training
+        raise DocumentError(f"{', '.join(map(str, paths))}: {len(ids)} non-empty document; train and val need "
+                            "at least one each")
     table = pa.table({"doc_id": ids, "text": [t for _, t in docs], "split": splits})
     write_parquet(out, table)
     stats = {"documents": len(ids), "val": splits.count("val"), "train": splits.count("train"), "empty_skipped": empty}
