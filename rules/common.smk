@@ -4,6 +4,8 @@
 import json
 from pathlib import Path
 
+import snakemake.io
+
 import pgolf.pipeline.bundle
 import pgolf.pipeline.cluster
 import pgolf.config
@@ -100,6 +102,15 @@ def section(name, without=()):
     if missing:
         raise WorkflowError(f"section({name!r}): {missing} are no keys of it")
     return json.dumps({k: v for k, v in sec.items() if k not in without}, sort_keys=True)
+
+
+def config_path(key, path):
+    """A path the config names, as a rule's input. Snakemake reads {name} in an input path as a
+    wildcard (a function's paths too) and has no escape for it: such a path fails here, by its key."""
+    if snakemake.io.contains_wildcard(path):
+        raise WorkflowError(f"{key}: {path!r} has '{{...}}' in it, which Snakemake takes for a wildcard in a rule's "
+                            "inputs: rename it")
+    return path
 
 
 def code(stage):

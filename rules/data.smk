@@ -1,7 +1,5 @@
 # Corpus -> documents (parquet with a train/val split) -> tokenizer -> binary shards.
 
-import snakemake.io
-
 import pgolf.data.documents
 
 
@@ -24,14 +22,9 @@ rule fetch_corpus:
 CORPUS = []
 if config["data"]["source"] == "local":
     try:
-        CORPUS = pgolf.data.documents.corpus_files(config["data"]["paths"])
+        CORPUS = [config_path("data.paths", f) for f in pgolf.data.documents.corpus_files(config["data"]["paths"])]
     except pgolf.errors.PgolfError as e:
         raise WorkflowError(str(e)) from None
-    # Snakemake reads {name} in any input path as a wildcard (a function's too) and has no escape for it
-    for _f in CORPUS:
-        if snakemake.io.contains_wildcard(_f):
-            raise WorkflowError(f"data.paths: corpus file {_f!r} has '{{...}}' in its path, which Snakemake takes "
-                                "for a wildcard in the documents rule's inputs: rename it")
 
 
 def documents_input(wildcards):

@@ -6,7 +6,7 @@ SHARD_ORDER = f"{RUN}/shard_order.json"
 
 
 def probe_weights(wildcards=None):
-    return config["order"]["probe_checkpoint"] or f"{PROBE_DIR}/ema.pgt"
+    return config_path("order.probe_checkpoint", config["order"]["probe_checkpoint"]) or f"{PROBE_DIR}/ema.pgt"
 
 
 def shard_order_input(wildcards):

@@ -108,7 +108,7 @@ BAD_LISTS = {
     "a folder without a document": (folder_without_documents, "folder 'empty' holds no .txt, .jsonl, .parquet"),
     "a path that is not there": (lambda w: ["nowhere"], "'nowhere' matches no file or folder"),
     "a glob that matches folders only": (glob_of_folders, "'d*' matches no regular file, only 1 folder(s)"),
-    "a corpus file with braces": (braced_file, "x{ab}.txt' has '{...}' in its path"),
+    "a corpus file with braces": (braced_file, "data.paths: '{}' has '{{...}}' in it, which Snakemake takes"),
 }
 
 
@@ -118,7 +118,19 @@ def test_a_data_path_snakemake_cannot_list_fails_before_any_job(tmp_path, case):
     preset = smoke_preset(tmp_path, **{"data.paths": make(tmp_path)})
     proc = snakemake(tmp_path, SHARDS, "-n", configs=(preset,))
     out = proc.stdout + proc.stderr
+    named = named.format("c/x{ab}.txt")  # as data.paths lists it: relative to the workdir
     assert proc.returncode == 1 and named in out and "Traceback" not in out, out[-3000:]
+
+
+def test_a_probe_checkpoint_with_braces_fails_by_its_key(tmp_path):
+    probe = tmp_path / "probe{x}.pgt"
+    probe.write_bytes(b"")
+    preset = smoke_preset(tmp_path, **{"loader.mode": "ordered", "loader.order": "hardest",
+                                       "order.probe_checkpoint": str(probe)})
+    proc = snakemake(tmp_path, "-n", configs=(preset,))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert f"order.probe_checkpoint: '{probe}' has '{{...}}' in it" in out, out[-3000:]
 
 
 # --- a fetched corpus is verified against its fetch's manifest --------------------------------------
