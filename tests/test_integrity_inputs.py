@@ -241,6 +241,7 @@ BAD_FILES = {
     "jsonl lone surrogate": ("a.jsonl", jsonl('{"text": "ok"}', '{"text": "a\\ud800b"}'),
                              ["a.jsonl:2", "lone surrogate"]),
     "jsonl line is a list": ("a.jsonl", jsonl("[1, 2]"), ["a.jsonl:1", "expected a JSON object"]),
+    "jsonl nested too deep": ("a.jsonl", jsonl("[" * 100_000), ["a.jsonl:1", "expected a JSON object"]),
     "jsonl in latin-1": ("a.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"), ["a.jsonl", "not UTF-8"]),
     "txt in UTF-16": ("a.txt", "text".encode("utf-16"), ["a.txt", "not UTF-8"]),
     "parquet int64 column": ("a.parquet", parquet(pa.table({"text": [1, 2]})), ["a.parquet", "int64, not a string"]),

@@ -86,7 +86,7 @@ def read_jsonl(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
             continue
         try:
             text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError, RecursionError) as e:  # [[[...: too deep
             raise DocumentError(f"{path}:{i}: expected a JSON object with a 'text' field ({e})") from None
         yield f"{doc_id}:{i}", checked_text(text, f"{path}:{i}")
 
