@@ -37,8 +37,8 @@ rule aggregate:
 rule record:
     localrule: is_local("record")
     input:
+        # the README's table is rendered from summary.json (checked), never copied from summary.md
         summary=f"{RUN}/summary.json",
-        table=f"{RUN}/summary.md",
         # every file pgolf record reads: a retrained seed reruns the record, never reads a missing file
         evals=expand(f"{RUN}/seed{{seed}}/eval.json", seed=config["seeds"]),
         sizes=expand(f"{RUN}/seed{{seed}}/size.json", seed=config["seeds"]),
@@ -56,7 +56,7 @@ rule record:
     log:
         f"{RUN}/logs/record.log",
     shell:
-        "pgolf record --summary {input.summary:q} --table {input.table:q} --seeds {params.seeds:q} "
+        "pgolf record --summary {input.summary:q} --seeds {params.seeds:q} "
         "--eval {input.evals:q} --size {input.sizes:q} --train {input.trains:q} --artifact {input.artifacts:q} "
         "--log {input.logs:q} "
         "--config {params.config:q} --out {output:q} > {log:q} 2>&1"

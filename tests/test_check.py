@@ -297,7 +297,7 @@ def record_run(tmp_path: Path, train_s: float, check: str = "enforce") -> subpro
     write_result(summary, aggregate("run", {s: {k: f[k] for k in ("eval", "size", "train")} for s, f in files.items()}))
     (tmp_path / "run" / "summary.md").write_text("| seed |\n")
     cfg = {**small_config(), "record": {**small_config()["record"], "check": check}}
-    return run("record", "--summary", summary, "--table", tmp_path / "run" / "summary.md", *seed_argv(files),
+    return run("record", "--summary", summary, *seed_argv(files),
                "--config", json.dumps(cfg), "--out", tmp_path / "record")
 
 

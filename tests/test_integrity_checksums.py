@@ -4,11 +4,13 @@ checksum its reader verifies, or is derived from the file it describes.
 - token shards: the manifest records each shard's sha256, and a stage checks a shard against it
   before it uses any of its tokens (evaluate, audit, calibrate, shard-order, the training loader);
 - the training checkpoint's fingerprint: the shards' and the tokenizer's sha256, not their sizes;
-- a CaseOps tokenizer is never scored without its byte sidecar, whatever the manifest says;
+- a CaseOps tokenizer is never scored without its byte sidecar, whatever the manifest says, and
+  no tokenizer counts bytes unless it is the one the manifest records;
 - framed binaries (artifact, checkpoint, tensor file) and the token shard's header: every single-bit
   flip before the body is refused;
 - the JSON results (eval.json, size.json, train.json, summary.json, shard_order.json): a checksum
-  of the content that every reader checks, and submission.json's bytes taken from the files.
+  of the content that every reader checks; submission.json's bytes taken from the files, and the
+  record's table rendered from the checked summary.json (never copied from summary.md).
 
 Stages run as the rules run them where a user meets the refusal; the exhaustive bit loops call the
 reader in-process (the same function the stage calls).
@@ -311,6 +313,14 @@ def test_a_caseops_tokenizer_is_never_scored_without_its_sidecar(stage, caseops_
                    "CaseOps tokenizer", outputs=(out,))
 
 
+def test_audit_refuses_a_tokenizer_the_shards_were_not_made_with(tiny_dataset, inputs, caseops_run, tmp_path):
+    """Whoever counts bytes with a tokenizer checks it against the manifest's sha256 (evaluate did;
+    audit counted with whatever --tokenizer named)."""
+    proc = pgolf(*audit_command(tiny_dataset.dataset_dir, caseops_run.tokenizer, inputs.artifact, tmp_path / "run"))
+    assert_refused(proc, "audit", str(caseops_run.tokenizer), str(tiny_dataset.dataset_dir / "manifest.json"),
+                   "not the tokenizer the shards were made with")
+
+
 # ---------------------------------------------------------------- framed binaries: every header bit
 
 
@@ -478,6 +488,20 @@ def test_record_takes_the_artifact_bytes_from_the_artifact(run_dir, tmp_path):  
     proc = pgolf(*record_argv(d, tmp_path))
     assert_refused(proc, "record", f"{size}: model_bytes is 22,613", str(d / "seed2" / "artifact.pgz"),
                    "rerun pgolf size", outputs=(tmp_path / "record",))
+
+
+def test_record_renders_its_table_from_the_checked_summary(run_dir, tmp_path):  # noqa: F811
+    """summary.md is derived from summary.json: aggregate renders one from the other, and record
+    renders the README's table from the summary.json it checks, so an edited summary.md cannot reach it."""
+    d = copy_run(run_dir, tmp_path / "run")
+    proc = pgolf(*aggregate_argv(d, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "s.md").read_text() == aggregate.summary_table(read_result(tmp_path / "s.json"))
+    (d / "summary.md").write_text("| seed | sliding_bpb |\n| mean | EDITED |\n")
+    proc = pgolf(*record_argv(d, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    readme = (tmp_path / "record" / "README.md").read_text()
+    assert aggregate.summary_table(read_result(d / "summary.json")) in readme and "EDITED" not in readme
 
 
 def test_training_refuses_an_edited_shard_order(tiny_dataset, inputs, tmp_path):

@@ -250,7 +250,7 @@ def record_argv(d: Path, out: Path) -> list:
     cfg = validate({"compare": {"metric": "sliding_bpb"}, "record": {"check": "report"},
                     "model": {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1}})
     files = run_files(d, [1, 2], ("eval", "size", "train", "artifact", "log"))
-    return ["record", "--summary", d / "summary.json", "--table", d / "summary.md", *seed_argv(files),
+    return ["record", "--summary", d / "summary.json", *seed_argv(files),
             "--config", json.dumps(cfg), "--out", out / "record"]
 
 

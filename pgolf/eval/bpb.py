@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from pgolf.data import caseops
 from pgolf.errors import PgolfError
-from pgolf.formats.shards import MANIFEST, ShardError, load_sidecar
+from pgolf.formats.shards import MANIFEST, ShardError, check_tokenizer, load_sidecar
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def byte_counts(dataset_dir: str | Path, tokenizer_path: str | Path, vocab_size:
     """How the dataset's bytes are counted: its val sidecar, cut to the first n_tokens scored, when
     it has one, else the tokenizer's tables (the challenge's count). A CaseOps tokenizer's tables
     count the transformed text (operators, lowercased letters), not the original: it is never scored
-    without its sidecar, and the tokenizer file itself says whether it is one."""
+    without its sidecar, and the tokenizer file itself says whether it is one. The tokenizer must be
+    the one the shards were made with (the manifest's sha256), whoever counts with it."""
+    check_tokenizer(dataset_dir, tokenizer_path)
     sidecar = load_sidecar(dataset_dir, "val")
     if sidecar is None:
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))

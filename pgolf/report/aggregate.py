@@ -136,6 +136,15 @@ def render_compare(c: dict) -> str:
             f"{verdict}\n")
 
 
+def summary_table(summary: dict) -> str:
+    """summary.md: the table of a summary (and its comparison), rendered from its numbers alone, so
+    that the record stage derives the same text from summary.json, whose checksum it checks."""
+    table = render_table(summary["run"], summary["seeds"], summary["mean"], summary["std"])
+    if "compare" in summary:
+        table += "\n" + render_compare(summary["compare"])
+    return table
+
+
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf aggregate", description=__doc__)
     ap.add_argument("--run", required=True)
@@ -148,9 +157,7 @@ def cli(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     files = seed_files(args.seeds, eval=args.eval, size=args.size, train=args.train)
     summary = aggregate(args.run, files, json.loads(args.compare) if args.compare else None, args.baseline_summary)
-    table = render_table(args.run, summary["seeds"], summary["mean"], summary["std"])
-    if "compare" in summary:
-        table += "\n" + render_compare(summary["compare"])
+    table = summary_table(summary)
     write_parquet(args.out_parquet, summary["seeds"], summary["mean"], summary["std"])
     write_bytes(args.out_table, table.encode())
     write_result(args.out_json, summary)

@@ -27,6 +27,7 @@ from pgolf.formats.results import has, integer, number, read_result
 from pgolf.pipeline import bundle
 from pgolf.pipeline.provenance import PACKAGE, code_files
 from pgolf.report import check
+from pgolf.report.aggregate import summary_table
 from pgolf.report.inputs import add_seed_files, seed_files
 
 PIPELINE_FILES = ("Snakefile", "pyproject.toml", "rules", "schemas", "profiles")
@@ -195,15 +196,24 @@ def readme(cfg: dict, sub: dict, table: str, audit: str) -> str:
         "orchestrate and are not counted as code.", ""])
 
 
-def build(summary: Path, table: Path, files: dict[int, dict[str, Path]], cfg: dict, out: Path,
-          data: Path | None = None) -> dict:
-    """The record folder from the run's summary and table and each seed's files (eval, size, train,
-    artifact, log, and hessians when GPTQ calibrated), then `pgolf check` on it (with the dataset
-    folder `data`, when given): its table goes into the README, and a failed check fails the stage
+def summary_text(summary: dict, source: Path) -> str:
+    """The run's table for the README, rendered from the checked summary.json as aggregate renders
+    summary.md: derived, so that an edited summary.md cannot reach the record."""
+    try:
+        return summary_table(summary)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise PgolfError(f"{source}: not a summary aggregate wrote ({type(e).__name__}: {e})") from None
+
+
+def build(summary: Path, files: dict[int, dict[str, Path]], cfg: dict, out: Path, data: Path | None = None) -> dict:
+    """The record folder from the run's summary and each seed's files (eval, size, train, artifact,
+    log, and hessians when GPTQ calibrated), then `pgolf check` on it (with the dataset folder
+    `data`, when given): its table goes into the README, and a failed check fails the stage
     (record.check: enforce) or is only reported there (report)."""
     metric = cfg["compare"]["metric"]
-    numbers = summary_numbers(read_result(summary), metric, summary)
-    text = table.read_text()
+    summary_obj = read_result(summary)
+    numbers = summary_numbers(summary_obj, metric, summary)
+    text = summary_text(summary_obj, summary)
     with atomic_dir(out) as staging:
         code_bytes = copy_code(staging)
         results = seed_results(files, metric, code_bytes)
@@ -228,7 +238,6 @@ def build(summary: Path, table: Path, files: dict[int, dict[str, Path]], cfg: di
 def cli(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="pgolf record", description=__doc__)
     ap.add_argument("--summary", type=Path, required=True, help="the run's summary.json")
-    ap.add_argument("--table", type=Path, required=True, help="the run's summary.md")
     add_seed_files(ap, "eval", "size", "train", "artifact", "log")
     ap.add_argument("--hessians", type=Path, nargs="+",
                     help="each seed's Hessians (quant.method gptq): the calibrate stage's seconds count as training")
@@ -239,4 +248,4 @@ def cli(argv: list[str]) -> None:
     extra = {"hessians": args.hessians} if args.hessians else {}
     files = seed_files(args.seeds, eval=args.eval, size=args.size, train=args.train, artifact=args.artifact,
                        log=args.log, **extra)
-    build(args.summary, args.table, files, json.loads(args.config), args.out, args.data)
+    build(args.summary, files, json.loads(args.config), args.out, args.data)
