@@ -25,9 +25,8 @@ rule all:
     localrule: True  # seconds of work: no queue round trip on SLURM
     default_target: True
     input:
-        f"{RUN}/summary.json",
-        f"{RUN}/record",
-        f"{RUN}/plots/loss.png",
+        run_targets(),
+        [f"{STUDY}/comparison.md"] if STUDY else [],
 
 
 onsuccess:

@@ -323,10 +323,16 @@ def read_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     return deep_merge(read_layers(target, (*seen, here)), data)
 
 
+def merged(*paths: str | Path, overrides: dict | None = None) -> dict[str, Any]:
+    """YAML files merged left to right (as Snakemake's --configfile does), each over what it extends,
+    then the overrides; not yet validated (a study's variants merge over it: pgolf.pipeline.study)."""
+    out: dict = {}
+    for p in paths:
+        out = deep_merge(out, read_layers(p))
+    return deep_merge(out, overrides or {})
+
+
 def load(*paths: str | Path, overrides: dict | None = None) -> dict[str, Any]:
     """Merge YAML files left to right (as Snakemake's --configfile does), each over what it extends,
     then validate."""
-    merged: dict = {}
-    for p in paths:
-        merged = deep_merge(merged, read_layers(p))
-    return validate(deep_merge(merged, overrides or {}))
+    return validate(merged(*paths, overrides=overrides))

@@ -31,22 +31,36 @@ def documents_input(wildcards):
     return [RAW_DIR] if config["data"]["source"] == "embedded" else CORPUS
 
 
+# A study's runs share one data source, so one set of data rules serves them; each data path takes
+# its keys from the runs that build it (pgolf/pipeline/plan.py refuses two that disagree).
+def docs_cfg(wildcards):
+    return data_cfg(f"data/docs/{wildcards.docs}.parquet")
+
+
+def dataset_cfg(wildcards):
+    return data_cfg(f"data/datasets/{wildcards.dataset}")
+
+
+def docs_of(wildcards):
+    return pgolf.pipeline.plan.Data.of(dataset_cfg(wildcards)).docs
+
+
 rule documents:
     input:
         documents_input,
     output:
-        DOCS,
+        "data/docs/{docs}.parquet",
     params:
         # name is in the output's path; hub is fetch_fineweb's and shard_tokens the shards' stage's:
         # passed here they would rebuild documents, the tokenizer and everything after for nothing
-        cfg=section("data", without=("name", "hub", "shard_tokens")),
+        cfg=lambda wildcards: section("data", without=("name", "hub", "shard_tokens"), cfg=docs_cfg(wildcards)),
         raw=RAW_DIR if config["data"]["source"] == "embedded" else "",
         code=code("documents"),
     resources:
         **slurm("documents"),
     group: group_of("documents")
     log:
-        f"data/logs/documents_{DATASET}.log",
+        "data/logs/documents_{docs}.log",
     shell:
         "pgolf documents --cfg {params.cfg:q} --raw={params.raw:q} --out {output:q} > {log:q} 2>&1"
 
@@ -56,14 +70,14 @@ if config["data"]["source"] == "fineweb":
     rule fetch_fineweb:
         localrule: is_local("fetch_fineweb")
         output:
-            dataset=directory(DATASET_DIR),
-            tokenizer=TOKENIZER,
+            dataset=directory("data/datasets/{dataset}"),
+            tokenizer="data/tokenizers/{dataset}.model",
         params:
-            hub=json.dumps(config["data"]["hub"], sort_keys=True),
+            hub=lambda wildcards: json.dumps(dataset_cfg(wildcards)["data"]["hub"], sort_keys=True),
             cache="data/hub",
             code=code("fetch_fineweb"),
         log:
-            f"data/logs/fetch_fineweb_{DATASET}_sp{VOCAB}.log",
+            "data/logs/fetch_fineweb_{dataset}.log",
         retries: 2
         shell:
             "pgolf fetch-fineweb --cfg {params.hub:q} --cache {params.cache:q} --out {output.dataset:q} "
@@ -73,18 +87,18 @@ else:
 
     rule tokenizer:
         input:
-            DOCS,
+            docs_of,
         output:
-            TOKENIZER,
+            "data/tokenizers/{dataset}.model",
         params:
-            cfg=section("tokenizer"),
+            cfg=lambda wildcards: section("tokenizer", cfg=dataset_cfg(wildcards)),
             code=code("tokenizer"),
         threads: threads_of("tokenizer")
         resources:
             **slurm("tokenizer"),
         group: group_of("tokenizer")
         log:
-            f"data/logs/tokenizer_{DATASET}_sp{VOCAB}{_CASEOPS}.log",
+            "data/logs/tokenizer_{dataset}.log",
         shell:
             "pgolf tokenizer --docs {input:q} --cfg {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
@@ -94,21 +108,22 @@ else:
     # rule's directory output, and evaluate, which counts BPB from it, takes the folder as input.
     rule shards:
         input:
-            docs=DOCS,
-            tokenizer=TOKENIZER,
+            docs=docs_of,
+            tokenizer="data/tokenizers/{dataset}.model",
         output:
-            directory(DATASET_DIR),
+            directory("data/datasets/{dataset}"),
         params:
             # the documents' keys reach shards through the documents file; name is in the paths
-            cfg=section("data", without=("source", "name", "paths", "val_fraction", "split_seed", "hub")),
-            caseops=["--caseops"] if config["tokenizer"]["caseops"] else [],
+            cfg=lambda wildcards: section("data", without=("source", "name", "paths", "val_fraction", "split_seed",
+                                                           "hub"), cfg=dataset_cfg(wildcards)),
+            caseops=lambda wildcards: ["--caseops"] if dataset_cfg(wildcards)["tokenizer"]["caseops"] else [],
             code=code("shards"),
         threads: threads_of("shards")
         resources:
             **slurm("shards"),
         group: group_of("shards")
         log:
-            f"data/logs/shards_{DATASET}_sp{VOCAB}{_CASEOPS}.log",
+            "data/logs/shards_{dataset}.log",
         shell:
             "pgolf shards --docs {input.docs:q} --tokenizer {input.tokenizer:q} --cfg {params.cfg:q} "
             "{params.caseops:q} --out {output:q} > {log:q} 2>&1"

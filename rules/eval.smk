@@ -4,31 +4,23 @@
 
 rule evaluate:
     input:
-        data=DATASET_DIR,
-        tokenizer=TOKENIZER,
-        ema=f"{SEED_DIR}/ema.pgt",
-        artifact=f"{SEED_DIR}/artifact.pgz",
-        quant=f"{SEED_DIR}/quant.pgt" if PRUNE else [],
+        unpack(keyed_inputs("evaluate")),
     output:
-        f"{SEED_DIR}/eval.json",
+        **keyed_outputs("evaluate"),
     params:
-        cfg=section("eval"),
-        device=config["device"],
-        precision=config["precision"],
-        # a flag and its path, or nothing: a list, so that :q quotes each element
-        unpruned=["--unpruned", f"{SEED_DIR}/quant.pgt"] if PRUNE else [],
-        code=code("evaluate"),
+        **keyed_params("evaluate"),
     threads: threads_of("evaluate")
     resources:
-        nproc=NPROC,
+        nproc=nproc("evaluate"),
         gpu=gpus("evaluate"),
         **slurm("evaluate"),
     group: group_of("evaluate")
     log:
-        f"{RUN}/logs/evaluate_seed{{seed}}.log",
+        keyed_file("evaluate", "evaluate.log"),
     benchmark:
-        f"{RUN}/benchmarks/evaluate_seed{{seed}}.tsv"
+        keyed_file("evaluate", "benchmark.tsv")
     shell:
+        # params.unpruned: a flag and its path, or nothing: a list, so that :q quotes each element
         TORCHRUN + " evaluate --data {input.data:q} --tokenizer {input.tokenizer:q} --ema {input.ema:q} "
         "--artifact {input.artifact:q} --cfg {params.cfg:q} --device {params.device:q} --precision {params.precision:q} "
-        "{params.unpruned:q} --out {output:q} > {log:q} 2>&1"
+        "{params.unpruned:q} --out {output.eval:q} > {log:q} 2>&1"

@@ -1,87 +1,66 @@
 # EMA weights -> Hessians (calibrate) -> quantized tensors -> compressed artifact; size.json counts
 # code plus model bytes. Hessians are their own file, so a change of clip or bits reruns quantize only.
 # One thread each (Snakemake's default): GPTQ is a loop of small column updates that more OpenMP
-# threads only slow down on a busy CPU, and seeds then quantize side by side.
+# threads only slow down on a busy CPU, and seeds then quantize side by side. Which inputs each job
+# has (Hessians only for GPTQ, and for compress only with pruning on) is pgolf/pipeline/plan.py's.
 
 
 rule calibrate:
     input:
-        ema=f"{SEED_DIR}/ema.pgt",
-        data=DATASET_DIR if config["calibrate"]["source"] == "train" else [],
+        unpack(keyed_inputs("calibrate")),
     output:
-        f"{SEED_DIR}/hessians.pgt",
+        **keyed_outputs("calibrate"),
     params:
-        cfg=section("calibrate"),
-        # a flag and its path, or nothing: a list, so that :q quotes each element
-        data=["--data", DATASET_DIR] if config["calibrate"]["source"] == "train" else [],
-        device=config["device"],
-        precision=config["precision"],
-        code=code("calibrate"),
+        **keyed_params("calibrate"),
     resources:
         gpu=gpus("calibrate"),
         **slurm("calibrate"),
     group: group_of("calibrate")
     log:
-        f"{RUN}/logs/calibrate_seed{{seed}}.log",
+        keyed_file("calibrate", "calibrate.log"),
     benchmark:
-        f"{RUN}/benchmarks/calibrate_seed{{seed}}.tsv"
+        keyed_file("calibrate", "benchmark.tsv")
     shell:
-        "pgolf calibrate --weights {input.ema:q} {params.data:q} --cfg {params.cfg:q} --seed {wildcards.seed:q} "
-        "--device {params.device:q} --precision {params.precision:q} --out {output:q} > {log:q} 2>&1"
-
-
-# Only GPTQ reads Hessians: round-to-nearest runs without the calibrate stage.
-GPTQ = config["quant"]["method"] == "gptq"
+        # params.data: a flag and its path, or nothing: a list, so that :q quotes each element
+        "pgolf calibrate --weights {input.ema:q} {params.data:q} --cfg {params.cfg:q} --seed {params.seed:q} "
+        "--device {params.device:q} --precision {params.precision:q} --out {output.hessians:q} > {log:q} 2>&1"
 
 
 rule quantize:
     input:
-        ema=f"{SEED_DIR}/ema.pgt",
-        hessians=f"{SEED_DIR}/hessians.pgt" if GPTQ else [],
+        unpack(keyed_inputs("quantize")),
     output:
-        f"{SEED_DIR}/quant.pgt",
+        **keyed_outputs("quantize"),
     params:
-        cfg=section("quant"),
-        hessians=["--hessians", f"{SEED_DIR}/hessians.pgt"] if GPTQ else [],
-        code=code("quantize"),
+        **keyed_params("quantize"),
     resources:
         **slurm("quantize"),
     group: group_of("quantize")
     log:
-        f"{RUN}/logs/quantize_seed{{seed}}.log",
+        keyed_file("quantize", "quantize.log"),
     benchmark:
-        f"{RUN}/benchmarks/quantize_seed{{seed}}.tsv"
+        keyed_file("quantize", "benchmark.tsv")
     shell:
-        "pgolf quantize --weights {input.ema:q} {params.hessians:q} --cfg {params.cfg:q} --out {output:q} > {log:q} 2>&1"
-
-
-# With pruning on, compress aims at the budget minus a fixed code reserve (so a code edit reruns only
-# the size check), and with GPTQ it weights each code's error by the Hessians.
-PRUNE = config["compress"]["prune"]
-PRUNE_HESSIANS = PRUNE and GPTQ
+        "pgolf quantize --weights {input.ema:q} {params.hessians:q} --cfg {params.cfg:q} --out {output.quant:q} "
+        "> {log:q} 2>&1"
 
 
 rule compress:
     input:
-        quant=f"{SEED_DIR}/quant.pgt",
-        hessians=f"{SEED_DIR}/hessians.pgt" if PRUNE_HESSIANS else [],
+        unpack(keyed_inputs("compress")),
     output:
-        f"{SEED_DIR}/artifact.pgz",
+        **keyed_outputs("compress"),
     params:
-        # without pruning compress reads no budget (size checks it): a new budget reruns size alone
-        cfg=section("compress", without=() if PRUNE else ("budget_bytes", "code_reserve")),
-        # a flag and its path, or nothing: a list, so that :q quotes each element
-        hessians=["--hessians", f"{SEED_DIR}/hessians.pgt"] if PRUNE_HESSIANS else [],
-        code=code("compress"),
+        **keyed_params("compress"),
     resources:
         **slurm("compress"),
     group: group_of("compress")
     log:
-        f"{RUN}/logs/compress_seed{{seed}}.log",
+        keyed_file("compress", "compress.log"),
     benchmark:
-        f"{RUN}/benchmarks/compress_seed{{seed}}.tsv"
+        keyed_file("compress", "benchmark.tsv")
     shell:
-        "pgolf compress --quant {input.quant:q} --cfg {params.cfg:q} {params.hessians:q} --out {output:q} "
+        "pgolf compress --quant {input.quant:q} --cfg {params.cfg:q} {params.hessians:q} --out {output.artifact:q} "
         "> {log:q} 2>&1"
 
 
@@ -89,14 +68,12 @@ rule compress:
 rule size:
     localrule: is_local("size")
     input:
-        artifact=f"{SEED_DIR}/artifact.pgz",
+        unpack(keyed_inputs("size")),
     output:
-        f"{SEED_DIR}/size.json",
+        **keyed_outputs("size"),
     params:
-        cfg=section("compress"),
-        code_bytes=pgolf.pipeline.bundle.code_bytes(),
-        code=code("size"),
+        **keyed_params("size"),
     log:
-        f"{RUN}/logs/size_seed{{seed}}.log",
+        keyed_file("size", "size.log"),
     shell:
-        "pgolf size --artifact {input.artifact:q} --cfg {params.cfg:q} --out {output:q} > {log:q} 2>&1"
+        "pgolf size --artifact {input.artifact:q} --cfg {params.cfg:q} --out {output.size:q} > {log:q} 2>&1"

@@ -1,38 +1,29 @@
-# One training per seed under torchrun. Resume checkpoints live in ckpt/, which is not a declared
-# output: Snakemake deletes a failed job's outputs, and a resumed job must find its checkpoint.
+# One training per seed under torchrun, in its job's folder (results/stages/train/<key>/). Resume
+# checkpoints live in ckpt/ there, which is not a declared output: Snakemake deletes a failed job's
+# outputs, and a resumed job must find its checkpoint.
 
 
 rule train:
     input:
-        data=DATASET_DIR,
-        order=shard_order_input,
+        unpack(keyed_inputs("train")),
     output:
-        ema=f"{SEED_DIR}/ema.pgt",
-        raw=f"{SEED_DIR}/raw.pgt",
-        metrics=f"{SEED_DIR}/metrics.parquet",
-        summary=f"{SEED_DIR}/train.json",
+        **keyed_outputs("train"),
     params:
-        model=section("model"),
-        cfg=section("train"),
-        loader=section("loader"),
-        vocab=VOCAB,
-        device=config["device"],
-        precision=config["precision"],
-        out_dir=SEED_DIR,
-        ckpt_dir=f"{SEED_DIR}/ckpt",
-        code=code("train"),
+        **keyed_params("train"),
+        out_dir=lambda wildcards: PLAN.job("train", wildcards.key).dir,
+        ckpt_dir=lambda wildcards: PLAN.job("train", wildcards.key).dir + "/ckpt",
     threads: threads_of("train")
     resources:
-        nproc=NPROC,
+        nproc=nproc("train"),
         gpu=gpus("train"),
         **slurm("train"),
     group: group_of("train")
     log:
-        f"{RUN}/logs/train_seed{{seed}}.log",
+        keyed_file("train", "train.log"),
     benchmark:
-        f"{RUN}/benchmarks/train_seed{{seed}}.tsv"
+        keyed_file("train", "benchmark.tsv")
     shell:
         TORCHRUN + " train --data {input.data:q} --vocab-size {params.vocab:q} --model-cfg {params.model:q} "
-        "--cfg {params.cfg:q} --seed {wildcards.seed:q} --device {params.device:q} --precision {params.precision:q} "
+        "--cfg {params.cfg:q} --seed {params.seed:q} --device {params.device:q} --precision {params.precision:q} "
         "--out-dir {params.out_dir:q} --ckpt-dir {params.ckpt_dir:q} --loader-cfg {params.loader:q} "
         "--shard-order={input.order:q} > {log:q} 2>&1"

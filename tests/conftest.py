@@ -1,6 +1,7 @@
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,10 @@ SEED_FILE_NAMES = {"eval": "eval.json", "size": "size.json", "train": "train.jso
                    "quant": "quant.pgt", "artifact": "artifact.pgz"}
 
 
+from pgolf.formats.results import write_result  # noqa: E402
+from pgolf.pipeline.plan import stage_dir  # noqa: E402
+
+
 def run_files(run_dir: Path, seeds: list[int], kinds: tuple[str, ...] = ("eval", "size", "train")) -> dict:
     """seed -> kind -> path in a run folder's layout, as the report rules declare them; kind `log` is
     logs/train_seed<S>.log."""
@@ -78,6 +83,32 @@ def run_files(run_dir: Path, seeds: list[int], kinds: tuple[str, ...] = ("eval",
             return run_dir / "logs" / f"train_seed{s}.log"
         return run_dir / f"seed{s}" / SEED_FILE_NAMES[kind]
     return {s: {k: path(s, k) for k in kinds} for s in seeds}
+
+
+def stage_file(workdir: Path, run: str, seed: int, stage: str, name: str) -> Path:
+    """A file of a finished run's stage job: its folder from results/<run>/stages.json."""
+    return Path(stage_dir(workdir / "results" / run, seed, stage)) / name
+
+
+def link_fixtures(workdir: Path) -> Path:
+    """The repository's tests/fixtures inside a Snakemake working directory: the smoke presets'
+    corpus (data.paths: tests/fixtures/corpus) is read relative to it, and listed before any job."""
+    (workdir / "tests").mkdir(parents=True, exist_ok=True)
+    link = workdir / "tests" / "fixtures"
+    if not link.exists():
+        link.symlink_to(Path(__file__).resolve().parent / "fixtures")
+    return workdir
+
+
+def place_artifact(run: Path, seed: int, artifact: Path) -> Path:
+    """A run folder with `artifact` as seed's compress output, found through its stages.json as the
+    pipeline leaves it (results/stages/compress/<key>/ beside results/<run>/)."""
+    job = run.parent / "stages" / "compress" / f"seed{seed}"
+    job.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(artifact, job / "artifact.pgz")
+    run.mkdir(parents=True, exist_ok=True)
+    write_result(run / "stages.json", {str(seed): {"compress": os.path.relpath(job, run)}})
+    return job / "artifact.pgz"
 
 
 def seed_argv(files: dict) -> list:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import link_fixtures
 
 from pgolf.config import load
 from pgolf.errors import PgolfError
@@ -82,6 +83,7 @@ def site_profile(tmp_path: Path, **over) -> Path:
 
 def dry_run(tmp_path: Path, preset: str, *profiles: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    link_fixtures(tmp_path / "w")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "w"), "-n", "-p",
            *(a for p in profiles for a in ("--profile", str(p))), "--configfile", str(REPO / "configs" / preset)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import link_fixtures
 
 from pgolf.config import ConfigError, grad_accum_steps, load, load_schema, read_file, typed_overrides, validate
 
@@ -167,6 +168,7 @@ def test_snakemake_resolves_a_preset_as_pgolf_config_does(preset, tmp_path):
     baseline = tmp_path / "results" / "default" / "summary.json"  # order-ablation compares with the default run
     baseline.parent.mkdir(parents=True)
     baseline.write_text("{}")
+    link_fixtures(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
                            "-n", "-p", "--cores", "1", "--configfile", str(ROOT / "configs" / preset)],
                           capture_output=True, text=True, env=env)

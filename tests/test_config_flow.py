@@ -35,6 +35,8 @@ CONDITIONS: dict[str, tuple[dict, str]] = {
                            "the shards' order by hand: only with order given"),
     "compress.code_reserve": ({"compress": {"prune": True}},
                               "the code's allowance: only pruning aims below the budget"),
+    "study.level": ({"study": {"variants": {"v": {"eval": {"stride": 32}}}}},
+                    "the study's level: only a study compares"),
     "compare.baseline_mean": ({"compare": {"baseline_mean": 1.5, "baseline_std": 0.01}},
                               "a baseline by its figures: mean and std go together"),
     "compare.baseline_std": ({"compare": {"baseline_mean": 1.5, "baseline_std": 0.01}},
@@ -62,6 +64,7 @@ VALUES: dict[str, object] = {
     "compare.baseline_run": "other",
     "order.probe_checkpoint": "probe.pgt",
     "calibrate.source": "generate",
+    "study.variants": {"v": {"eval": {"stride": 32}}},
     "quant.clip": {"embed": "search", "attn": "sdclip", "mlp": "sdclip", "other": "sdclip"},
 }
 # Keys that must change together with the one under test to stay valid.
@@ -228,9 +231,12 @@ def test_every_rule_is_a_stage_and_names_itself():
             continue
         row = stages.stage(name)
         # every stage-table lookup in the rule names the rule itself
-        called = set(re.findall(r"\b(?:code|slurm|threads_of|group_of|is_local|gpus)\(\"(\w+)\"\)", block))
+        lookups = r"\b(?:code|slurm|threads_of|group_of|is_local|gpus|nproc|keyed_\w+)\(\"(\w+)\""
+        called = set(re.findall(lookups, block))
         assert called == {name}, f"rule {name} looks up {called}"
-        assert f"code(\"{name}\")" in block and ("localrule: is_local" in block) == row.local, name
+        # its code hash: in its params, or in its job's key and params (pgolf/pipeline/plan.py)
+        hashed = f"code(\"{name}\")" in block or f"keyed_params(\"{name}\")" in block
+        assert hashed and ("localrule: is_local" in block) == row.local, name
         assert ("slurm(" in block) == (not row.local), name
         runs = rf"(?:\"pgolf |TORCHRUN \+ \" ){re.escape(row.cli)} "  # TORCHRUN ends in `-m pgolf`
         assert re.search(runs, block), f"rule {name} runs no `pgolf {row.cli}`"

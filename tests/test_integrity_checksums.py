@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import run_files
+from conftest import place_artifact, run_files
 from test_fineweb import hub, hub_cfg  # noqa: F401  (hub is a fixture)
 from test_integrity_data import REPO, SMOKE, assert_refused, copy_dataset, final_outputs, pgolf, stage_command
 from test_integrity_errors import aggregate_argv, copy_run, record_argv, run_dir  # noqa: F401  (run_dir: a fixture)
@@ -99,8 +99,7 @@ def inputs(setup) -> SimpleNamespace:
 
 
 def audit_command(ds: Path, tok: Path, art: Path, run: Path) -> list:
-    (run / "seed1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(art, run / "seed1" / "artifact.pgz")
+    place_artifact(run, 1, art)
     return ["audit", "--run", run, "--seed", 1, "--config", REPO / "config.yaml", "--data", ds, "--tokenizer", tok]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import place_artifact
 from test_integrity_data import BAD_ID, assert_refused, copy_dataset, edit_manifest, set_token
 
 from pgolf.config import ConfigError, load, read_file, typed_overrides, validate
@@ -266,8 +267,7 @@ def finished_run(root: Path, artifact: Path, ttt: dict | None) -> Path:
     """A run folder as the pipeline leaves it: seed0's artifact and, unless `ttt` is None, the
     resolved config its record stage writes (JSON, as pgolf record writes it)."""
     run = root / "results" / "r"
-    (run / "seed0").mkdir(parents=True)
-    shutil.copy(artifact, run / "seed0" / "artifact.pgz")
+    place_artifact(run, 0, artifact)
     if ttt is not None:
         cfg = validate({"run": "r", "eval": {"seq_len": 64, "stride": 32, "batch_seqs": 8, "ttt": ttt}})
         (run / "record").mkdir()

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from conftest import stage_dir
 
 from pgolf.config import load
 from pgolf.data import tokenizer
@@ -347,7 +348,7 @@ def test_paths_with_spaces_and_commands_run_and_execute_nothing(tmp_path, setup)
     run = workdir / "results" / "smoke"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["compare"]["baseline"]["source"] == "base-1"
-    order = json.loads((run / "shard_order.json").read_text())
+    order = json.loads((Path(stage_dir(run, 1, "shard_order")) / "shard_order.json").read_text())
     assert order["probe"] == str(probe)
     assert (run / "record").is_dir() and (run / "plots" / "loss.png").exists()
     assert not list(tmp_path.rglob("MARK")) and not Path("MARK").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import stage_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,8 +56,8 @@ def test_pipeline_produces_a_summary(finished_run):
     summary = json.loads((finished_run / "results/smoke/summary.json").read_text())
     assert [r["seed"] for r in summary["seeds"]] == [1, 2]
     for row in summary["seeds"]:
-        size = json.loads((finished_run / f"results/smoke/seed{row['seed']}/size.json").read_text())
-        ev = json.loads((finished_run / f"results/smoke/seed{row['seed']}/eval.json").read_text())
+        size = json.loads(stage_file(finished_run, "smoke", row["seed"], "size", "size.json").read_text())
+        ev = json.loads(stage_file(finished_run, "smoke", row["seed"], "evaluate", "eval.json").read_text())
         # A uniform guess over the 320-token vocab costs log2(320) bits per token; training must beat it.
         uniform_bpb = 8.32 * ev["post_quant"]["tokens"] / ev["post_quant"]["bytes"]
         assert 0 < row["post_quant_bpb"] < uniform_bpb
@@ -68,7 +69,7 @@ def test_pipeline_produces_a_summary(finished_run):
 def test_record_folder_is_a_self_contained_submission(finished_run):
     record = finished_run / "results/smoke/record"
     sub = json.loads((record / "submission.json").read_text())
-    size = json.loads((finished_run / "results/smoke/seed1/size.json").read_text())
+    size = json.loads(stage_file(finished_run, "smoke", 1, "size", "size.json").read_text())
     counted = (record / "train_gpt.py").stat().st_size  # the packed code a submission runs
     assert sub["bytes_code"] == counted == size["code_bytes"] < 40_000  # compress.code_reserve
     assert sub["seeds"] == [1, 2] and set(sub["seed_results"]) == {"1", "2"}
@@ -104,7 +105,7 @@ def test_eval_change_reruns_only_evaluate_and_what_reports_it(finished_run):
 
 
 def test_clip_change_reruns_from_quantize_not_calibrate(finished_run):
-    assert (finished_run / "results/smoke/seed1/hessians.pgt").exists()
+    assert stage_file(finished_run, "smoke", 1, "calibrate", "hessians.pgt").exists()
     jobs = planned(finished_run, {"quant": {"clip_k": {"mlp": 9.5}}})
     assert jobs == {"quantize": 2, "compress": 2, "size": 2, "evaluate": 2, "aggregate": 1, "record": 1,
                     "plots": 1, "all": 1}
@@ -156,3 +157,54 @@ def test_a_rerun_baseline_reruns_the_comparison(finished_run, tmp_path):
     base["mean"]["sliding_bpb"] += 0.01  # the baseline run finished again, with another score
     (work / "results/base/summary.json").write_text(json.dumps(base))
     assert planned(work, {"compare": {"baseline_run": "base"}})["aggregate"] == 1
+
+
+def test_a_run_under_another_name_shares_every_stage_job(finished_run):
+    """Stage jobs are named by what they depend on, not by the run: a renamed run only reports."""
+    assert planned(finished_run, {"run": "renamed"}) == {"aggregate": 1, "record": 1, "plots": 1, "all": 1}
+    jobs = planned(finished_run, {"run": "renamed", "compress": {"codec": "lzma"}})
+    assert jobs == {"compress": 2, "size": 2, "evaluate": 2, "aggregate": 1, "record": 1, "plots": 1, "all": 1}
+
+
+STUDY = {"run": "study", "study": {"level": 0.25, "variants": {
+    "lzma": {"compress": {"codec": "lzma"}},  # quantization onwards: trains nothing
+    "stride": {"eval": {"stride": 16}},  # evaluation only: reuses calibration, quantization, compression
+    "wide": {"model": {"model_dim": 48}},  # a new training
+}}}
+
+
+def test_a_study_plans_each_shared_job_once(finished_run):
+    jobs = planned(finished_run, STUDY)
+    # the baseline's stage jobs are the finished run's; each variant adds only where it differs
+    assert jobs == {"train": 2, "calibrate": 2, "quantize": 2, "compress": 4, "size": 4, "evaluate": 6,
+                    "aggregate": 4, "record": 4, "plots": 4, "study": 1, "all": 1}
+
+
+def test_a_study_compares_every_variant_with_its_baseline(finished_run, tmp_path):
+    study = {"run": "study2", "study": {"level": 0.25, "variants": {"stride": {"eval": {"stride": 16}}}}}
+    (finished_run / "study2.yaml").write_text(yaml.safe_dump(study))
+    proc = snakemake(finished_run, configs=("run.yaml", "study2.yaml"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    root = finished_run / "results/study2"
+    c = json.loads((root / "comparison.json").read_text())
+    assert c["baseline"]["variant"] == "baseline" and [r["variant"] for r in c["variants"]] == ["stride"]
+    row, base = c["variants"][0], json.loads((root / "baseline/summary.json").read_text())
+    var = json.loads((root / "stride/summary.json").read_text())
+    assert row["delta_bpb"]["delta"] == pytest.approx(var["mean"]["sliding_bpb"] - base["mean"]["sliding_bpb"])
+    assert row["delta_bpb"]["low"] < row["delta_bpb"]["delta"] < row["delta_bpb"]["high"]
+    assert 0 <= row["p"] <= 1 and row["p_holm"] == pytest.approx(min(1.0, row["p"]))
+    assert "record bar" in (root / "comparison.md").read_text() or "Record bar" in (root / "comparison.md").read_text()
+    assert (root / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    # the baseline is the finished run: the same training and artifact, found through stages.json
+    for seed in (1, 2):
+        for stage in ("train", "compress"):
+            assert stage_file(finished_run, "study2/baseline", seed, stage, "") == \
+                stage_file(finished_run, "study2/stride", seed, stage, "") == \
+                stage_file(finished_run, "smoke", seed, stage, "")
+        assert stage_file(finished_run, "study2/stride", seed, "evaluate", "") != \
+            stage_file(finished_run, "smoke", seed, "evaluate", "")
+    # each variant's record folder stands on its own: its submission, seed logs and code
+    record = root / "stride/record"
+    sub = json.loads((record / "submission.json").read_text())
+    assert sub["val_bpb"] == var["mean"]["sliding_bpb"] and (record / "train_seed1.log").exists()
+    assert (record / "train_gpt.py").exists()

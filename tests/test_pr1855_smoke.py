@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import stage_file
 
 from pgolf.config import load
 from pgolf.eval.bpb import build_byte_luts
@@ -68,9 +69,14 @@ def run(tmp_path_factory) -> Path:
            "--configfile", str(workdir / "run.yaml")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=workdir)
     if proc.returncode:
-        logs = "".join(f"\n== {p.name}\n{p.read_text()[-1500:]}" for p in sorted((workdir / RUN).glob("logs/*.log")))
+        logs = "".join(f"\n== {p}\n{p.read_text()[-1500:]}" for p in sorted(workdir.glob("results/stages/*/*/*.log")))
         pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-3000:]}{logs}")
     return workdir
+
+
+def seed_file(run: Path, stage: str, name: str) -> Path:
+    """A file of seed 1's job of `stage` in the finished run."""
+    return stage_file(run, RUN.removeprefix("results/"), 1, stage, name)
 
 
 def test_the_smoke_variant_keeps_every_part_of_the_preset():
@@ -82,7 +88,7 @@ def test_the_smoke_variant_keeps_every_part_of_the_preset():
 
 
 def test_every_stage_runs_and_scores_below_a_uniform_guess(run):
-    ev = json.loads((run / RUN / "seed1/eval.json").read_text())
+    ev = json.loads(seed_file(run, "evaluate", "eval.json").read_text())
     for part in ("pre_quant", "post_quant", "sliding", "ttt"):
         bpb = ev[part]["val_bpb"]
         uniform = math.log2(320) * ev[part]["tokens"] / ev[part]["bytes"]  # bits of a uniform guess per byte
@@ -90,14 +96,14 @@ def test_every_stage_runs_and_scores_below_a_uniform_guess(run):
     assert ev["ttt"]["phases"] == 2 and ev["ttt"]["docs"] == 5  # both global phases ran on the scored documents
     summary = json.loads((run / RUN / "summary.json").read_text())
     assert summary["mean"]["ttt_bpb"] == pytest.approx(ev["ttt"]["val_bpb"])
-    log = (run / RUN / "logs/train_seed1.log").read_text()
+    log = seed_file(run, "train", "train.log").read_text()
     assert "step 7: depth recurrence on" in log  # 35% of 20 iterations
-    size = json.loads((run / RUN / "seed1/size.json").read_text())
+    size = json.loads(seed_file(run, "size", "size.json").read_text())
     assert size["total_bytes"] == size["model_bytes"] + size["code_bytes"]
 
 
 def test_bpb_counts_the_original_bytes_from_the_sidecar(run):
-    ev = json.loads((run / RUN / "seed1/eval.json").read_text())
+    ev = json.loads(seed_file(run, "evaluate", "eval.json").read_text())
     n = ev["sliding"]["tokens"]
     sidecar = load_sidecar(run / DATASET, "val")
     assert ev["sliding"]["bytes"] == ev["ttt"]["bytes"] == int(sidecar[1 : n + 1].sum())  # target i is token i + 1
@@ -108,11 +114,11 @@ def test_bpb_counts_the_original_bytes_from_the_sidecar(run):
 
 
 def test_the_artifact_holds_every_quantized_part_and_reads_back_exactly(run):
-    seed = run / RUN / "seed1"
-    header = read_header(seed / "artifact.pgz")
+    artifact = seed_file(run, "compress", "artifact.pgz")
+    header = read_header(artifact)
     assert header["codec"] == "pergroup" and len(header["streams"]) > 1
-    quant, meta = tensorfile.load(seed / "quant.pgt")
-    packed, packed_meta = read_tensors(seed / "artifact.pgz")
+    quant, meta = tensorfile.load(seed_file(run, "quantize", "quant.pgt"))
+    packed, packed_meta = read_tensors(artifact)
     assert packed_meta == meta and packed.keys() == quant.keys()
     assert all(torch.equal(packed[k], quant[k]) for k in quant)
     assert len(meta["quant"]["lqer"]) == 3 and "tok_emb.weight" in meta["quant"]["lqer"]
@@ -148,21 +154,21 @@ def test_the_packed_submission_quantizes_compresses_and_scores_as_the_package_di
     """train_gpt.py alone, in an empty folder, runs LQER, int8 rows, pergroup, the CaseOps sidecar and
     phased TTT: the same artifact bytes and BPB as the run's own stages."""
     (tmp_path / bundle.FILE_NAME).write_bytes(bundle.build())
-    seed = run / RUN / "seed1"
-    for name in ("ema.pgt", "hessians.pgt"):
-        shutil.copy(seed / name, tmp_path / name)
+    shutil.copy(seed_file(run, "train", "ema.pgt"), tmp_path / "ema.pgt")
+    shutil.copy(seed_file(run, "calibrate", "hessians.pgt"), tmp_path / "hessians.pgt")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
     clean = {k: v for k, v in env().items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     cmds = stage_commands(run, ("quantize", "compress", "evaluate"))
     assert [c[0] for c in cmds] == ["quantize", "compress", "evaluate"]
     for cmd in cmds:
-        args = [str(tmp_path / Path(a).name) if a.startswith(f"{RUN}/seed1/") else
+        args = [str(tmp_path / Path(a).name) if a.startswith("results/stages/") else
                 str(run / a) if a.startswith("data/") else a for a in cmd[1:]]
         launcher = torchrun if cmd[0] == "evaluate" else [sys.executable]
         proc = subprocess.run([*launcher, bundle.FILE_NAME, cmd[0], *args], cwd=tmp_path, env=clean,
                               capture_output=True, text=True)
         assert proc.returncode == 0, f"{cmd[0]}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    assert (tmp_path / "artifact.pgz").read_bytes() == (seed / "artifact.pgz").read_bytes()
-    ours, theirs = (json.loads((d / "eval.json").read_text()) for d in (tmp_path, seed))
+    assert (tmp_path / "artifact.pgz").read_bytes() == seed_file(run, "compress", "artifact.pgz").read_bytes()
+    theirs = json.loads(seed_file(run, "evaluate", "eval.json").read_text())
+    ours = json.loads((tmp_path / "eval.json").read_text())
     for part in ("post_quant", "sliding", "ttt"):
         assert ours[part]["val_bpb"] == theirs[part]["val_bpb"], part

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import stage_file
 
 pytestmark = pytest.mark.slow
 
@@ -179,8 +180,9 @@ def site_profile(root: Path) -> Path:
     return root / "site"
 
 
-def training_job(root: Path, seed: int) -> str | None:
-    """The SLURM job id of the running trainer of `seed` in `root`, from its process's environment."""
+def training_job(root: Path, seed: int) -> tuple[str, Path] | None:
+    """The SLURM job id and the job folder (--out-dir) of the running trainer of `seed` in `root`, from
+    its process's command line and environment."""
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
@@ -188,22 +190,22 @@ def training_job(root: Path, seed: int) -> str | None:
                     and Path(os.readlink(proc / "cwd")).resolve() == root.resolve():
                 env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
                 if b"SLURM_JOB_ID" in env:
-                    return env[b"SLURM_JOB_ID"].decode()
+                    return env[b"SLURM_JOB_ID"].decode(), root / cmd[cmd.index(b"--out-dir") + 1].decode()
         except (OSError, ValueError, IndexError):
             continue  # a process that ended or is not ours
     return None
 
 
-def cancel_training_midway(root: Path, seed: int, after_step: int, timeout: float = 300) -> None:
-    """scancel the SLURM job that trains `seed` once its log passed `after_step`."""
-    log = root / f"results/smoke/logs/train_seed{seed}.log"
+def cancel_training_midway(root: Path, seed: int, after_step: int, timeout: float = 300) -> Path:
+    """scancel the SLURM job that trains `seed` once its log passed `after_step`; its job folder."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        steps = [int(m) for m in re.findall(r"^step (\d+)/", log.read_text(), re.M)] if log.exists() else []
-        job = training_job(root, seed) if steps and steps[-1] >= after_step else None
-        if job:
-            assert sh("scancel", job).returncode == 0
-            return
+        found = training_job(root, seed)
+        log = found[1] / "train.log" if found else None
+        steps = [int(m) for m in re.findall(r"^step (\d+)/", log.read_text(), re.M)] if log and log.exists() else []
+        if steps and steps[-1] >= after_step:
+            assert sh("scancel", found[0]).returncode == 0
+            return found[1]
         time.sleep(0.2)
     pytest.fail(f"training of seed {seed} never reached step {after_step} in a running SLURM job")
 
@@ -217,22 +219,22 @@ def test_smoke_through_slurm_equals_a_local_run_and_resumes_after_scancel(cluste
     remote = workdir(tmp_path / "slurm")
     t0 = time.time()
     run = snakemake(remote, "--profile", str(REPO / "profiles" / "slurm"), "--profile", str(site_profile(remote)))
-    cancel_training_midway(remote, seed=1, after_step=100)
+    job_dir = cancel_training_midway(remote, seed=1, after_step=100)
     assert run.wait(timeout=900) == 0, (remote / "snakemake.log").read_text()[-4000:]
     slurm_s = time.time() - t0
     print(f"smoke preset ({TRAIN['iterations']} steps): local {local_s:.0f} s, SLURM {slurm_s:.0f} s")
 
     # Snakemake deletes a job's log before its retry; the trainer's own log in ckpt/ keeps both attempts
-    log = (remote / "results/smoke/seed1/ckpt/train.log").read_text()
+    log = (job_dir / "ckpt" / "train.log").read_text()
     stopped = int(re.search(r"SIGTERM: checkpoint written at step (\d+)", log)[1])
     resumed = int(re.search(r"resumed from .* at step (\d+)", log)[1])
     assert 100 <= stopped < TRAIN["iterations"] and resumed == stopped, log[-3000:]
-    assert f"resumed from results/smoke/seed1/ckpt at step {stopped}" in \
-        (remote / "results/smoke/logs/train_seed1.log").read_text()
+    assert f"resumed from {job_dir.relative_to(remote)}/ckpt at step {stopped}" in (job_dir / "train.log").read_text()
     for seed in (1, 2):
-        a, b = (r / f"results/smoke/seed{seed}" for r in (local, remote))
-        assert (a / "ema.pgt").read_bytes() == (b / "ema.pgt").read_bytes(), seed
-        assert (a / "artifact.pgz").read_bytes() == (b / "artifact.pgz").read_bytes(), seed
-        ev_a, ev_b = (json.loads((x / "eval.json").read_text()) for x in (a, b))
+        # the same job folders (their keys name the same config and code) in both working directories
+        a, b = (lambda stage, name, r=r, s=seed: stage_file(r, "smoke", s, stage, name) for r in (local, remote))
+        assert a("train", "ema.pgt").read_bytes() == b("train", "ema.pgt").read_bytes(), seed
+        assert a("compress", "artifact.pgz").read_bytes() == b("compress", "artifact.pgz").read_bytes(), seed
+        ev_a, ev_b = (json.loads(f("evaluate", "eval.json").read_text()) for f in (a, b))
         bpb = [k for k in ev_a if k.endswith("bpb") and isinstance(ev_a[k], float)]
         assert bpb and all(ev_a[k] == ev_b[k] for k in bpb), (ev_a, ev_b)

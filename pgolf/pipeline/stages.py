@@ -78,6 +78,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("record", "pgolf.report.record", "a submission folder in the challenge's format",
           reads=("record",), local=True),
     Stage("plots", "pgolf.report.plots", "figures for snakemake --report: loss, BPB per stage, bytes", local=True),
+    Stage("study", "pgolf.report.study", "every variant of a study against its baseline: comparison.md/.json/.png",
+          reads=("study", "compare"), local=True),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

@@ -37,12 +37,14 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "steps": ("train", ("steps",)),
     "train_seconds": ("train", ("train_seconds",)),
     "tokens_per_s": ("train", ("tokens_per_s",)),
+    "eval_seconds": ("eval", ("scored_eval_seconds",)),  # what the eval budget counts: sliding + TTT
 }
 
 
 # TTT's only when eval.ttt is enabled; the unpruned score only when evaluate was given the unpruned
-# tensors; the pruned count only from a size.json that reports it.
-OPTIONAL = {"ttt_bpb", "ttt_gain_bpb", "unpruned_bpb", "prune_cost_bpb", "pruned_codes"}
+# tensors; the pruned count only from a size.json that reports it; the eval seconds only from an
+# eval.json that records them.
+OPTIONAL = {"ttt_bpb", "ttt_gain_bpb", "unpruned_bpb", "prune_cost_bpb", "pruned_codes", "eval_seconds"}
 
 
 def seed_row(seed: int, files: dict[str, Path]) -> dict[str, Any]:
@@ -154,11 +156,15 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--out-table", type=Path, required=True)
     ap.add_argument("--compare", default="", help="the compare config section as JSON")
     ap.add_argument("--baseline-summary", type=Path, help="summary.json of compare.baseline_run")
+    ap.add_argument("--stages", default="{}", help="seed -> stage -> the folder of its job, as JSON")
+    ap.add_argument("--out-stages", type=Path, help="stages.json: where this run's stage files are")
     args = ap.parse_args(argv)
     files = seed_files(args.seeds, eval=args.eval, size=args.size, train=args.train)
     summary = aggregate(args.run, files, json.loads(args.compare) if args.compare else None, args.baseline_summary)
     table = summary_table(summary)
     write_parquet(args.out_parquet, summary["seeds"], summary["mean"], summary["std"])
     write_bytes(args.out_table, table.encode())
+    if args.out_stages:
+        write_result(args.out_stages, json.loads(args.stages))
     write_result(args.out_json, summary)
     print(table)

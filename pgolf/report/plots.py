@@ -21,7 +21,7 @@ Files = dict[int, dict[str, Path]]  # seed -> kind -> path (pgolf.report.inputs.
 STAGES = ("pre_quant", "post_quant", "sliding")
 
 
-def _save(fig, path: Path) -> None:
+def save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -35,7 +35,7 @@ def loss_figure(files: Files, out: Path) -> None:
         ax.plot(t.column("step").to_pylist(), t.column("loss").to_pylist(), label=f"seed {s}", lw=1)
     ax.set(xlabel="step", ylabel="train loss (nats/token)", title="Training loss")
     ax.legend()
-    _save(fig, out)
+    save(fig, out)
 
 
 def bpb_figure(files: Files, out: Path) -> None:
@@ -51,7 +51,7 @@ def bpb_figure(files: Files, out: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(STAGES))], [k.replace("_", " ") for k in STAGES])
     ax.set(ylabel="val BPB", title="BPB at each stage")
     ax.legend()
-    _save(fig, out)
+    save(fig, out)
 
 
 def tensor_group(name: str) -> str:
@@ -81,7 +81,7 @@ def bytes_figure(files: Files, out: Path) -> None:
         groups[g] = groups.get(g, 0) + t.numel() * t.element_size()
     right.bar(list(groups), list(groups.values()))
     right.set(ylabel="bytes before compression", title=f"Quantized tensors (seed {first})")
-    _save(fig, out)
+    save(fig, out)
 
 
 def cli(argv: list[str]) -> None:
