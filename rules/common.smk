@@ -8,6 +8,7 @@ from pathlib import Path
 import snakemake.io
 
 import pgolf.pipeline.bundle
+import pgolf.pipeline.features
 import pgolf.pipeline.cluster
 import pgolf.config
 import pgolf.errors
@@ -36,7 +37,7 @@ config.update(_resolved)
 # Every job of every run, each in a folder named by what it depends on: runs that agree on a stage
 # share its job (pgolf/pipeline/plan.py).
 try:
-    PLAN = pgolf.pipeline.plan.Plan(RUNS, pgolf.pipeline.provenance.code_version, pgolf.pipeline.bundle.code_bytes())
+    PLAN = pgolf.pipeline.plan.Plan(RUNS, pgolf.pipeline.provenance.code_version, pgolf.pipeline.bundle.code_bytes)
 except pgolf.errors.PgolfError as e:
     raise WorkflowError(str(e)) from None
 STORE = pgolf.pipeline.plan.STORE

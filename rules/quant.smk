@@ -76,4 +76,5 @@ rule size:
     log:
         keyed_file("size", "size.log"),
     shell:
-        "pgolf size --artifact {input.artifact:q} --cfg {params.cfg:q} --out {output.size:q} > {log:q} 2>&1"
+        "pgolf size --artifact {input.artifact:q} --cfg {params.cfg:q} --features {params.features:q} "
+        "--out {output.size:q} > {log:q} 2>&1"

@@ -81,7 +81,9 @@ rule record:
         # a flag and its paths, or nothing: a list, so that :q quotes each element
         hessians=lambda wildcards: ["--hessians", *run_of(wildcards).files("calibrate", "hessians")]
         if gptq(wildcards) else [],
-        code_bytes=pgolf.pipeline.bundle.code_bytes(),
+        # the run's own packed train_gpt.py (pgolf record builds it from the config): a code edit reruns it
+        code_bytes=lambda wildcards: pgolf.pipeline.bundle.code_bytes(
+            pgolf.pipeline.features.needed(run_of(wildcards).cfg)),
         code=code("record"),
     log:
         "results/{run}/logs/record.log",

@@ -156,10 +156,13 @@ def test_pruning_fits_the_target_with_the_fewest_smallest_codes(tmp_path):
 
 def test_size_counts_code_and_model_bytes(good_artifact, tmp_path):
     path, _ = good_artifact
-    report = check_size(path, COMPRESS, tmp_path / "size.json")
+    on = frozenset({"codec_zstd", "gptq"})  # the run's features: its own packed file is counted
+    report = check_size(path, COMPRESS, tmp_path / "size.json", on)
     assert read_result(tmp_path / "size.json") == report
     assert report["model_bytes"] == path.stat().st_size
-    assert report["code_bytes"] == len(bundle.build()) and report["code_file"] == "train_gpt.py"
+    assert report["code_bytes"] == len(bundle.build(on)) < len(bundle.build()) and report["code_file"] == "train_gpt.py"
+    assert report["code_features"] == ["codec_zstd", "gptq"]
+    assert "pgolf/quant/gptq.py" in report["code_sources"] and "pgolf/quant/lqer.py" not in report["code_sources"]
     assert "pgolf/model/gpt.py" in report["code_sources"] and "pgolf/config.py" not in report["code_sources"]
     assert report["total_bytes"] == report["model_bytes"] + report["code_bytes"]
     assert report["fits"] and report["headroom_bytes"] == 16_000_000 - report["total_bytes"]

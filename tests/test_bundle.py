@@ -1,5 +1,6 @@
 """The packed code a submission runs (pgolf.pipeline.bundle): small, self-contained, and the same numbers as
-the package, stage by stage, from a folder that holds nothing else."""
+the package, stage by stage, from a folder that holds nothing else. What goes into it (pgolf.pipeline.reach,
+pgolf.pipeline.features) is tested here on small modules; each preset's own file in test_packed_presets.py."""
 
 import ast
 import json
@@ -15,14 +16,14 @@ import torch
 from pgolf.cli import main
 from pgolf.config import validate
 from pgolf.formats import tensorfile
-from pgolf.pipeline import bundle
+from pgolf.pipeline import bundle, features, reach
 
-# The packed file was 35,265 bytes with PR #1855's parts in (phased TTT, LQER, pergroup, CaseOps
-# sidecar); compress.code_reserve keeps the same 40,000 for it.
+# compress.code_reserve: what compress leaves of the budget for the code when it prunes. The whole
+# package's file (every feature) was 35,869 bytes; each preset's own is smaller (docs/bytes.md).
 CODE_BOUND = 40_000
 
 
-def test_packed_code_is_under_40_kb_and_holds_only_what_a_submission_runs():
+def test_the_whole_package_packs_under_40_kb_and_holds_only_what_a_submission_runs():
     mods = bundle.modules()
     assert {"pgolf.cli", "pgolf.train.train", "pgolf.quant.calibrate", "pgolf.quant.gptq", "pgolf.quant.compress",
             "pgolf.eval.evaluate", "pgolf.eval.ttt", "pgolf.eval.phased", "pgolf.model.gpt"} <= set(mods)
@@ -30,41 +31,81 @@ def test_packed_code_is_under_40_kb_and_holds_only_what_a_submission_runs():
                             "pgolf.report.record", "pgolf.data.tokenizer", "pgolf.data.documents",
                             "pgolf.runtime.launch"}
     assert "def open_shard(" in mods["pgolf.formats.shards"] and "def write_shard(" not in mods["pgolf.formats.shards"]
+    assert "def has_operators(" in mods["pgolf.data.caseops"] and "def decode(" not in mods["pgolf.data.caseops"]
+    assert "bench_cli" not in mods["pgolf.train.loader"]  # a tool, not a stage
     assert len(bundle.build()) == bundle.code_bytes() < CODE_BOUND
     assert validate({})["compress"]["code_reserve"] == CODE_BOUND
 
 
-UNUSED = {
-    "a": """import b
-from c import by_import
-STAGES = {"x": "a:by_string"}
+MODULES = {
+    "p": "",
+    "p.a": """from p import b
+from p.c import by_import
+import numpy as np
+STAGES = {"x": "p.a:by_string"}
 def dead():
     return helper()
 def helper():
     return 1
 def called():
-    return b.by_attr()
+    return b.by_attr() + obj.lonely()
 @register
 def decorated():
     pass
 @dataclass
 class Unused:
     x: int = 1
-def by_string():
-    pass
+TABLE = {"k": dead}
 called()
 """,
-    "b": "def by_attr():\n    pass\ndef lonely():\n    pass\n",
-    "c": "def by_import():\n    pass\n",
+    "p.b": "from p.e import used_by_b\ndef by_attr():\n    return used_by_b()\ndef lonely():\n    pass\n",
+    "p.c": "def by_import():\n    pass\n",
+    "p.d": "def never():\n    pass\n",
+    "p.e": "def used_by_b():\n    pass\n",
 }
 
 
-def test_definitions_no_packed_module_names_are_dropped_and_named_ones_kept():
-    trees = {m: ast.parse(src) for m, src in UNUSED.items()}
-    dropped = bundle.drop_unused(trees)
-    assert sorted(dropped) == ["a.Unused", "a.dead", "a.helper", "b.lonely"]  # helper: only dead called it
-    kept = {m: [s.name for s in t.body if hasattr(s, "name")] for m, t in trees.items()}
-    assert kept == {"a": ["called", "decorated", "by_string"], "b": ["by_attr"], "c": ["by_import"]}
+def test_what_no_reached_code_names_goes_by_module_not_by_spelling():
+    """A definition stays if code that runs names it where it is bound: `b.by_attr` keeps p.b's, but
+    `obj.lonely` keeps no `lonely`, a string keeps nothing, an unused import goes and with it the module
+    it alone imported; a decorator that may register keeps its function."""
+    trees = {m: ast.parse(src) for m, src in MODULES.items()}
+    removed = reach.prune(trees, [("p.a", "called")])
+    assert sorted(trees) == ["p", "p.a", "p.b", "p.e"]  # p.c: only an unused import named it; p.d: nothing
+    assert sorted(removed) == ["p.a.STAGES", "p.a.TABLE", "p.a.Unused", "p.a.dead", "p.a.helper", "p.b.lonely",
+                               "p.c", "p.d"]
+    assert [line for line in ast.unparse(trees["p.a"]).splitlines() if line] == [
+        "from p import b", "def called():", "    return b.by_attr() + obj.lonely()", "@register",
+        "def decorated():", "    pass", "called()"]
+
+
+def test_a_cut_leaves_names_only_where_a_switch_can_guard_them():
+    """What a feature leaves out goes with its imports; a function may still spell it (behind its
+    switch), code that runs on import may not, and nothing may name what was never there."""
+    trees = {m: ast.parse(src) for m, src in {
+        "p": "", "p.m": "from p.x import f, g\nfrom p import y\nR = {'a': f, 'b': g}\n"
+                        "def use(on):\n    return y.h() if on else f()\n",
+        "p.x": "def f():\n    pass\ndef g():\n    pass\n", "p.y": "def h():\n    pass\n"}.items()}
+    done = reach.cut(trees, ["p.x:g", "p.m:R[b]", "p.y"])
+    assert done.names == {"p.x": {"g"}, "p.m": {"g", "y"}} and "p.y" not in trees
+    out = {m: bundle.unparse(t) for m, t in trees.items()}
+    assert out["p.m"].splitlines()[:2] == ["from p.x import f", "R={'a':f}"]
+    assert reach.problems(out, done) == []
+    trees["p.m"].body += ast.parse("S = g\nfrom p import x\ndef k():\n    return x.g() + x.zzz() + nowhere").body
+    assert reach.problems({m: bundle.unparse(t) for m, t in trees.items()}, done) == [
+        "p.m: g is used on import but not defined",  # S = g runs on import: it would fail whatever the switch
+        "p.m: nowhere is used but not defined", "p.m: x.zzz is not defined in p.x"]
+    with pytest.raises(ValueError, match="no plain top-level definition"):
+        reach.cut(trees, ["p.x:nothing"])
+
+
+def test_every_feature_names_code_that_exists():
+    """Every entry of the table removes something from the whole package's modules: one cut of all
+    of them, whole modules last (a stale name fails)."""
+    trees = {bundle.module_name(p): bundle.stripped(p.read_text()) for p in bundle.runtime_files()}
+    entries = [e for f in features.FEATURES for e in f.code]
+    reach.cut(trees, sorted(entries, key=lambda e: ":" not in e))
+    assert len(features.BY_NAME) == len(features.FEATURES)
 
 
 def test_every_byte_survives_the_latin1_literal():
@@ -137,29 +178,36 @@ def test_the_packed_file_never_falls_back_to_an_installed_pgolf(tmp_path):
     assert "usage: pgolf <stage>" in proc.stdout and "refused: pgolf.config is not packed" in proc.stdout
 
 
-def stage_args(ds, d: Path) -> dict[str, list[str]]:
-    """Every runtime stage's command line, reading and writing in folder d."""
-    cfg = validate({"model": {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1},
-                    "train": {"seq_len": 32, "batch_tokens": 256, "micro_batch_seqs": 8, "iterations": 4,
-                              "warmdown_steps": 2, "checkpoint_every": 100, "log_every": 1},
-                    "calibrate": {"source": "train", "seqs": 8, "seq_len": 32},
-                    "quant": {"method": "gptq", "min_numel": 256},
-                    "compress": {"codec": "brotli", "level": 5},
-                    "eval": {"seq_len": 32, "stride": 16, "batch_seqs": 8, "max_tokens": 2000}})
+# A tiny run of every stage: GPTQ, brotli, no TTT.
+TINY = {"model": {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1},
+        "train": {"seq_len": 32, "batch_tokens": 256, "micro_batch_seqs": 8, "iterations": 4,
+                  "warmdown_steps": 2, "checkpoint_every": 100, "log_every": 1},
+        "calibrate": {"source": "train", "seqs": 8, "seq_len": 32},
+        "quant": {"method": "gptq", "min_numel": 256},
+        "compress": {"codec": "brotli", "level": 5},
+        "eval": {"seq_len": 32, "stride": 16, "batch_seqs": 8, "max_tokens": 2000}}
+
+
+def stage_args(ds, d: Path, cfg: dict) -> dict[str, list[str]]:
+    """Every stage's command line for the resolved config `cfg`, as the rules build them (pgolf/pipeline/
+    plan.py: Hessians only for GPTQ, and for compress only with pruning; the unpruned tensors for
+    evaluate with pruning), reading and writing in folder d."""
     js = lambda name: json.dumps(cfg[name])  # noqa: E731
-    return {
-        "train": ["--data", str(ds.dataset_dir), "--vocab-size", str(ds.vocab_size), "--model-cfg", js("model"),
-                  "--cfg", js("train"), "--seed", "3", "--device", "cpu", "--out-dir", str(d), "--ckpt-dir",
-                  str(d / "ckpt"), "--loader-cfg", js("loader")],
-        "calibrate": ["--weights", str(d / "ema.pgt"), "--data", str(ds.dataset_dir), "--cfg", js("calibrate"),
-                      "--seed", "3", "--device", "cpu", "--out", str(d / "hessians.pgt")],
-        "quantize": ["--weights", str(d / "ema.pgt"), "--hessians", str(d / "hessians.pgt"), "--cfg", js("quant"),
-                     "--out", str(d / "quant.pgt")],
-        "compress": ["--quant", str(d / "quant.pgt"), "--cfg", js("compress"), "--out", str(d / "artifact.pgz")],
-        "evaluate": ["--data", str(ds.dataset_dir), "--tokenizer", str(ds.tokenizer), "--ema", str(d / "ema.pgt"),
-                     "--artifact", str(d / "artifact.pgz"), "--cfg", js("eval"), "--device", "cpu",
-                     "--out", str(d / "eval.json")],
-    }
+    gptq, prune = cfg["quant"]["method"] == "gptq", cfg["compress"]["prune"]
+    hessians = ["--hessians", str(d / "hessians.pgt")] if gptq else []
+    out = {"train": ["--data", str(ds.dataset_dir), "--vocab-size", str(ds.vocab_size), "--model-cfg", js("model"),
+                     "--cfg", js("train"), "--seed", "3", "--device", "cpu", "--out-dir", str(d), "--ckpt-dir",
+                     str(d / "ckpt"), "--loader-cfg", js("loader")]}
+    if gptq:
+        out["calibrate"] = ["--weights", str(d / "ema.pgt"), "--data", str(ds.dataset_dir), "--cfg", js("calibrate"),
+                            "--seed", "3", "--device", "cpu", "--out", str(d / "hessians.pgt")]
+    out["quantize"] = ["--weights", str(d / "ema.pgt"), *hessians, "--cfg", js("quant"), "--out", str(d / "quant.pgt")]
+    out["compress"] = ["--quant", str(d / "quant.pgt"), "--cfg", js("compress"), *(hessians if prune else []),
+                       "--out", str(d / "artifact.pgz")]
+    out["evaluate"] = ["--data", str(ds.dataset_dir), "--tokenizer", str(ds.tokenizer), "--ema", str(d / "ema.pgt"),
+                       "--artifact", str(d / "artifact.pgz"), "--cfg", js("eval"), "--device", "cpu",
+                       "--out", str(d / "eval.json"), *(["--unpruned", str(d / "quant.pgt")] if prune else [])]
+    return out
 
 
 def test_the_packed_file_trains_and_scores_as_the_package_does(tiny_dataset, tmp_path):
@@ -167,15 +215,16 @@ def test_the_packed_file_trains_and_scores_as_the_package_does(tiny_dataset, tmp
     train_gpt.py alone in an empty folder; the package runs the same stages in this process."""
     folder = tmp_path / "submission"
     folder.mkdir()
-    (folder / bundle.FILE_NAME).write_bytes(bundle.build())
+    cfg = validate(TINY)
+    (folder / bundle.FILE_NAME).write_bytes(bundle.for_config(cfg))  # this run's own file
     packed, package = tmp_path / "packed", tmp_path / "package"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    for stage, args in stage_args(tiny_dataset, packed).items():
+    for stage, args in stage_args(tiny_dataset, packed, cfg).items():
         launcher = {"train": [*torchrun, "--nproc-per-node=1"], "evaluate": [*torchrun, "--nproc-per-node=2"]}
         cmd = [*launcher.get(stage, [sys.executable]), bundle.FILE_NAME, stage, *args]
         proc = subprocess.run(cmd, cwd=folder, env=packed_env(), capture_output=True, text=True)
         assert proc.returncode == 0, f"{stage}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    for stage, args in stage_args(tiny_dataset, package).items():
+    for stage, args in stage_args(tiny_dataset, package, cfg).items():
         main([stage, *args])
     ema = [tensorfile.load(d / "ema.pgt")[0] for d in (packed, package)]
     assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[1])

@@ -6,7 +6,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,23 +150,27 @@ def stage_commands(run: Path, stages: tuple[str, ...]) -> list[list[str]]:
     return [w[w.index(stage):] for stage in stages for w in words if stage in w]
 
 
-def test_the_packed_submission_quantizes_compresses_and_scores_as_the_package_did(run, tmp_path):
-    """train_gpt.py alone, in an empty folder, runs LQER, int8 rows, pergroup, the CaseOps sidecar and
-    phased TTT: the same artifact bytes and BPB as the run's own stages."""
-    (tmp_path / bundle.FILE_NAME).write_bytes(bundle.build())
-    shutil.copy(seed_file(run, "train", "ema.pgt"), tmp_path / "ema.pgt")
-    shutil.copy(seed_file(run, "calibrate", "hessians.pgt"), tmp_path / "hessians.pgt")
+def test_the_packed_submission_trains_quantizes_compresses_and_scores_as_the_package_did(run, tmp_path):
+    """The run's own train_gpt.py (the preset's: the smoke variant switches on what it does), alone in an
+    empty folder, runs every stage with the doc attention, gates, lanes and loop of training, LQER,
+    int8 rows, pergroup, the CaseOps sidecar and phased TTT: the same weights, artifact bytes and BPB as
+    the run's own stages."""
+    code = bundle.for_config(load(run / "run.yaml"))
+    assert code == bundle.for_config(load(PRESET)) and len(code) < len(bundle.build())
+    (tmp_path / bundle.FILE_NAME).write_bytes(code)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
     clean = {k: v for k, v in env().items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    cmds = stage_commands(run, ("quantize", "compress", "evaluate"))
-    assert [c[0] for c in cmds] == ["quantize", "compress", "evaluate"]
-    for cmd in cmds:
-        args = [str(tmp_path / Path(a).name) if a.startswith("results/stages/") else
+    stages = ("train", "calibrate", "quantize", "compress", "evaluate")
+    cmds = stage_commands(run, stages)
+    assert tuple(c[0] for c in cmds) == stages
+    for cmd in cmds:  # a stage job's folder is tmp_path: results/stages/<stage>/<key>/x is tmp_path/x
+        args = [str(tmp_path.joinpath(*Path(a).parts[4:])) if a.startswith("results/stages/") else
                 str(run / a) if a.startswith("data/") else a for a in cmd[1:]]
-        launcher = torchrun if cmd[0] == "evaluate" else [sys.executable]
+        launcher = torchrun if cmd[0] in ("train", "evaluate") else [sys.executable]
         proc = subprocess.run([*launcher, bundle.FILE_NAME, cmd[0], *args], cwd=tmp_path, env=clean,
                               capture_output=True, text=True)
         assert proc.returncode == 0, f"{cmd[0]}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert (tmp_path / "ema.pgt").read_bytes() == seed_file(run, "train", "ema.pgt").read_bytes()
     assert (tmp_path / "artifact.pgz").read_bytes() == seed_file(run, "compress", "artifact.pgz").read_bytes()
     theirs = json.loads(seed_file(run, "evaluate", "eval.json").read_text())
     ours = json.loads((tmp_path / "eval.json").read_text())

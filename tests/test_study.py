@@ -63,7 +63,7 @@ def test_variant_names_that_would_clash_with_folders_are_refused(name):
 
 
 def plan_of(**variants) -> Plan:
-    return Plan(study.runs(merged(variants=variants)), code=lambda stage: "c0de", code_bytes=1000)
+    return Plan(study.runs(merged(variants=variants)), code=lambda stage: "c0de", code_bytes=lambda on: 1000)
 
 
 def keys(plan: Plan, run: str, seed: int = 1) -> dict[str, str]:
@@ -83,8 +83,9 @@ def test_variants_share_every_job_before_the_stage_they_change():
 
 
 def test_a_job_key_follows_its_code():
-    a = Plan(study.runs({"run": "x"}), code=lambda stage: "c0de", code_bytes=1)
-    b = Plan(study.runs({"run": "x"}), code=lambda stage: "c0de" if stage != "quantize" else "new", code_bytes=1)
+    a = Plan(study.runs({"run": "x"}), code=lambda stage: "c0de", code_bytes=lambda on: 1)
+    b = Plan(study.runs({"run": "x"}), code=lambda stage: "c0de" if stage != "quantize" else "new",
+             code_bytes=lambda on: 1)
     ka, kb = keys_one(a), keys_one(b)
     assert ka["train"] == kb["train"] and ka["calibrate"] == kb["calibrate"]
     assert all(ka[s] != kb[s] for s in ("quantize", "compress", "size", "evaluate"))

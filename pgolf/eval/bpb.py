@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from pgolf.data import caseops
 from pgolf.errors import PgolfError
-from pgolf.formats.shards import MANIFEST, ShardError, check_tokenizer, load_sidecar
+from pgolf.formats.shards import MANIFEST, ShardError, check_tokenizer, load_sidecar, read_manifest
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,15 @@ def byte_counts(dataset_dir: str | Path, tokenizer_path: str | Path, vocab_size:
     without its sidecar, and the tokenizer file itself says whether it is one. The tokenizer must be
     the one the shards were made with (the manifest's sha256), whoever counts with it."""
     check_tokenizer(dataset_dir, tokenizer_path)
-    sidecar = load_sidecar(dataset_dir, "val")
-    if sidecar is None:
+    # asked of the manifest first: the packed code of a run without CaseOps holds no sidecar reader
+    if "byte_sidecar" not in read_manifest(dataset_dir)["splits"]["val"]:
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
         if caseops.has_operators(sp):
             raise ShardError(f"{Path(dataset_dir) / MANIFEST}: splits.val has no byte_sidecar, but {tokenizer_path} "
                              "is a CaseOps tokenizer (it holds the case operators U+E001..U+E004): its tables would "
                              "count the transformed text's bytes, not the original's; rebuild the dataset")
         return build_byte_luts(tokenizer_path, vocab_size)
-    return ByteSidecar(torch.from_numpy(sidecar[:n_tokens]))
+    return ByteSidecar(torch.from_numpy(load_sidecar(dataset_dir, "val")[:n_tokens]))
 
 
 def build_byte_luts(tokenizer_path: str | Path, vocab_size: int | None = None) -> ByteLUTs:

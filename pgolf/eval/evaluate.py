@@ -82,10 +82,13 @@ def pruning(header: dict, unpruned: Path | None, post_quant: dict, score_model: 
 
 def run_ttt(model: GPT, tokens: torch.Tensor, wins: list[Window], seq_len: int, batch: int, cfg: dict,
             meter: BPBMeter, rank: int = 0, world: int = 1, scores: Scores | None = None,
-            order: Callable = run_chunks, precision: str = "auto", forward: torch.nn.Module | None = None) -> dict:
+            order: Callable | None = None, precision: str = "auto", forward: torch.nn.Module | None = None) -> dict:
     """BPB under the TTT mode eval.ttt.mode names (`cfg` is eval.ttt); the model is adapted in place.
     Chunk mode scores the sliding windows `wins` through `forward` (the compiled model); phased LoRA
-    mode cuts the same val stream into documents and runs the model with its adapters hooked in."""
+    mode cuts the same val stream into documents and runs the model with its adapters hooked in.
+    `order` is run_chunks unless the audit's tests pass an illegal one (resolved here, not as a
+    default: the packed code of a run without TTT holds no run_chunks)."""
+    order = order or run_chunks
     if cfg["mode"] == "phased_lora":
         return phased_eval(model, tokens, seq_len, cfg, meter, rank, world, scores, order, precision)
     return ttt_eval(model, tokens, wins, seq_len, batch, cfg, meter, rank, world, scores, order, precision, forward)

@@ -242,10 +242,11 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
-        if isinstance(self.smear, InputSmearGate):  # the record smears the raw embedding, before its norm
+        if self.smear is None:
+            return self.to_stream(rms_norm(x))
+        if self.cfg["smear_mode"] == "input":  # the record smears the raw embedding, before its norm
             return self.to_stream(rms_norm(self.smear(x, idx)))
-        x = self.to_stream(rms_norm(x))
-        return self.smear(x, idx) if self.smear is not None else x
+        return self.smear(self.to_stream(rms_norm(x)), idx)
 
     def to_stream(self, x: Tensor) -> Tensor:
         if self.cfg["stream_dtype"] == "bfloat16":  # the records' bf16 embedding and residual stream

@@ -30,13 +30,13 @@ from __future__ import annotations
 import ast
 import functools
 import io
-import re
 import tokenize
 import zlib
 from pathlib import Path
 
 import brotli
 
+from pgolf.pipeline import features, reach
 from pgolf.pipeline.provenance import PACKAGE, closure
 from pgolf.pipeline.stages import STAGES
 
@@ -45,9 +45,10 @@ ENTRY = PACKAGE / "cli.py"
 TABLE = PACKAGE / "pipeline" / "stages.py"
 FILE_NAME = "train_gpt.py"  # the challenge's name for a submission's code
 
-# Serves the packed modules: a package is a module with packed submodules, so __package__ and
-# __path__ come out as they do from files; any other pgolf module is refused, so an installed pgolf
-# (an editable install finds its modules by name) can never stand in. Filenames look like paths.
+# Serves the packed modules: a package is a module with packed submodules (an empty __init__ is not
+# packed), so __package__ and __path__ come out as they do from files; any other pgolf module is
+# refused, so an installed pgolf (an editable install finds its modules by name) can never stand in.
+# Filenames look like paths.
 BOOTSTRAP = """# coding: latin-1
 import sys,zlib,brotli,importlib.util as u
 D='{data}'.encode('latin1')
@@ -55,16 +56,17 @@ if zlib.crc32(D)!={crc}:sys.exit(__file__+': damaged (its packed code fails its 
 S=brotli.decompress(D).decode().split('\\0');M=dict(zip(S[::2],S[1::2]))
 class F:
  def find_spec(s,n,p,t=None):
-  if n in M:return u.spec_from_loader(n,s,is_package=any(k.startswith(n+'.')for k in M))
+  k=any(m.startswith(n+'.')for m in M)
+  if n in M or k:return u.spec_from_loader(n,s,is_package=k)
   if n[:6]=='pgolf.':raise ImportError(n+' is not packed')
  def create_module(s,p):0
- def exec_module(s,m):n=m.__name__;exec(compile(M[n],n.replace('.','/')+'.py','exec'),m.__dict__)
+ def exec_module(s,m):n=m.__name__;exec(compile(M.get(n,''),n.replace('.','/')+'.py','exec'),m.__dict__)
 sys.meta_path.insert(0,F())
 from pgolf.cli import main
 main()
 """
-# What the bootstrap calls (`from pgolf.cli import main`): no packed module names it, yet it must stay.
-BOOT_NAMES = frozenset({"main"})
+# What runs: the bootstrap's `from pgolf.cli import main`, and the `cli` of each stage the table keeps.
+BOOT = ("pgolf.cli", "main")
 # Bytes a single-quoted literal of a latin-1 file cannot hold as themselves.
 ESCAPES = {0: "\\x00", 10: "\\n", 13: "\\r", 39: "\\'", 92: "\\\\"}
 
@@ -85,23 +87,23 @@ def runtime_files() -> list[Path]:
 
 
 class _OnlyPacked(ast.NodeTransformer):
-    """The stage table and the CLI's tools without the rows whose module is not packed: they could
-    not run (a Stage(...) row names its module second, a tool its "module:function" first)."""
+    """The CLI's stage table with only the stages whose module is packed, each row cut to what the CLI
+    reads (name, module, an empty help; `command`), and none of its tools: a submission runs stages."""
 
     def __init__(self, packed: set[str]) -> None:
         self.packed = packed
 
     def visit_Assign(self, node: ast.Assign) -> ast.AST:
-        target = [getattr(t, "id", None) for t in node.targets]
-        if target == ["TOOLS"] and isinstance(node.value, ast.Dict):
-            keep = [(k, v) for k, v in zip(node.value.keys, node.value.values, strict=True)
-                    if ast.literal_eval(v)[0].partition(":")[0] in self.packed]
-            node.value.keys, node.value.values = [k for k, _ in keep], [v for _, v in keep]
+        if [getattr(t, "id", None) for t in node.targets] == ["TOOLS"] and isinstance(node.value, ast.Dict):
+            node.value.keys, node.value.values = [], []
         return node
 
     def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
         if getattr(node.target, "id", None) == "STAGES" and isinstance(node.value, ast.Tuple):
             node.value.elts = [e for e in node.value.elts if ast.literal_eval(e.args[1]) in self.packed]
+            for e in node.value.elts:
+                e.args = [*e.args[:2], ast.Constant("")]
+                e.keywords = [k for k in e.keywords if k.arg == "command"]
         return node
 
 
@@ -126,6 +128,11 @@ class _Strip(ast.NodeTransformer):
         return self.generic_visit(node)
 
     visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Assign(self, node: ast.Assign) -> ast.AST | None:
+        if [getattr(t, "id", None) for t in node.targets] == ["__all__"]:  # only `import *` reads it
+            return None
+        return self.generic_visit(node)
 
     def visit_If(self, node: ast.If) -> ast.AST | None:
         if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING" and not node.orelse:
@@ -154,62 +161,20 @@ def _plain_assign(stmt: ast.stmt) -> ast.stmt:
     return stmt
 
 
-def stripped(source: str, name: str = "<source>", packed: set[str] | None = None) -> ast.Module:
-    """The module's tree without docstrings, annotations and help texts; given the `packed` module
-    names, the CLI's stage table keeps only theirs."""
-    tree = _Strip().visit(ast.parse(source, filename=name))
-    if packed is not None:
-        tree = _OnlyPacked(packed).visit(tree)
-    return ast.fix_missing_locations(tree)
-
-
-def _words(tree: ast.AST) -> set[str]:
-    """Every name the code could reach a definition by: names, attributes, imported names, and the
-    words of string constants (the CLI's stage table names functions as 'module:function')."""
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            out.add(node.id)
-        elif isinstance(node, ast.Attribute):
-            out.add(node.attr)
-        elif isinstance(node, ast.alias):
-            out.update(node.name.split("."))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            out.update(re.findall(r"\w+", node.value))
-    return out
-
-
-def _droppable(stmt: ast.stmt) -> bool:
-    """A top-level def or class whose definition does nothing but bind its name: undecorated, or a
-    dataclass (a decorator could register it somewhere)."""
-    if not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-        return False
-    return all(_decorator_name(d) == "dataclass" for d in stmt.decorator_list)
-
-
-def _decorator_name(d: ast.expr) -> str | None:
-    d = d.func if isinstance(d, ast.Call) else d
-    return d.id if isinstance(d, ast.Name) else d.attr if isinstance(d, ast.Attribute) else None
-
-
-def drop_unused(trees: dict[str, ast.Module], keep: frozenset[str] = frozenset()) -> list[str]:
-    """Remove, in place, the top-level defs and classes that no packed module names, until none is
-    left (a function only an unused one called goes too). By name, not by scope, so a name used
-    anywhere keeps every definition of it: conservative, never wrong. Returns 'module.name's."""
-    dropped: list[str] = []
-    while True:
-        used = set().union(keep, *(_words(t) for t in trees.values()))
-        gone = [(m, s) for m, t in trees.items() for s in t.body if _droppable(s) and s.name not in used]
-        if not gone:
-            return dropped
-        for m, s in gone:
-            trees[m].body.remove(s)
-            dropped.append(f"{m}.{s.name}")
+def stripped(source: str, name: str = "<source>") -> ast.Module:
+    """The module's tree without docstrings, annotations, help texts and `__all__`."""
+    return ast.fix_missing_locations(_Strip().visit(ast.parse(source, filename=name)))
 
 
 def unparse(tree: ast.Module, name: str = "<source>") -> str:
     """The tree written by ast.unparse with one-space indents and no optional spaces."""
-    text = ast.unparse(tree)
+    return _squeezed(ast.unparse(tree), name)
+
+
+@functools.lru_cache(maxsize=512)
+def _squeezed(text: str, name: str) -> str:
+    """`text` squeezed, checked to parse to the same tree; once per text (most modules come out the
+    same for every run's features)."""
     out = _squeeze(text)
     if ast.dump(ast.parse(out)) != ast.dump(ast.parse(text)):
         raise RuntimeError(f"{name}: minifying changed the code")
@@ -279,38 +244,65 @@ def literal(data: bytes) -> str:
     return "".join(out)
 
 
-def minify(source: str, name: str = "<source>", packed: set[str] | None = None) -> str:
+def minify(source: str, name: str = "<source>") -> str:
     """One module with what never runs removed (see stripped), written by unparse."""
-    return unparse(stripped(source, name, packed), name)
+    return unparse(stripped(source, name), name)
 
 
-def modules() -> dict[str, str]:
-    """Module name -> minified source, as the packed file holds them."""
-    files = runtime_files()
-    names = {module_name(p) for p in files}
-    trees = {module_name(p): stripped(p.read_text(), str(p), names if p in (ENTRY, TABLE) else None) for p in files}
-    drop_unused(trees, BOOT_NAMES)
-    return {m: unparse(tree, m) for m, tree in trees.items()}
+def modules(on: frozenset[str] | None = None) -> dict[str, str]:
+    """Module name -> minified source, as the packed file of a run whose config switches on the
+    features `on` holds them (pgolf.pipeline.features.needed; None: every feature). The file must
+    run: a name or module its code uses that went fails the build (reach.problems)."""
+    trees = {module_name(p): ast.parse(_stripped_text(str(p), p.read_text())) for p in runtime_files()}
+    done = reach.cut(trees, features.left_out(on) if on is not None else [])
+    table = _OnlyPacked(set(trees))
+    for name in (module_name(ENTRY), module_name(TABLE)):
+        trees[name] = ast.fix_missing_locations(table.visit(trees[name]))
+    roots = [BOOT, *((s.entry, "cli") for s in STAGES if s.packed and s.entry in trees)]
+    reach.prune(trees, roots)
+    out = {m: unparse(tree, m) for m, tree in trees.items()}
+    problems = reach.problems(out, done)
+    if problems:
+        raise RuntimeError("the packed code would fail: " + "; ".join(problems))
+    return out
 
 
-@functools.lru_cache(maxsize=1)
-def _build(stamp: tuple[tuple[str, int, int], ...]) -> bytes:
-    joined = "\0".join(part for item in modules().items() for part in item)
+def _packed(mods: dict[str, str]) -> dict[str, str]:
+    """The modules the file holds: an empty package's __init__ goes (the bootstrap serves it)."""
+    return {m: src for m, src in mods.items() if src or not any(k.startswith(m + ".") for k in mods)}
+
+
+@functools.lru_cache(maxsize=128)
+def _stripped_text(path: str, source: str) -> str:
+    """The stripped module as text, parsed again for each build (cheaper than copying its tree)."""
+    return ast.unparse(stripped(source, path))
+
+
+@functools.lru_cache(maxsize=16)
+def _build(on: frozenset[str] | None, stamp: tuple[tuple[str, int, int], ...]) -> bytes:
+    joined = "\0".join(part for item in _packed(modules(on)).items() for part in item)
     packed = brotli.compress(joined.encode(), quality=11, lgwin=24)
     # {crc} first: the literal may hold the text "{crc}"
     return BOOTSTRAP.replace("{crc}", str(zlib.crc32(packed))).replace("{data}", literal(packed)).encode("latin-1")
 
 
-def build() -> bytes:
-    """The packed file's bytes; rebuilt only when a source file changed (parsing the Snakefile asks twice)."""
-    files = [*runtime_files(), Path(__file__)]
-    return _build(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+def build(on: frozenset[str] | None = None) -> bytes:
+    """The packed file's bytes for the features `on` (None: every feature); rebuilt only when a source
+    file changed (parsing the Snakefile asks once per run)."""
+    files = [*runtime_files(), Path(__file__), Path(features.__file__), Path(reach.__file__)]
+    return _build(on, tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
 
 
-def code_bytes() -> int:
-    return len(build())
+def for_config(cfg: dict) -> bytes:
+    """The packed file of a run: what its resolved config switches on."""
+    return build(features.needed(cfg))
 
 
-def sources() -> dict[str, int]:
-    """Source bytes of each packed module, for size.json: what the packed file is made of."""
-    return {str(p.relative_to(PACKAGE.parent)): p.stat().st_size for p in runtime_files()}
+def code_bytes(on: frozenset[str] | None = None) -> int:
+    return len(build(on))
+
+
+def sources(on: frozenset[str] | None = None) -> dict[str, int]:
+    """Source bytes of each module the packed file holds, for size.json: what it is made of."""
+    packed = set(modules(on))
+    return {str(p.relative_to(PACKAGE.parent)): p.stat().st_size for p in runtime_files() if module_name(p) in packed}

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgolf.errors import ConfigError
+from pgolf.pipeline import features
 
 STORE = "results/stages"
 SEED_STAGES = ("train", "calibrate", "quantize", "compress", "size", "evaluate")
@@ -47,7 +48,7 @@ PARAMS: dict[str, tuple[str, ...]] = {
     "calibrate": ("cfg", "seed", "device", "precision", "data", "code"),
     "quantize": ("cfg", "hessians", "code"),
     "compress": ("cfg", "hessians", "code"),
-    "size": ("cfg", "code_bytes", "code"),
+    "size": ("cfg", "features", "code_bytes", "code"),
     "evaluate": ("cfg", "device", "precision", "unpruned", "code"),
 }
 
@@ -130,7 +131,10 @@ class Run:
 class Plan:
     """The jobs of every run, shared where their folders agree."""
 
-    def __init__(self, runs: dict[str, tuple[str, dict]], code: Callable[[str], str], code_bytes: int):
+    def __init__(self, runs: dict[str, tuple[str, dict]], code: Callable[[str], str],
+                 code_bytes: Callable[[frozenset[str]], int]):
+        """`code(stage)` hashes a stage's code; `code_bytes(features)` is the size of the packed
+        train_gpt.py of a run that switches those features on (pgolf.pipeline.bundle)."""
         self.code, self.code_bytes = code, code_bytes
         self.jobs: dict[str, dict[str, Job]] = {}
         self.data: dict[str, tuple[str, dict, dict]] = {}  # data path -> (run, its keys, the run's config)
@@ -219,9 +223,12 @@ class Plan:
             "cfg": section(cfg, "compress", () if prune else ("budget_bytes", "code_reserve")),
             "hessians": ["--hessians", *prune_h] if prune_h else []})
         artifact = jobs["compress"].out("artifact")
-        # its own job so that editing code reruns only this check, not compression and evaluation
+        # its own job so that editing code reruns only this check, not compression and evaluation; the
+        # run's packed code is named by its features (pgolf.pipeline.features), so runs that pack the
+        # same code share the job whatever else differs
+        on = features.needed(cfg)
         jobs["size"] = self._add("size", cfg, {"artifact": artifact}, {
-            "cfg": section(cfg, "compress"), "code_bytes": self.code_bytes})
+            "cfg": section(cfg, "compress"), "features": ",".join(sorted(on)), "code_bytes": self.code_bytes(on)})
         jobs["evaluate"] = self._add("evaluate", cfg, {
             "data": data.dataset, "tokenizer": data.tokenizer, "ema": ema, "artifact": artifact,
             "quant": quant if prune else []}, {

@@ -144,6 +144,18 @@ def _unpack_payload(payload: bytes, packed: object, source: str) -> bytes:
     return tensorfile.dumps(tensors, meta, checksums=False)
 
 
+def _pergroup_raw(header: dict, body: memoryview, source: str) -> bytes:
+    """The tensor file of a per-group body (its own except clause: the packed code of a run without
+    pergroup has no pergroup module to name in decode_checked's)."""
+    if _length(header, "body_bytes", source) != len(body):
+        raise ArtifactError(f"{source}: the body is {len(body)} bytes, the header says "
+                            f"{header['body_bytes']} (truncated, or bytes appended)")
+    try:
+        return pergroup.decode(header, body, source)
+    except pergroup.PergroupError as e:
+        raise ArtifactError(str(e)) from None
+
+
 def decode(data: bytes, source: str = "<bytes>") -> bytes:
     """The raw tensor file; raise ArtifactError naming `source` unless it is exactly what the header promises."""
     return decode_checked(data, source)[0]
@@ -155,14 +167,9 @@ def decode_checked(data: bytes, source: str) -> tuple[bytes, dict]:
     n = _length(header, "raw_bytes", source)
     try:
         if header.get("codec") == "pergroup":
-            if _length(header, "body_bytes", source) != len(body):
-                raise ArtifactError(f"{source}: the body is {len(body)} bytes, the header says "
-                                    f"{header['body_bytes']} (truncated, or bytes appended)")
-            raw = pergroup.decode(header, body, source)
+            raw = _pergroup_raw(header, body, source)
         else:
             raw = _unpack_payload(_decompress(header, body, source), header.get("packed"), source)
-    except pergroup.PergroupError as e:
-        raise ArtifactError(str(e)) from None
     except tensorfile.TensorFileError as e:
         raise ArtifactError(f"{source}: payload is corrupt ({e})") from None
     if len(raw) != n:

@@ -34,14 +34,16 @@ def _lzma_decompress(body: bytes, limit: int) -> bytes:
     return out
 
 
-# codec -> (compress(raw, level), decompress(body, at most this many bytes)).
+# codec -> (compress(raw, level), decompress(body, at most this many bytes), its error on a corrupt stream).
 CODECS = {
-    "zstd": (lambda raw, level: zstandard.ZstdCompressor(level=level).compress(raw), _zstd_decompress),
-    "brotli": (lambda raw, level: brotli.compress(raw, quality=level), _brotli_decompress),
-    "lzma": (lambda raw, level: lzma.compress(raw, format=lzma.FORMAT_XZ, preset=level), _lzma_decompress),
+    "zstd": (lambda raw, level: zstandard.ZstdCompressor(level=level).compress(raw), _zstd_decompress,
+             zstandard.ZstdError),
+    "brotli": (lambda raw, level: brotli.compress(raw, quality=level), _brotli_decompress, brotli.error),
+    "lzma": (lambda raw, level: lzma.compress(raw, format=lzma.FORMAT_XZ, preset=level), _lzma_decompress,
+             lzma.LZMAError),
 }
 STRONGEST = {"zstd": 22, "brotli": 11, "lzma": 9}
-CODEC_ERRORS = (zstandard.ZstdError, brotli.error, lzma.LZMAError)
+CODEC_ERRORS = tuple(error for _, _, error in CODECS.values())
 
 
 def compress(raw: bytes, codec: str, level: int) -> bytes:

@@ -77,7 +77,7 @@ def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tens
     hessians = hessians or {}
     tensors, plan, bits, errors, residuals = {}, {}, {}, {}, {}
     for name, t in state.items():
-        rows = int8_row_codes(name, t, cfg["int8_rows"])
+        rows = int8_row_codes(name, t, cfg["int8_rows"]) if cfg["int8_rows"] else None
         if rows is not None:
             plan[name], bits[name] = "int", 8
             tensors[f"{name}.codes"], tensors[f"{name}.scale"] = rows
@@ -96,10 +96,13 @@ def quantize_state(state: dict[str, Tensor], cfg: dict, hessians: dict[str, Tens
         except ValueError as e:
             raise PgolfError(f"tensor {name!r}: {e}") from None
         tensors[f"{name}.codes"], tensors[f"{name}.scale"] = codes, scale
-        residuals[name] = t.float() - dequantize_rows(codes, scale)
+        if cfg["lqer"]["rank"]:
+            residuals[name] = t.float() - dequantize_rows(codes, scale)
         if h is not None:
             errors[name] = output_error(t, dequantize_rows(codes, scale), h) / (output_error(t, 0 * t, h) or 1.0)
-    return {**tensors, **lqer_tensors(residuals, cfg["lqer"])}, plan, bits, errors
+    if cfg["lqer"]["rank"]:
+        tensors.update(lqer_tensors(residuals, cfg["lqer"]))
+    return tensors, plan, bits, errors
 
 
 def _load_hessians(path: str | Path | None, method: str) -> dict[str, Tensor] | None:
@@ -120,7 +123,7 @@ def quantize(weights: str | Path, cfg: dict, out: str | Path, hessians: str | Pa
         raise PgolfError(f"{weights}: quantized tensor {bad!r} holds NaN/Inf (weights too large for float16 "
                          "scales); nothing written")
     quant_meta = {"method": cfg["method"], "clip": cfg["clip"], "plan": plan, "bits": bits}
-    lqer = corrected(tensors)
+    lqer = corrected(tensors) if cfg["lqer"]["rank"] else []
     if lqer:  # absent when off, so files without corrections keep their bytes
         quant_meta["lqer"] = lqer
     tensorfile.save(out, tensors, {**meta, "quant": quant_meta})
@@ -142,7 +145,9 @@ def dequantize(source: str | Path | dict[str, Tensor],
     if "quant" not in meta:
         raise PgolfError("not a quantized tensor file (no 'quant' entry in its header)")
     try:
-        state = apply_lqer(dequantize_state(source, meta["quant"]["plan"]), source, meta["quant"].get("lqer", []))
+        state = dequantize_state(source, meta["quant"]["plan"])
+        if "lqer" in meta["quant"]:  # only files with corrections: the packed code of a run without LQER has none
+            state = apply_lqer(state, source, meta["quant"]["lqer"])
     except KeyError as e:
         raise PgolfError(f"quantized tensor file lacks tensor {e}") from None
     return state, {k: v for k, v in meta.items() if k != "quant"}

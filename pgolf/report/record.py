@@ -1,9 +1,10 @@
 """`pgolf record`: a submission folder in the challenge's format (records/track_10min_16mb/<name>/).
 
 It holds README.md, submission.json, each seed's training log, and the code:
-- train_gpt.py, the counted code: pgolf.pipeline.bundle's self-extracting file of the modules that train,
-  quantize, compress and evaluate (`python train_gpt.py <stage> ...`); bytes_code is its size, the
-  same bytes size.json counts;
+- train_gpt.py, the counted code: pgolf.pipeline.bundle's self-extracting file of the code that trains,
+  quantizes, compresses and evaluates this run (`python train_gpt.py <stage> ...`): only what the
+  switches of its config reach (pgolf.pipeline.features); bytes_code is its size, the same bytes
+  size.json counts;
 - the readable pgolf package those modules come from, with the data stages, and the pipeline
   definition and resolved config that reproduce the whole run from inside the folder. These only
   prepare data and orchestrate, as the challenge's data scripts do, and are not counted.
@@ -33,11 +34,11 @@ from pgolf.report.inputs import add_seed_files, seed_files
 PIPELINE_FILES = ("Snakefile", "pyproject.toml", "rules", "schemas", "profiles")
 
 
-def copy_code(dest: Path) -> int:
-    """Write the packed train_gpt.py, copy the package and the pipeline definition into dest; return
-    the counted code bytes (train_gpt.py's size)."""
+def copy_code(dest: Path, cfg: dict) -> int:
+    """Write the run's packed train_gpt.py (the code its config's features reach), copy the package
+    and the pipeline definition into dest; return the counted code bytes (train_gpt.py's size)."""
     root = PACKAGE.parent
-    write_bytes(dest / bundle.FILE_NAME, bundle.build())
+    write_bytes(dest / bundle.FILE_NAME, bundle.for_config(cfg))
     for src in code_files():
         target = dest / src.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +216,7 @@ def build(summary: Path, files: dict[int, dict[str, Path]], cfg: dict, out: Path
     numbers = summary_numbers(summary_obj, metric, summary)
     text = summary_text(summary_obj, summary)
     with atomic_dir(out) as staging:
-        code_bytes = copy_code(staging)
+        code_bytes = copy_code(staging, cfg)
         results = seed_results(files, metric, code_bytes)
         sub = submission(cfg, numbers, results, code_bytes)
         write_json(staging / "submission.json", sub)

@@ -125,11 +125,9 @@ def sync_and_clip(model: nn.Module, muon: Muon, world: int, clip: float, scope: 
     return norm
 
 
-def read_shard_order(path: Path | None, cfg: dict) -> list[int] | None:
+def read_shard_order(path: Path | None, cfg: dict) -> list[int]:
     """The shard order of loader mode `ordered`: as given in the config, or hardest/easiest first
     from `pgolf shard-order`'s shard_order.json."""
-    if cfg["mode"] != "ordered":
-        return None
     if cfg["order"] == "given":
         return list(cfg["shard_order"])
     if path is None:
@@ -215,7 +213,8 @@ class Trainer:
             raise PgolfError("training needs a dataset folder (data) or a batch source")
         # the model's vocabulary must be the shards' (the manifest), and every id below it
         open_dataset(job.data, job.vocab_size, "--vocab-size (tokenizer.vocab_size)")
-        self.shard_order = read_shard_order(job.shard_order, job.loader_cfg)
+        if job.loader_cfg["mode"] == "ordered":
+            self.shard_order = read_shard_order(job.shard_order, job.loader_cfg)
         return DistributedLoader(job.data, self.rank, self.world, self.device, job.loader_cfg, self.cfg["seq_len"],
                                  job.seed, self.shard_order, job.vocab_size)
 
