@@ -177,7 +177,8 @@ def test_over_budget_fails_with_the_amount(good_artifact, tmp_path, capsys):
     with pytest.raises(BudgetError, match="1,234 over the .* compress.prune"):
         check_size(path, tight, tmp_path / "size2.json")
     with pytest.raises(SystemExit, match="^1$"):
-        main(["size", "--artifact", str(path), "--cfg", json.dumps(tight), "--out", str(tmp_path / "size2.json")])
+        main(["size", "--artifact", str(path), "--cfg", json.dumps(tight), "--features", "",
+              "--out", str(tmp_path / "size2.json")])
     assert re.fullmatch(r"pgolf size: .*1,234 over the .*-byte budget.*\n", capsys.readouterr().err)
     assert not (tmp_path / "size2.json").exists()
 

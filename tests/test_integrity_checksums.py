@@ -362,7 +362,8 @@ def test_size_and_evaluate_refuse_a_flipped_header_value(setup, inputs, tmp_path
     art = tmp_path / "artifact.pgz"
     art.write_bytes(digit_flipped(setup.artifact.read_bytes(), b"params"))
     out = tmp_path / "size.json"
-    proc = pgolf("size", "--artifact", art, "--cfg", json.dumps(validate({})["compress"]), "--out", out)
+    proc = pgolf("size", "--artifact", art, "--cfg", json.dumps(validate({})["compress"]), "--features", "",
+                 "--out", out)
     assert_refused(proc, "size", f"{art}: checksum mismatch", outputs=(out,))
     art.write_bytes(digit_flipped(setup.artifact.read_bytes(), b"pruned_codes"))
     out = tmp_path / "eval.json"

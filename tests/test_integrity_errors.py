@@ -151,7 +151,7 @@ def test_stage_errors_are_one_line(setup, tiny_dataset, flipped_artifact, tmp_pa
         ("compress", ["--quant", truncated(setup.ema, tmp_path / "half.pgt"), "--cfg", json.dumps(compress),
                       "--out", tmp_path / "a.pgz"], tmp_path / "half.pgt"),
         ("size", ["--artifact", truncated(setup.artifact, tmp_path / "half.pgz"), "--cfg", json.dumps(compress),
-                  "--out", tmp_path / "size.json"], tmp_path / "half.pgz"),
+                  "--features", "", "--out", tmp_path / "size.json"], tmp_path / "half.pgz"),
         ("evaluate", eval_argv(setup, flipped_artifact, tmp_path / "eval.json")[1:], flipped_artifact),
         ("shards", ["--docs", tiny_dataset.docs, "--tokenizer", garbage, "--cfg", json.dumps(validate({})["data"]),
                     "--out", tmp_path / "ds"], garbage),

@@ -249,7 +249,8 @@ def test_stage_commands_refuse_damaged_files_in_one_line(setup, tmp_path):
     assert not (tmp_path / "artifact.pgz").exists()
 
     art = damaged_copy(setup.artifact, tmp_path / "bad.pgz", lambda d: d[:-10])
-    proc = stage("size", "--artifact", art, "--cfg", json.dumps(COMPRESS), "--out", tmp_path / "size.json")
+    proc = stage("size", "--artifact", art, "--cfg", json.dumps(COMPRESS), "--features", "", "--out",
+                 tmp_path / "size.json")
     assert_one_line(proc, "size", art, "the body is")
     assert not (tmp_path / "size.json").exists()
 

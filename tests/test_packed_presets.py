@@ -20,19 +20,19 @@ PRESETS = ["config.yaml", "configs/smoke.yaml", "configs/pr549.yaml", "configs/p
 
 
 def defined(mods: dict[str, str], entry: str) -> bool:
-    """Whether the packed modules hold what a feature's entry names."""
+    """Whether the packed modules hold what a feature's entry names: a module, a definition, a method
+    ('Class.method') or a dict's key ('NAME[key]')."""
     module, _, rest = entry.partition(":")
-    if module not in mods:
-        return False
-    if not rest:
-        return True
-    name, _, key = rest.partition("[")
+    if module not in mods or not rest:
+        return module in mods
+    name, _, key = rest.rstrip("]").partition("[")
+    name, _, method = name.partition(".")
     for stmt in ast.parse(mods[module]).body:
-        if getattr(stmt, "name", None) == name:
-            return True
         target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
         if key and getattr(target, "id", None) == name:
-            return any(isinstance(k, ast.Constant) and k.value == key.rstrip("]") for k in stmt.value.keys)
+            return any(isinstance(k, ast.Constant) and k.value == key for k in stmt.value.keys)
+        if not key and getattr(stmt, "name", None) == name:
+            return not method or any(getattr(s, "name", None) == method for s in stmt.body)
     return False
 
 

@@ -12,6 +12,9 @@ import pytest
 import yaml
 from conftest import stage_file
 
+from pgolf.config import load
+from pgolf.pipeline import bundle, features
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -72,6 +75,10 @@ def test_record_folder_is_a_self_contained_submission(finished_run):
     size = json.loads(stage_file(finished_run, "smoke", 1, "size", "size.json").read_text())
     counted = (record / "train_gpt.py").stat().st_size  # the packed code a submission runs
     assert sub["bytes_code"] == counted == size["code_bytes"] < 40_000  # compress.code_reserve
+    # the run's own file: the code its config's switches reach (pgolf.pipeline.features), as size counted it
+    own = bundle.for_config(load(REPO / "config.yaml", finished_run / "run.yaml"))
+    assert (record / "train_gpt.py").read_bytes() == own and size["code_features"] == sorted(features.needed(
+        load(REPO / "config.yaml", finished_run / "run.yaml")))
     assert sub["seeds"] == [1, 2] and set(sub["seed_results"]) == {"1", "2"}
     assert sub["bytes_total"] == max(r["artifact_bytes"] for r in sub["seed_results"].values()) + counted
     summary = json.loads((finished_run / "results/smoke/summary.json").read_text())

@@ -202,7 +202,9 @@ def _manifest_problem(m: object) -> str | None:
             return f"splits.{split}.shards must be a list of file names"
         if not _is_count(entry.get("tokens")):
             return f"splits.{split}.tokens must be a non-negative integer, got {entry.get('tokens')!r}"
-        problem = _digest_problem(split, entry) or _sidecar_problem(split, entry)
+        problem = _digest_problem(split, entry)
+        if problem is None and "byte_sidecar" in entry:  # the packed code of a run without CaseOps has no reader
+            problem = _sidecar_problem(split, entry)
         if problem:
             return problem
     transform = m.get("text_transform", "identity")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import brotli
 
-from pgolf.pipeline import features, reach
+from pgolf.pipeline import features, reach, rename
 from pgolf.pipeline.provenance import PACKAGE, closure
 from pgolf.pipeline.stages import STAGES
 
@@ -172,6 +172,13 @@ def unparse(tree: ast.Module, name: str = "<source>") -> str:
 
 
 @functools.lru_cache(maxsize=512)
+def _minified(text: str, name: str) -> str:
+    """A pruned module's text with its locals renamed, squeezed; once per text (most modules come out
+    the same for every run's features)."""
+    return unparse(rename.rename_locals(ast.parse(text)), name)
+
+
+@functools.lru_cache(maxsize=512)
 def _squeezed(text: str, name: str) -> str:
     """`text` squeezed, checked to parse to the same tree; once per text (most modules come out the
     same for every run's features)."""
@@ -260,7 +267,7 @@ def modules(on: frozenset[str] | None = None) -> dict[str, str]:
         trees[name] = ast.fix_missing_locations(table.visit(trees[name]))
     roots = [BOOT, *((s.entry, "cli") for s in STAGES if s.packed and s.entry in trees)]
     reach.prune(trees, roots)
-    out = {m: unparse(tree, m) for m, tree in trees.items()}
+    out = {m: _minified(ast.unparse(tree), m) for m, tree in trees.items()}
     problems = reach.problems(out, done)
     if problems:
         raise RuntimeError("the packed code would fail: " + "; ".join(problems))
@@ -278,7 +285,7 @@ def _stripped_text(path: str, source: str) -> str:
     return ast.unparse(stripped(source, path))
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _build(on: frozenset[str] | None, stamp: tuple[tuple[str, int, int], ...]) -> bytes:
     joined = "\0".join(part for item in _packed(modules(on)).items() for part in item)
     packed = brotli.compress(joined.encode(), quality=11, lgwin=24)
@@ -289,7 +296,7 @@ def _build(on: frozenset[str] | None, stamp: tuple[tuple[str, int, int], ...]) -
 def build(on: frozenset[str] | None = None) -> bytes:
     """The packed file's bytes for the features `on` (None: every feature); rebuilt only when a source
     file changed (parsing the Snakefile asks once per run)."""
-    files = [*runtime_files(), Path(__file__), Path(features.__file__), Path(reach.__file__)]
+    files = [*runtime_files(), *(Path(m.__file__) for m in (features, reach, rename)), Path(__file__)]
     return _build(on, tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
 
 

@@ -1,8 +1,9 @@
 """Which code each switch of the config needs: the packed train_gpt.py of a run holds only its own.
 
 Each Feature names a test on the resolved config and the code that only that switch runs: a
-module, a top-level definition ('module:name') or an entry of a top-level dict ('module:NAME[key]',
-a registry such as the quantization methods or the codecs). When the test is false the packer
+module, a top-level definition ('module:name'), a method no base class defines ('module:Class.method')
+or an entry of a top-level dict ('module:NAME[key]', a registry such as the quantization methods or
+the codecs). When the test is false the packer
 (pgolf.pipeline.bundle) leaves that code out, and with it whatever only that code used
 (pgolf.pipeline.reach). The call sites stay, behind the switch the test reads: the packed file of a
 run never reaches them, and a file run with another config fails there loudly (an undefined name,
@@ -24,12 +25,16 @@ CODECS = ("zstd", "brotli", "lzma")
 class Feature:
     name: str
     needed: Callable[[dict], bool]  # from the whole resolved config
-    code: tuple[str, ...]  # what only it runs: 'module', 'module:name' or 'module:NAME[key]'
+    code: tuple[str, ...]  # what only it runs: 'module', 'module:name', 'module:Class.method', 'module:NAME[key]'
 
 
 def _clips(cfg: dict) -> set[str]:
     clip = cfg["quant"]["clip"]
     return {clip} if isinstance(clip, str) else set(clip.values())
+
+
+def _parallel(cfg: dict, mode: str) -> bool:
+    return cfg["model"]["parallel_from"] >= 0 and cfg["model"]["parallel_mode"] == mode
 
 
 def _ttt(cfg: dict, mode: str) -> bool:
@@ -46,6 +51,7 @@ def _codec(name: str) -> Feature:
 FEATURES: tuple[Feature, ...] = (
     # model (pgolf/model)
     Feature("bigram", lambda c: c["model"]["bigram_buckets"] > 0, ("pgolf.model.layers:BigramHash",)),
+    Feature("smear", lambda c: c["model"]["smear_gate"], ("pgolf.model.gpt:GPT.smear_gate",)),
     Feature("smear_lerp", lambda c: c["model"]["smear_gate"] and c["model"]["smear_mode"] != "input",
             ("pgolf.model.layers:SmearGate",)),
     Feature("smear_input", lambda c: c["model"]["smear_gate"] and c["model"]["smear_mode"] == "input",
@@ -54,7 +60,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature("xsa", lambda c: c["model"]["xsa_last_n"] > 0, ("pgolf.model.layers:exclusive",)),
     Feature("doc_attention", lambda c: c["model"]["doc_attention"], ("pgolf.model.layers:_attend_within",)),
     Feature("qat", lambda c: c["model"]["qat_bits"] > 0, ("pgolf.model.layers:fake_quant",)),
+    Feature("late_qat", lambda c: c["train"]["qat_below"] > 0, ("pgolf.model.gpt:GPT.set_qat",)),
     Feature("own_norms", lambda c: c["model"]["recur_own_norms"], ("pgolf.model.gpt:Controls",)),
+    Feature("lanes", lambda c: _parallel(c, "lanes"), ("pgolf.model.gpt:Block.lanes",)),
+    Feature("mixed_lanes", lambda c: _parallel(c, "mixed_lanes"), ("pgolf.model.gpt:Block.mixed_lanes",)),
+    Feature("orthogonal_init", lambda c: c["model"]["init"] == "orthogonal", ("pgolf.model.gpt:GPT.orthogonal_init",)),
     # training (pgolf/train, pgolf/optim)
     Feature("swa", lambda c: c["train"]["swa"], ("pgolf.train.averaging:SWA",)),
     Feature("loader_ordered", lambda c: c["loader"]["mode"] == "ordered", ("pgolf.train.train:read_shard_order",)),
@@ -78,15 +88,23 @@ FEATURES: tuple[Feature, ...] = (
     Feature("lqer", lambda c: c["quant"]["lqer"]["rank"] > 0, ("pgolf.quant.lqer",)),
     # compression (pgolf/quant)
     *(_codec(name) for name in CODECS),
-    Feature("pergroup", lambda c: c["compress"]["codec"] == "pergroup", ("pgolf.quant.pergroup",)),
+    Feature("pergroup", lambda c: c["compress"]["codec"] == "pergroup",
+            ("pgolf.quant.pergroup", "pgolf.quant.artifact:_pergroup_raw")),
+    Feature("one_stream", lambda c: c["compress"]["codec"] != "pergroup",  # every codec but pergroup's streams
+            ("pgolf.quant.artifact:pack_payload", "pgolf.quant.artifact:_decompress",
+             "pgolf.quant.artifact:_unpack_payload")),
     Feature("pack", lambda c: c["compress"]["pack"], ("pgolf.quant.pack:pack_codes", "pgolf.quant.pack:unpack_codes")),
     Feature("prune", lambda c: c["compress"]["prune"], ("pgolf.quant.compress:prune_to_fit",)),
     # evaluation (pgolf/eval)
     Feature("ttt", lambda c: c["eval"]["ttt"]["enabled"], ("pgolf.eval.tttsteps",)),
     Feature("ttt_chunk", lambda c: _ttt(c, "chunk"), ("pgolf.eval.ttt",)),
     Feature("ttt_phased_lora", lambda c: _ttt(c, "phased_lora"), ("pgolf.eval.phased", "pgolf.eval.lora")),
+    # BPB from the dataset's byte sidecar (CaseOps), or from the tokenizer's byte tables (every other run)
     Feature("caseops", lambda c: c["tokenizer"]["caseops"],
-            ("pgolf.eval.bpb:ByteSidecar", "pgolf.formats.shards:load_sidecar")),
+            ("pgolf.eval.bpb:ByteSidecar", "pgolf.formats.shards:load_sidecar",
+             "pgolf.formats.shards:_sidecar_problem")),
+    Feature("byte_tables", lambda c: not c["tokenizer"]["caseops"],
+            ("pgolf.eval.bpb:ByteLUTs", "pgolf.eval.bpb:build_byte_luts", "pgolf.eval.bpb:target_bytes")),
 )
 BY_NAME = {f.name: f for f in FEATURES}
 

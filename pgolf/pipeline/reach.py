@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 Ref = tuple[str, str]  # (module, top-level name)
 # Decorators that return the function or class they wrap and register it nowhere.
 WRAPPERS = frozenset({"dataclass", "no_grad", "inference_mode", "contextmanager"})
-ENTRY = re.compile(r"^([\w.]+)(?::(\w+)(?:\[(\w+)\])?)?$")  # module, module:name, module:name[key]
+# module, module:name, module:Class.method, module:NAME[key]
+ENTRY = re.compile(r"^([\w.]+)(?::(\w+)(?:\.(\w+)|\[(\w+)\])?)?$")
 
 
 @dataclass
@@ -218,15 +219,16 @@ class Cut:
 
 
 def cut(trees: dict[str, ast.Module], entries: list[str]) -> Cut:
-    """Remove, in place, each entry: 'module', 'module:name' (a top-level definition) or
-    'module:NAME[key]' (an entry of a top-level dict literal), and the import aliases that bound
+    """Remove, in place, each entry: 'module', 'module:name' (a top-level definition),
+    'module:Class.method' (a method no base class defines: a call reaching it fails, never falls back)
+    or 'module:NAME[key]' (an entry of a top-level dict literal), and the import aliases that bound
     what was removed. An entry of a module already removed is nothing more to remove."""
     done = Cut()
     for entry in entries:
         m = ENTRY.match(entry)
         if m is None:
-            raise ValueError(f"{entry!r}: not 'module', 'module:name' or 'module:NAME[key]'")
-        module, name, key = m.groups()
+            raise ValueError(f"{entry!r}: not 'module', 'module:name', 'module:Class.method' or 'module:NAME[key]'")
+        module, name, method, key = m.groups()
         if (module, None) in done.refs:
             continue
         if module not in trees:
@@ -234,6 +236,8 @@ def cut(trees: dict[str, ast.Module], entries: list[str]) -> Cut:
         if name is None:
             del trees[module]
             done.refs.add((module, None))
+        elif method is not None:
+            _remove_method(trees[module], name, method, entry)
         elif key is None:
             _remove_definition(trees[module], name, entry)
             done.refs.add((module, name))
@@ -241,17 +245,41 @@ def cut(trees: dict[str, ast.Module], entries: list[str]) -> Cut:
         else:
             _remove_key(trees[module], name, key, entry)
     for module, tree in trees.items():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import | ast.ImportFrom):
-                keep = []
-                for a, (alias, mod, sub) in zip(node.names, _imported(node), strict=True):
-                    if done.removed(mod, sub) or (isinstance(node, ast.Import) and done.removed(a.name, None)):
-                        done.names.setdefault(module, set()).add(alias)
-                    else:
-                        keep.append(a)
-                node.names = keep
-        _drop_empty_imports(tree)
+        for block in _blocks(tree):
+            kept = []
+            for node in block:
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    node.names = [a for a, (alias, mod, sub) in zip(node.names, _imported(node), strict=True)
+                                  if not _gone(done, module, alias, mod, sub, a.name, isinstance(node, ast.Import))]
+                    if not node.names:
+                        continue
+                kept.append(node)
+            block[:] = kept or ([] if block is tree.body else [ast.Pass()])
     return done
+
+
+def _gone(done: Cut, module: str, alias: str, mod: str, sub: str | None, name: str, plain: bool) -> bool:
+    """Whether an import alias bound something `cut` removed (then noted as undefined in `module`)."""
+    if done.removed(mod, sub) or (plain and done.removed(name, None)):
+        done.names.setdefault(module, set()).add(alias)
+        return True
+    return False
+
+
+def _blocks(tree: ast.Module) -> list[list[ast.stmt]]:
+    """Every statement list of the module, nested ones included (only a statement can import):
+    walking statements alone skips the expressions, most of a tree."""
+    out: list[list[ast.stmt]] = []
+    todo: list[ast.AST] = [tree]
+    while todo:
+        node = todo.pop()
+        for attr in ("body", "orelse", "finalbody", "handlers", "cases"):
+            block = getattr(node, attr, None)
+            if isinstance(block, list) and block:
+                if isinstance(block[0], ast.stmt):
+                    out.append(block)
+                todo += block
+    return out
 
 
 def _remove_definition(tree: ast.Module, name: str, entry: str) -> None:
@@ -262,6 +290,17 @@ def _remove_definition(tree: ast.Module, name: str, entry: str) -> None:
             tree.body.remove(stmt)
             return
     raise ValueError(f"{entry}: no plain top-level definition of {name}")
+
+
+def _remove_method(tree: ast.Module, cls: str, method: str, entry: str) -> None:
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ClassDef) and stmt.name == cls:
+            for node in stmt.body:
+                if isinstance(node, ast.FunctionDef) and node.name == method and not method.startswith("__"):
+                    stmt.body.remove(node)
+                    stmt.body = stmt.body or [ast.Pass()]
+                    return
+    raise ValueError(f"{entry}: no method {method} (not a dunder) of a top-level class {cls}")
 
 
 def _remove_key(tree: ast.Module, name: str, key: str, entry: str) -> None:
@@ -275,15 +314,6 @@ def _remove_key(tree: ast.Module, name: str, key: str, entry: str) -> None:
             d.keys, d.values = [k for k, _ in keep], [v for _, v in keep]
             return
     raise ValueError(f"{entry}: no top-level dict {name}")
-
-
-def _drop_empty_imports(tree: ast.AST) -> None:
-    for node in ast.walk(tree):
-        for attr in ("body", "orelse", "finalbody", "handlers"):
-            stmts = getattr(node, attr, None)
-            if isinstance(stmts, list) and stmts and isinstance(stmts[0], ast.stmt):
-                kept = [s for s in stmts if not (isinstance(s, ast.Import | ast.ImportFrom) and not s.names)]
-                setattr(node, attr, kept or [ast.Pass()])
 
 
 @dataclass(frozen=True)
