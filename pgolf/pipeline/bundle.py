@@ -1,18 +1,21 @@
 """The code a submission runs, packed into one self-extracting Python file: what `bytes_code` counts.
 
-Which code: the modules that the stages making and scoring the artifact import (RUNTIME_STAGES,
-followed through their pgolf imports by pgolf.pipeline.provenance.closure), plus the CLI that runs them,
-its stage table cut to the stages packed. Data preparation, shard ordering, the size check,
-reports and config validation are not in it: a submission runs none of them.
+Which code: each run's own. From the modules the stages making and scoring the artifact import
+(RUNTIME_STAGES, followed through their pgolf imports by pgolf.pipeline.provenance.closure), the code
+of every switch the run's config leaves off goes (pgolf.pipeline.features: `features.needed(cfg)`
+names the features a config switches on; `build(on)` packs for them), then whatever no code that runs
+reaches (pgolf.pipeline.reach): the CLI keeps the stages it packs, without help texts, and no tools.
+Data preparation, shard ordering, the size check, reports and config validation are never in it.
+The packer refuses a file whose code names what is not in it, except behind the switch whose code
+went (reach.problems). docs/bytes.md has each preset's bytes.
 
 Minified without changing what runs: docstrings, comments, function annotations, `if
-TYPE_CHECKING:` blocks and argparse help texts go (nothing in these modules reads an annotation
-or a docstring; the one visible change is that --help lists the options without descriptions,
-which the readable source has), and so do the top-level functions and classes that no packed
-module names (the shard writer beside the shard reader, the artifact writer beside its reader:
-what the data stages and the tests use). ast.unparse writes the rest, with one space per indentation
-level and spaces between tokens only where two tokens would otherwise run together. Every module
-is checked to parse back to the tree ast.unparse wrote, so no token can change.
+TYPE_CHECKING:` blocks, `__all__` and argparse help texts go (nothing in these modules reads an
+annotation or a docstring; the one visible change is that --help lists the options without
+descriptions, which the readable source has), and each function's locals get short names
+(pgolf.pipeline.rename). ast.unparse writes the rest, with one space per indentation level and
+spaces between tokens only where two tokens would otherwise run together. Every module is checked to
+parse back to the tree ast.unparse wrote, so no token can change.
 
 The file: `python train_gpt.py <stage> args` (or torchrun ... train_gpt.py <stage> args)
 checks the CRC32 of its packed bytes (brotli has none: a damaged byte decodes to other code, which
@@ -22,7 +25,7 @@ pgolf's CLI. The modules are brotli-compressed (quality 11: 4% smaller than lzma
 held in a string literal of a latin-1 source file, where every byte is one character except the
 five that a literal must escape (NUL, CR, LF, backslash, the quote): about 2% over the compressed
 size, where the records' base85 (PR #1334) spends 25%. Kept free of torch, like provenance:
-parsing the Snakefile builds it to know the code bytes.
+parsing the Snakefile builds each run's file to know its code bytes.
 """
 
 from __future__ import annotations

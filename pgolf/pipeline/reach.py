@@ -14,10 +14,11 @@ any other statement stays. No scopes are tracked: a local variable spelled like 
 keeps that name (conservative, never wrong). Methods go with their class or stay with it.
 
 `cut` removes what the config leaves off before reach runs (pgolf.pipeline.features: a module, a
-definition, or an entry of a top-level dict); the imports of what it removed go too, so the names
-they bound are undefined where reached code still spells them (in branches the same switch guards).
-`undefined` lists, per module, the global names its code uses that nothing binds: the packer
-allows only those `cut` removed.
+definition, a method, or an entry of a top-level dict); the imports of what it removed go too, so
+the names they bound are undefined where reached code still spells them (in branches the same switch
+guards). `problems` checks the minified modules: a global name nothing binds is allowed only where
+`cut` removed it and never in code that runs on import, and every pgolf import and module attribute
+must resolve to what is packed or to what `cut` removed.
 """
 
 from __future__ import annotations
@@ -178,12 +179,10 @@ class _Reach:
         return None
 
 
-def prune(trees: dict[str, ast.Module], roots: list[Ref], keep_modules: tuple[str, ...] = ()) -> list[str]:
+def prune(trees: dict[str, ast.Module], roots: list[Ref]) -> list[str]:
     """Remove, in place, what the `roots` never reach (see the module docstring); modules nothing
     imports leave `trees`. Returns the 'module.name's of the definitions and the modules removed."""
     r = _Reach(trees)
-    for module in keep_modules:
-        r.load(module)
     for module, name in roots:
         r.reach(module, name)
     removed = [m for m in trees if m not in r.loaded]
@@ -325,13 +324,6 @@ class _Facts:
     bound: frozenset[str]  # its top-level names
     imports: tuple[tuple[str, str | None], ...]  # (module, name) of every import it runs
     attributes: tuple[tuple[str, str, str], ...]  # (alias, module the alias names, attribute)
-
-
-def undefined(source: str, name: str) -> tuple[frozenset[str], frozenset[str]]:
-    """The global names a module's code uses that nothing in it binds and are no builtins: (those
-    its import runs: top-level statements, class bodies, defaults and decorators; the rest)."""
-    f = _facts(source, name)
-    return f.on_import, f.later
 
 
 @functools.lru_cache(maxsize=512)

@@ -3,8 +3,8 @@
 Code bytes (pgolf.pipeline.bundle's packed file) are counted by `pgolf size` (pgolf/quant/size.py), its own
 stage, so that editing code reruns only the size check, not compression and evaluation. With
 pruning on, compress aims at the budget minus compress.code_reserve, a fixed allowance for the code
-(40,000 bytes; the packed code is 35,265 with PR #1855's parts), not its exact size: then too a code edit
-reruns only the size check, which counts the real total.
+(40,000 bytes; each preset's packed code is 26 to 32 KB, docs/bytes.md), not its exact size: then too a
+code edit reruns only the size check, which counts the real total.
 
 Pruning (PRs #1019/#1334's selective +-1 pruning): zeroing a +-1 code of row r, column c moves its
 weight by the row's scale s_r, which adds s_r^2 * H_cc to the layer's output error (H = X^T X / n
