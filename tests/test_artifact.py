@@ -172,10 +172,10 @@ def test_size_counts_code_and_model_bytes(good_artifact, tmp_path):
 
 def test_over_budget_fails_with_the_amount(good_artifact, tmp_path, capsys):
     path, _ = good_artifact
-    total = check_size(path, COMPRESS, tmp_path / "size.json")["total_bytes"]
+    total = check_size(path, COMPRESS, tmp_path / "size.json", frozenset())["total_bytes"]  # --features ""
     tight = {**COMPRESS, "budget_bytes": total - 1234}
     with pytest.raises(BudgetError, match="1,234 over the .* compress.prune"):
-        check_size(path, tight, tmp_path / "size2.json")
+        check_size(path, tight, tmp_path / "size2.json", frozenset())
     with pytest.raises(SystemExit, match="^1$"):
         main(["size", "--artifact", str(path), "--cfg", json.dumps(tight), "--features", "",
               "--out", str(tmp_path / "size2.json")])
