@@ -118,5 +118,5 @@ def left_out(on: frozenset[str]) -> list[str]:
     """The code of every feature not in `on`, in table order."""
     unknown = sorted(on - BY_NAME.keys())
     if unknown:
-        raise ValueError(f"unknown features {unknown}; known: {', '.join(BY_NAME)}")
+        raise RuntimeError(f"unknown features {unknown}; known: {', '.join(BY_NAME)}")
     return [entry for f in FEATURES if f.name not in on for entry in f.code]

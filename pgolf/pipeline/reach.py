@@ -226,12 +226,12 @@ def cut(trees: dict[str, ast.Module], entries: list[str]) -> Cut:
     for entry in entries:
         m = ENTRY.match(entry)
         if m is None:
-            raise ValueError(f"{entry!r}: not 'module', 'module:name', 'module:Class.method' or 'module:NAME[key]'")
+            raise RuntimeError(f"{entry!r}: not 'module', 'module:name', 'module:Class.method' or 'module:NAME[key]'")
         module, name, method, key = m.groups()
         if (module, None) in done.refs:
             continue
         if module not in trees:
-            raise ValueError(f"{entry}: no packed module {module}")
+            raise RuntimeError(f"{entry}: no packed module {module}")
         if name is None:
             del trees[module]
             done.refs.add((module, None))
@@ -285,10 +285,10 @@ def _remove_definition(tree: ast.Module, name: str, entry: str) -> None:
     for stmt in tree.body:
         if name in _droppable_names(stmt):
             if len(_droppable_names(stmt)) > 1:
-                raise ValueError(f"{entry}: its statement binds other names too")
+                raise RuntimeError(f"{entry}: its statement binds other names too")
             tree.body.remove(stmt)
             return
-    raise ValueError(f"{entry}: no plain top-level definition of {name}")
+    raise RuntimeError(f"{entry}: no plain top-level definition of {name}")
 
 
 def _remove_method(tree: ast.Module, cls: str, method: str, entry: str) -> None:
@@ -299,7 +299,7 @@ def _remove_method(tree: ast.Module, cls: str, method: str, entry: str) -> None:
                     stmt.body.remove(node)
                     stmt.body = stmt.body or [ast.Pass()]
                     return
-    raise ValueError(f"{entry}: no method {method} (not a dunder) of a top-level class {cls}")
+    raise RuntimeError(f"{entry}: no method {method} (not a dunder) of a top-level class {cls}")
 
 
 def _remove_key(tree: ast.Module, name: str, key: str, entry: str) -> None:
@@ -309,10 +309,10 @@ def _remove_key(tree: ast.Module, name: str, key: str, entry: str) -> None:
             keep = [(k, v) for k, v in zip(d.keys, d.values, strict=True)
                     if not (isinstance(k, ast.Constant) and k.value == key)]
             if len(keep) == len(d.keys):
-                raise ValueError(f"{entry}: {name} has no key {key!r}")
+                raise RuntimeError(f"{entry}: {name} has no key {key!r}")
             d.keys, d.values = [k for k, _ in keep], [v for _, v in keep]
             return
-    raise ValueError(f"{entry}: no top-level dict {name}")
+    raise RuntimeError(f"{entry}: no top-level dict {name}")
 
 
 @dataclass(frozen=True)
