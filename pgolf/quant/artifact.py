@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
-from pgolf.formats.container import frame, unframe
+from pgolf.formats.container import frame, read_file, unframe
 from pgolf.formats.io import write_bytes
 from pgolf.quant import pergroup
 from pgolf.quant.codec import CODEC_ERRORS, CODECS
@@ -176,14 +176,7 @@ def decode_checked(data: bytes, source: str) -> tuple[bytes, dict]:
 
 
 def _read(path: str | Path) -> bytes:
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: file not found") from None
-    if size > MAX_FILE_BYTES:
-        raise ArtifactError(f"{path}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit; not an artifact")
-    return path.read_bytes()
+    return read_file(path, ArtifactError, MAX_FILE_BYTES, "an artifact")
 
 
 def write_artifact(path: str | Path, raw: bytes, cfg: dict) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from pgolf.config import validate
 from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
+from pgolf.formats.container import file_size
 from pgolf.formats.io import atomic_dir, write_bytes, write_json
 from pgolf.formats.results import has, integer, number, read_result
 from pgolf.pipeline import bundle
@@ -57,10 +58,7 @@ METRIC_PART = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre
 
 def artifact_bytes(artifact: Path, size: Path) -> int:
     """The artifact's bytes, from the file itself; its size.json must have measured this very file."""
-    try:
-        n = artifact.stat().st_size
-    except FileNotFoundError:
-        raise PgolfError(f"{artifact}: file not found") from None
+    n = file_size(artifact, PgolfError)
     measured = integer(read_result(size), ("model_bytes",), size)
     if measured != n:
         raise PgolfError(f"{size}: model_bytes is {measured:,}, but {artifact} is {n:,} bytes: it describes another "
