@@ -142,7 +142,8 @@ class Plan:
 
     def _add(self, stage: str, cfg: dict, inputs: dict, params: dict) -> Job:
         params = {**params, "code": self.code(stage)}
-        assert tuple(sorted(params)) == tuple(sorted(PARAMS[stage])), (stage, sorted(params))
+        if sorted(params) != sorted(PARAMS[stage]):  # a rule would pass params its key never saw (not an assert: -O)
+            raise RuntimeError(f"plan: {stage} is keyed by {sorted(params)}, its rule passes {sorted(PARAMS[stage])}")
         key = hashlib.sha256(_json([stage, inputs, params]).encode()).hexdigest()[:16]
         job = self.jobs.setdefault(stage, {}).setdefault(key, Job(stage, key, f"{STORE}/{stage}/{key}", inputs,
                                                                    params, cfg))
