@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import seed_argv
 
@@ -19,7 +20,7 @@ from pgolf.config import validate
 from pgolf.data.overlap import documents, find_overlap
 from pgolf.formats.results import write_result
 from pgolf.formats.shards import write_shard
-from pgolf.report import scorefirst
+from pgolf.report import check, scorefirst
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SEEDS = (1, 2, 3)
@@ -248,6 +249,23 @@ def test_score_first_audits_sliding_and_every_ttt_mode():
     assert not reasons, reasons
     assert lines[0].startswith("sliding: ") and "0 changed" in lines[0]
     assert any(x.startswith("ttt chunk: ") for x in lines) and any(x.startswith("ttt phased_lora: ") for x in lines)
+
+
+def test_score_first_fails_a_config_whose_own_ttt_breaks_the_rule():
+    """rescore re-scores tokens after training on them: validate refuses it, so the check must fail on
+    it, not call every TTT mode "not applicable" and pass."""
+    cfg = small_config()
+    cfg["eval"]["ttt"].update(enabled=True, mode="chunk", rescore=True)
+    lines, reasons = scorefirst.audit_config(cfg)
+    assert reasons and "config.yaml" in reasons[0] and "rescore" in reasons[0], (lines, reasons)
+
+
+@pytest.mark.parametrize("text, problem", [('{"model": {', "damaged"), ('{"a": 1}', "not a pgolf config")])
+def test_a_damaged_pgolf_config_fails_score_first(tmp_path, text, problem):
+    (tmp_path / "config.yaml").write_text(text)
+    folder = check.Folder(tmp_path, None, "submission.json", "", [], {}, {}, check.read_config(tmp_path))
+    c = check.check_score_first(folder)
+    assert c.status == check.FAIL and problem in " ".join(c.reasons), c
 
 
 class Peeking(torch.nn.Module):

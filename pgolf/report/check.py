@@ -98,7 +98,7 @@ class Folder:
     seeds: list[int]
     logs: dict[int, SeedLog]  # the log chosen for each seed
     missing: dict[int, str]  # seed -> why it has no log
-    config: dict | None  # pgolf's resolved config.yaml, when the folder is pgolf's
+    config: dict | str | None  # pgolf's resolved config.yaml, when the folder is pgolf's (str: why it is unreadable)
 
 
 def read_submission(folder: Path) -> tuple[dict | None, str, str]:
@@ -134,13 +134,25 @@ def seed_claim(sub: dict | None, seed: int, key: str) -> float | None:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def read_config(folder: Path) -> dict | None:
-    """pgolf's resolved config (JSON in config.yaml), when the folder is one pgolf record wrote."""
+def read_config(folder: Path) -> dict | str | None:
+    """pgolf's resolved config (JSON in config.yaml), when the folder is one pgolf record wrote; a
+    problem (str) when its config.yaml is JSON, as pgolf writes it, but damaged: that is a failure,
+    not a folder of another kind, or a damaged config would skip its score-first check."""
     try:
-        cfg = json.loads((folder / "config.yaml").read_text())
-    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        text = (folder / "config.yaml").read_text()
+    except FileNotFoundError:
         return None
-    return cfg if isinstance(cfg, dict) and {"model", "eval", "tokenizer"} <= set(cfg) else None
+    except UnicodeDecodeError:
+        text = "{?"
+    if not text.lstrip().startswith("{"):
+        return None  # a YAML file of another tool
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"config.yaml: damaged ({e})"
+    if not (isinstance(cfg, dict) and {"model", "eval", "tokenizer"} <= set(cfg)):
+        return "config.yaml: not a pgolf config (no model, eval and tokenizer sections)"
+    return cfg
 
 
 def choose(logs: list[SeedLog], claim: float | None) -> SeedLog:
@@ -444,7 +456,7 @@ def folder_variant(f: Folder) -> str | None:
     found = {log.variant for log in f.logs.values() if log.variant}
     if len(found) == 1:
         return found.pop()
-    data = (f.config or {}).get("data") or {}
+    data = (f.config if isinstance(f.config, dict) else {}).get("data") or {}
     return data.get("hub", {}).get("variant") if data.get("source") == "fineweb" else None
 
 
@@ -487,6 +499,8 @@ def check_score_first(f: Folder) -> Check:
     if f.config is None:
         return Check("score-first", SKIP, "not a pgolf folder (no config.yaml with model and eval sections): "
                      "pgolf check runs no foreign code")
+    if isinstance(f.config, str):
+        return verdict("score-first", "", [f.config])
     from pgolf.report.scorefirst import audit_config
 
     try:
