@@ -17,6 +17,7 @@ Kept free of torch: parsing the Snakefile builds the plan.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -140,7 +141,9 @@ class Plan:
     """The jobs of every run, shared where their folders agree."""
 
     def __init__(self, runs: dict[str, tuple[str, dict]], code: Callable[[str], str], code_bytes: int):
-        self.code, self.code_bytes = code, code_bytes
+        # one code hash per stage for the whole plan: a study asks for each once per job (216 for the
+        # pr1855-parts study), and each call rereads the stage's modules
+        self.code, self.code_bytes = functools.cache(code), code_bytes
         self.jobs: dict[str, dict[str, Job]] = {}
         self.data: dict[str, tuple[str, dict, dict]] = {}  # data path -> (run, its keys, the run's config)
         self.runs = {folder: self._run(name, folder, cfg) for folder, (name, cfg) in runs.items()}
