@@ -91,7 +91,7 @@ def calibration_seconds(hessians: Path | None) -> float:
     to nearest calibrates nothing). The challenge counts GPTQ calibration as training (#1950)."""
     if hessians is None:
         return 0.0
-    return number(tensorfile.load(hessians)[1], ("seconds",), hessians)
+    return number(tensorfile.read_meta(hessians), ("seconds",), hessians)
 
 
 def seed_log_tail(seed: int, r: dict, code_bytes: int, metric: str) -> str:
