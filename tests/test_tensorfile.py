@@ -32,7 +32,8 @@ def test_read_meta_reads_the_header_alone_and_checks_it(tmp_path):
     assert tensorfile.read_meta(path) == {"seconds": 4.5} == tensorfile.load(path)[1]
     data = path.read_bytes()
     head = len(data) - 64 * 64 * 4
-    cases = {"truncated": data[:-4], "appended": data + b"\0", "meta edited": data[:head].replace(b"4.5", b"0.5") + data[head:],
+    cases = {"truncated": data[:-4], "appended": data + b"\0",
+             "meta edited": data[:head].replace(b"4.5", b"0.5") + data[head:],
              "cut in the header": data[: head - 3], "cut in the prefix": data[:10]}
     for case, bad in cases.items():
         path.write_bytes(bad)
