@@ -462,18 +462,21 @@ def folder_variant(f: Folder) -> str | None:
 
 def dataset_check(data: Path, bos: int) -> tuple[str, list[str]]:
     """The val split against the pinned count of its variant, and the train/val document overlap."""
-    from pgolf.data.overlap import find_overlap, split_shards
-    from pgolf.formats.shards import MANIFEST, read_header
+    import numpy as np
+
+    from pgolf.data.overlap import find_overlap, read, split_shards
+    from pgolf.formats.shards import MANIFEST, read_manifest
 
     if not data.is_dir():
         raise PgolfError(f"{data}: dataset folder not found")
-    manifest = json.loads((data / MANIFEST).read_text()) if (data / MANIFEST).exists() else {}
+    manifest = read_manifest(data) if (data / MANIFEST).exists() else {}
     variant = manifest.get("variant") or (data.name.removeprefix("fineweb10B_") if "fineweb10B_" in data.name else None)
     val, _ = split_shards(data, "val")
-    n = sum(read_header(p) for p, _ in val)
-    sha = hashlib.sha256()
-    for p, _ in val:
-        sha.update(p.read_bytes())
+    n, sha = 0, hashlib.sha256()
+    for p, digest in val:  # verified against the manifest once: find_overlap's read of them is not hashed again
+        tokens = np.asarray(read(p, digest))
+        n += len(tokens)
+        sha.update(tokens.tobytes())
     reasons, want = [], pinned(variant)
     targets = (n - 1) // PIN_SEQ * PIN_SEQ
     if want is not None and targets != want:
@@ -486,7 +489,7 @@ def dataset_check(data: Path, bos: int) -> tuple[str, list[str]]:
                        f"document(s) in all are val documents (the #2130 failure)")
     canon = f"canonical {want:,}" if want is not None else "no canonical count to pin"
     text = (f"{data.name}: val {n:,} tokens ({variant or 'not a challenge export'}, {canon}), sha256 of the val "
-            f"shards {sha.hexdigest()[:16]}... (not pinned: none published); {o.val_docs:,} val documents "
+            f"tokens {sha.hexdigest()[:16]}... (not pinned: none published); {o.val_docs:,} val documents "
             f"compared with {o.train_docs:,} train documents ({o.train_tokens:,} tokens, {o.shards} shards"
             f"{', checksummed' if o.checksummed else ', no pgolf manifest: not checksummed'}), {o.matches} found")
     return text, reasons
