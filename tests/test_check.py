@@ -7,6 +7,7 @@ and fails when a check does."""
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from pgolf.config import validate
 from pgolf.data.overlap import documents, find_overlap
 from pgolf.formats.results import write_result
 from pgolf.formats.shards import write_shard
-from pgolf.report import check, scorefirst
+from pgolf.report import check, scorefirst, seedlog
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SEEDS = (1, 2, 3)
@@ -341,3 +342,15 @@ def test_a_failed_check_fails_the_record_stage(tmp_path):
     report = record_run(tmp_path / "again", train_s=599.0, check="report")
     assert report.returncode == 0, report.stderr
     assert "| time | FAIL |" in (tmp_path / "again" / "record" / "README.md").read_text()
+
+
+def test_a_full_precision_std_agrees_with_logs_rounded_to_8_places():
+    """Rounding three scores to 8 places moved their sample std by 1.0017 half-units here: a record
+    that states the std of its unrounded scores must still pass (the bound is h * sqrt(n / (n - 1)))."""
+    true = [1.0003131460983248, 1.000752994636369, 1.0001741455651842]
+    scored = {s: seedlog.Score("final", round(v, 8), 2.0, 8, None, 1) for s, v in enumerate(true)}
+    sub = {"val_bpb": statistics.fmean(true), "val_bpb_std": statistics.stdev(true)}
+    folder = check.Folder(Path("."), sub, "submission.json", "", list(scored), {}, {}, None)
+    assert check.mean_and_std(folder, scored) == []
+    sub["val_bpb_std"] += 3e-8
+    assert "val_bpb_std" in check.mean_and_std(folder, scored)[0]

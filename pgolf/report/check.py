@@ -165,10 +165,11 @@ def choose(logs: list[SeedLog], claim: float | None) -> SeedLog:
     return logs[-1]
 
 
-def agrees(claim: float, value: float, digits: int) -> bool:
+def agrees(claim: float, value: float, digits: int, spread: float = 1.0) -> bool:
     """A claim agrees with a value from the logs to its own last printed digit (a record may round
-    after averaging rounded scores), the logs' values being known to half of their last digit."""
-    return abs(claim - value) <= 10.0 ** -places(claim) + half_unit(digits) + 1e-12
+    after averaging rounded scores), the logs' values being known to half of their last digit, times
+    `spread` for a statistic that moves more than its inputs (a std of n: sqrt(n / (n - 1)))."""
+    return abs(claim - value) <= 10.0 ** -places(claim) + spread * half_unit(digits) + 1e-12
 
 
 def load_folder(path: Path) -> Folder:
@@ -365,7 +366,9 @@ def mean_and_std(f: Folder, scored: dict[int, seedlog.Score]) -> list[str]:
     std = sub.get("val_bpb_std")
     if isinstance(std, int | float) and len(values) >= 2:
         both = (statistics.stdev(values), statistics.pstdev(values))  # records use either
-        if not any(agrees(std, v, digits) for v in both):
+        # rounding each score by at most h moves the sample std by at most h * sqrt(n / (n - 1))
+        spread = math.sqrt(len(values) / (len(values) - 1))
+        if not any(agrees(std, v, digits, spread) for v in both):
             reasons.append(f"{name}: val_bpb_std {std} is neither the sample std ({both[0]:.8f}) nor the "
                            f"population std ({both[1]:.8f}) of the seed logs' final scores")
     return reasons
