@@ -108,15 +108,21 @@ def test_every_feature_names_code_that_exists():
     assert len(features.BY_NAME) == len(features.FEATURES)
 
 
-def test_every_byte_survives_the_latin1_literal():
+@pytest.mark.parametrize("quote, literal", [("'", bundle.literal), ("'" * 3, bundle.triple_literal)])
+def test_every_byte_survives_the_latin1_literal(quote, literal):
+    """Every byte value, and the runs a literal must not take for its end or an escape: quotes (in
+    triple quotes one may stand alone, but not two or three in a row, nor one at the end), a NUL
+    before a digit, line ends, backslashes; the packed file's triple quotes need fewer escapes."""
     rng = random.Random(0)
-    data = bytes(rng.randrange(256) for _ in range(5000)) + b"\0" + b"7\0\0'\\\r\n\0"
-    text = "'" + bundle.literal(data) + "'"
-    assert ast.literal_eval(text).encode("latin-1") == data
-    source = f"# coding: latin-1\nx = {text}\n".encode("latin-1")
-    space: dict = {}
-    exec(compile(source, "t.py", "exec"), space)
-    assert space["x"].encode("latin-1") == data
+    data = bytes(rng.randrange(256) for _ in range(5000)) + b"\0" + b"7\0\0'\\\r\n\0" + b"'''a''''\\'\n'x"
+    for tail in (b"", b"'", b"''", b"\\", b"\n"):
+        text = quote + literal(data + tail) + quote
+        assert ast.literal_eval(text).encode("latin-1") == data + tail
+        source = f"# coding: latin-1\nx = {text}\n".encode("latin-1")
+        space: dict = {}
+        exec(compile(source, "t.py", "exec"), space)
+        assert space["x"].encode("latin-1") == data + tail
+    assert len(bundle.triple_literal(data)) < len(bundle.literal(data))
 
 
 SNIPPET = '''"""the module text"""

@@ -89,6 +89,8 @@ def test_a_preset_packed_file_runs_every_stage_alone(preset, tiny_dataset, tmp_p
     cfg = shrunk(preset, tiny_dataset.vocab_size)
     on = features.needed(cfg)
     assert on == features.needed(load(preset))  # the very file the preset's run packs
+    if preset == "config.yaml":
+        assert features.needed(load("configs/smoke.yaml")) == on  # the smoke run's file too
     folder, work = tmp_path / "submission", tmp_path / "work"
     folder.mkdir()
     (folder / bundle.FILE_NAME).write_bytes(bundle.build(on))

@@ -1,8 +1,10 @@
 """Evaluation windows over the val stream, and the one loop that scores them.
 
-Both the sliding-window evaluation and TTT's scoring go through `score_windows`: batches of a fixed
+The sliding-window evaluation and chunk TTT's scoring go through `score_windows`: batches of a fixed
 shape (the last one padded), one autocast call site, the losses of each window's scored targets
-into a BPB meter, with each target's place in the stream (a byte sidecar counts bytes by it).
+into a BPB meter through `record`, with each target's place in the stream (a byte sidecar counts
+bytes by it). Phased TTT runs its own forward, whose loss it then trains on, and records it through
+the same `record`.
 """
 
 from __future__ import annotations
@@ -79,6 +81,21 @@ def scored_mask(part: list[Window], seq_len: int) -> Tensor:
     return (offsets >= first[:, None]) & (offsets < stop[:, None])
 
 
+def record(losses: Tensor, idx: Tensor, part: list[Window], seq_len: int, meter: BPBMeter,
+           scores: Scores | None) -> None:
+    """Add the scored targets of the windows `part` to `meter` (and `scores`): `losses` (batch, seq_len)
+    are a forward's per-target losses over `idx`, the batch's token rows, whose first len(part) rows
+    are those windows; the rest is padding and counts nowhere. `losses` may carry a graph (phased TTT
+    backpropagates the forward it scores): what is recorded is detached from it."""
+    losses, idx = losses[: len(part)].detach().float().cpu(), idx[: len(part)].cpu()
+    keep = scored_mask(part, seq_len)
+    pos = torch.tensor([w[0] for w in part])[:, None] + torch.arange(seq_len)[None, :]
+    meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep], pos[keep] + 1)  # target t is token t + 1
+    if scores is not None:
+        scores.targets.append(pos[keep])
+        scores.losses.append(losses[keep])
+
+
 @torch.inference_mode()
 def score_windows(forward: nn.Module, tokens: Tensor, part_windows: list[Window], seq_len: int, batch: int,
                   meter: BPBMeter, device: torch.device, precision: str = "auto",
@@ -90,13 +107,7 @@ def score_windows(forward: nn.Module, tokens: Tensor, part_windows: list[Window]
         part = part_windows[i : i + batch]
         idx = window_batch(tokens, part, seq_len, batch).to(device)
         with autocast(device, precision):
-            losses = token_losses(forward, idx[:, :-1], idx[:, 1:])[: len(part)].float().cpu()
-        idx = idx[: len(part)].cpu()
-        keep = scored_mask(part, seq_len)
-        pos = torch.tensor([w[0] for w in part])[:, None] + torch.arange(seq_len)[None, :]
-        meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep], pos[keep] + 1)  # target t is token t + 1
-        if scores is not None:
-            scores.targets.append(pos[keep])
-            scores.losses.append(losses[keep])
+            losses = token_losses(forward, idx[:, :-1], idx[:, 1:])
+        record(losses, idx, part, seq_len, meter, scores)
         if label and (b + 1) % max(1, n_batches // 10) == 0:
             print(f"{label}: batch {b + 1}/{n_batches}", flush=True)

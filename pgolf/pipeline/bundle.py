@@ -54,7 +54,7 @@ FILE_NAME = "train_gpt.py"  # the challenge's name for a submission's code
 # Filenames look like paths.
 BOOTSTRAP = """# coding: latin-1
 import sys,zlib,brotli,importlib.util as u
-D='{data}'.encode('latin1')
+D='''{data}'''.encode('latin1')
 if zlib.crc32(D)!={crc}:sys.exit(__file__+': damaged (its packed code fails its CRC32 check); copy the file again')
 S=brotli.decompress(D).decode().split('\\0');M=dict(zip(S[::2],S[1::2]))
 class F:
@@ -72,6 +72,9 @@ main()
 BOOT = ("pgolf.cli", "main")
 # Bytes a single-quoted literal of a latin-1 file cannot hold as themselves.
 ESCAPES = {0: "\\x00", 10: "\\n", 13: "\\r", 39: "\\'", 92: "\\\\"}
+# Those a literal in triple quotes cannot hold as themselves (a quote only before a quote or at the end).
+QUOTE = 39
+TRIPLE_ESCAPES = {0: "\\x00", 13: "\\r", 39: "\\'", 92: "\\\\"}
 
 
 def module_name(path: Path) -> str:
@@ -178,7 +181,17 @@ def unparse(tree: ast.Module, name: str = "<source>") -> str:
 def _minified(text: str, name: str) -> str:
     """A pruned module's text with its locals renamed, squeezed; once per text (most modules come out
     the same for every run's features)."""
-    return unparse(rename.rename_locals(ast.parse(text)), name)
+    return unparse(rename.rename_locals(_without_future(ast.parse(text))), name)
+
+
+def _without_future(tree: ast.Module) -> ast.Module:
+    """A module's top-level `x: T = v` as `x = v`; then, with no annotation left to postpone (function
+    annotations went in stripping, and only class bodies keep theirs), no `from __future__ import
+    annotations` either."""
+    tree.body = [_plain_assign(s) for s in tree.body]
+    if not any(isinstance(n, ast.AnnAssign) for n in ast.walk(tree)):
+        tree.body = [s for s in tree.body if not (isinstance(s, ast.ImportFrom) and s.module == "__future__")]
+    return ast.fix_missing_locations(tree)
 
 
 @functools.lru_cache(maxsize=512)
@@ -245,13 +258,23 @@ def _needs_space(prev: tokenize.TokenInfo, tok: tokenize.TokenInfo) -> bool:
 
 def literal(data: bytes) -> str:
     """`data` as the inside of a single-quoted literal in a latin-1 file: byte i is character i."""
-    out = []
-    for i, b in enumerate(data):
-        esc = ESCAPES.get(b)
-        if b == 0 and data[i + 1 : i + 2] not in (b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7"):
-            esc = "\\0"  # two bytes instead of four where no octal digit follows
-        out.append(esc or chr(b))
-    return "".join(out)
+    return "".join(_escaped(data, i, ESCAPES) for i in range(len(data)))
+
+
+def triple_literal(data: bytes) -> str:
+    """`data` as the inside of a literal in triple single quotes in a latin-1 file, where a line feed
+    and most quotes stand as themselves: a quote is escaped only before another quote or at the end
+    (so no three close the literal early); NUL, CR and the backslash always are. The packed file is
+    0.8% smaller than with `literal`."""
+    return "".join(_escaped(data, i, TRIPLE_ESCAPES) if data[i] != QUOTE or data[i + 1 : i + 2] in (b"'", b"")
+                   else "'" for i in range(len(data)))
+
+
+def _escaped(data: bytes, i: int, escapes: dict[int, str]) -> str:
+    b = data[i]
+    if b == 0 and data[i + 1 : i + 2] not in (b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7"):
+        return "\\0"  # two bytes instead of four where no octal digit follows
+    return escapes.get(b) or chr(b)
 
 
 def minify(source: str, name: str = "<source>") -> str:
@@ -290,10 +313,13 @@ def _stripped_text(path: str, source: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _build(on: frozenset[str] | None, stamp: tuple[tuple[str, int, int], ...]) -> bytes:
-    joined = "\0".join(part for item in _packed(modules(on)).items() for part in item)
+    mods = _packed(modules(on))
+    # in reverse name order: 0.3% smaller than in order
+    joined = "\0".join(part for name in sorted(mods, reverse=True) for part in (name, mods[name]))
     packed = brotli.compress(joined.encode(), quality=11, lgwin=24)
     # {crc} first: the literal may hold the text "{crc}"
-    return BOOTSTRAP.replace("{crc}", str(zlib.crc32(packed))).replace("{data}", literal(packed)).encode("latin-1")
+    return BOOTSTRAP.replace("{crc}", str(zlib.crc32(packed))).replace("{data}", triple_literal(packed)).encode(
+        "latin-1")
 
 
 def build(on: frozenset[str] | None = None) -> bytes:

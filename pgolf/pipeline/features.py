@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-CODECS = ("zstd", "brotli", "lzma")
+CODECS = ("zstd", "brotli", "lzma", "zpaq")
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,11 @@ def _ttt(cfg: dict, mode: str) -> bool:
 
 
 def _codec(name: str) -> Feature:
-    # pergroup gives each stream whichever codec compresses it best: it needs all three
-    return Feature(f"codec_{name}", lambda c: c["compress"]["codec"] in (name, "pergroup"),
-                   (f"pgolf.quant.codec:CODECS[{name}]",))
+    # pergroup gives each stream whichever of the fast codecs compresses it best, and ZPAQ with compress.zpaq
+    def needed(c: dict) -> bool:
+        comp = c["compress"]
+        return comp["codec"] == name or comp["codec"] == "pergroup" and (name != "zpaq" or comp["zpaq"])
+    return Feature(f"codec_{name}", needed, (f"pgolf.quant.codec:CODECS[{name}]",))
 
 
 FEATURES: tuple[Feature, ...] = (

@@ -1,7 +1,10 @@
-"""The general-purpose codecs an artifact's streams may use, each with a bounded decompressor.
+"""The general-purpose codecs an artifact's streams may use, each with a decompressor held to a length.
 
 Every decompressor takes the most bytes it may return: a lying header can never make a reader
-allocate more than it promised (one byte over that limit shows the lie).
+allocate more than it promised (one byte over that limit shows the lie). ZPAQ is the exception: the
+zpaq package (libzpaq, the context-mixing back-end of the record's `lrzip -z`) has no output limit,
+so a zpaq stream is decoded whole and then cut to the limit; its codec is off unless chosen
+(compress.codec zpaq, or compress.zpaq for pergroup's streams).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import lzma
 
 import brotli
+import zpaq
 import zstandard
 
 
@@ -34,16 +38,30 @@ def _lzma_decompress(body: bytes, limit: int) -> bytes:
     return out
 
 
-# codec -> (compress(raw, level), decompress(body, at most this many bytes), its error on a corrupt stream).
+# One thread makes one ZPAQ block: the same bytes on any machine, and the best ratio (threads split
+# the input into blocks that each start cold).
+def _zpaq_compress(raw: bytes, level: int) -> bytes:
+    return zpaq.compress(raw, level=level, threads=1, hints=False)
+
+
+def _zpaq_decompress(body: bytes, limit: int) -> bytes:
+    return zpaq.decompress(body, threads=1)[:limit]  # refuses a body without ZPAQ's block tag
+
+
+# codec -> (compress(raw, level), decompress(body, at most this many bytes), its error on a corrupt
+# stream): one entry per codec, so that a run's packed code leaves out a codec it never uses, module
+# and all (pgolf.pipeline.features).
 CODECS = {
     "zstd": (lambda raw, level: zstandard.ZstdCompressor(level=level).compress(raw), _zstd_decompress,
              zstandard.ZstdError),
     "brotli": (lambda raw, level: brotli.compress(raw, quality=level), _brotli_decompress, brotli.error),
     "lzma": (lambda raw, level: lzma.compress(raw, format=lzma.FORMAT_XZ, preset=level), _lzma_decompress,
              lzma.LZMAError),
+    "zpaq": (_zpaq_compress, _zpaq_decompress, zpaq.Error),
 }
-STRONGEST = {"zstd": 22, "brotli": 11, "lzma": 9}
+STRONGEST = {"zstd": 22, "brotli": 11, "lzma": 9, "zpaq": 5}
 CODEC_ERRORS = tuple(error for _, _, error in CODECS.values())
+FAST = ("zstd", "brotli", "lzma")  # pergroup's choice unless compress.zpaq adds ZPAQ (slow both ways)
 
 
 def compress(raw: bytes, codec: str, level: int) -> bytes:
@@ -55,7 +73,7 @@ def decompress(body: bytes, codec: str, limit: int) -> bytes:
     return CODECS[codec][1](body, limit)
 
 
-def smallest(raw: bytes, codecs: tuple[str, ...] = tuple(CODECS)) -> tuple[str, bytes]:
+def smallest(raw: bytes, codecs: tuple[str, ...] = FAST) -> tuple[str, bytes]:
     """(codec, body): the codec whose strongest level compresses `raw` to the fewest bytes; the first
     such on a tie, so the choice is deterministic."""
     bodies = {c: compress(raw, c, STRONGEST[c]) for c in codecs}
