@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter
-from pgolf.model.gpt import token_losses
+from pgolf.eval.ngram import TiltedMeter
+from pgolf.model.gpt import logit_losses
 from pgolf.runtime.device import autocast
 
 # (start, first scored offset) or (start, first, stop): a window scores its offsets first..stop-1,
@@ -28,11 +29,15 @@ class Scores:
 
     targets: list[Tensor] = field(default_factory=list)
     losses: list[Tensor] = field(default_factory=list)
+    tilted: list[Tensor] = field(default_factory=list)  # under the n-gram tilt, each target's tilted loss too
 
-    def by_target(self) -> dict[int, float]:
+    def by_target(self) -> dict[int, float | tuple[float, float]]:
+        """Each target's loss, or (loss, tilted loss) under the n-gram tilt."""
         if not self.targets:
             return {}
         t, loss = torch.cat(self.targets).tolist(), torch.cat(self.losses).tolist()
+        if self.tilted:
+            loss = list(zip(loss, torch.cat(self.tilted).tolist(), strict=True))
         return dict(zip(t, loss, strict=True))
 
 
@@ -90,13 +95,23 @@ def score_windows(forward: nn.Module, tokens: Tensor, part_windows: list[Window]
         part = part_windows[i : i + batch]
         idx = window_batch(tokens, part, seq_len, batch).to(device)
         with autocast(device, precision):
-            losses = token_losses(forward, idx[:, :-1], idx[:, 1:])[: len(part)].float().cpu()
-        idx = idx[: len(part)].cpu()
+            logits = forward(idx[:, :-1])
+            losses = logit_losses(logits, idx[:, 1:])[: len(part)].float()
         keep = scored_mask(part, seq_len)
         pos = torch.tensor([w[0] for w in part])[:, None] + torch.arange(seq_len)[None, :]
+        tilted = None
+        if isinstance(meter, TiltedMeter):  # the n-gram tilt: from the same logits, into its own meter
+            n = len(part)
+            tilted = meter.tilt(logits[:n], idx[:n, 1:], losses, pos, keep).cpu()[keep]
+        del logits
+        losses, idx = losses.cpu(), idx[: len(part)].cpu()
         meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep], pos[keep] + 1)  # target t is token t + 1
+        if tilted is not None:
+            meter.tilted.update(tilted, idx[:, :-1][keep], idx[:, 1:][keep], pos[keep] + 1)
         if scores is not None:
             scores.targets.append(pos[keep])
             scores.losses.append(losses[keep])
+            if tilted is not None:
+                scores.tilted.append(tilted)
         if label and (b + 1) % max(1, n_batches // 10) == 0:
             print(f"{label}: batch {b + 1}/{n_batches}", flush=True)
