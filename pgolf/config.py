@@ -173,10 +173,13 @@ def check_calibration(cal: dict[str, Any]) -> None:
 
 
 # codec -> (lowest, highest) level; null in the config means the highest.
-CODEC_LEVELS = {"zstd": (1, 22), "brotli": (0, 11), "lzma": (0, 9)}
+CODEC_LEVELS = {"zstd": (1, 22), "brotli": (0, 11), "lzma": (0, 9), "zpaq": (1, 5)}
 
 
 def _resolve_codec_level(comp: dict[str, Any]) -> None:
+    if comp["zpaq"] and comp["codec"] != "pergroup":
+        raise ConfigError(f"compress.zpaq: ZPAQ as a candidate for each stream needs codec pergroup (codec is "
+                          f"{comp['codec']!r}); for the whole payload set codec: zpaq")
     if comp["codec"] == "pergroup":  # each stream's codec is chosen, at its strongest level
         if comp["level"] is not None or comp["pack"]:
             raise ConfigError("compress: codec pergroup takes no level (each stream uses its codec's strongest) "

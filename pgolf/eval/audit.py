@@ -43,7 +43,7 @@ from pgolf.eval.tttsteps import run_chunks
 from pgolf.eval.windows import Scores
 from pgolf.formats.shards import check_tokenizer, open_dataset
 from pgolf.model.gpt import GPT
-from pgolf.pipeline.plan import stage_dir
+from pgolf.pipeline.plan import OUTPUTS, stage_dir
 
 
 def recorded_losses(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts,
@@ -205,7 +205,7 @@ def cli(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     cfg = run_eval_config(args.run, args.config)
     cfg["ttt"] = {**cfg["ttt"], "enabled": True}
-    artifact = Path(stage_dir(args.run, args.seed, "compress")) / "artifact.pgz"
+    artifact = Path(stage_dir(args.run, args.seed, "compress")) / OUTPUTS["compress"]["artifact"]
     model = artifact_model(artifact)
     # as evaluate checks them: the tokenizer counts the bytes, and an id beyond the vocabulary is no token
     check_tokenizer(args.data, args.tokenizer)

@@ -134,7 +134,8 @@ def tilted_nll(nll: Tensor, log_q: Tensor, hit: Tensor, boost: float) -> Tensor:
 
 class TiltedMeter(BPBMeter):
     """A BPB meter that also keeps the tilted score of the same targets: the untilted losses go to
-    the meter itself, the tilted ones to `tilted`. The scorer hands it each batch's logits."""
+    the meter itself, the tilted ones to `tilted`. windows.forward_losses takes log p(hint) from each
+    forward's logits, windows.record the tilted losses from those."""
 
     def __init__(self, luts: ByteCounts, hints: Hints, boost: float) -> None:
         super().__init__(luts)
@@ -142,21 +143,30 @@ class TiltedMeter(BPBMeter):
         self.tilted = BPBMeter(luts)
         self.counts = torch.zeros(2, dtype=torch.float64)  # hinted targets, of which the hint was right
 
-    def tilt(self, logits: Tensor, y: Tensor, losses: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
-        """Each position's loss, tilted where it is scored (`keep`) and gated. logits (B, T, V) and y,
-        losses (B, T) on the scoring device; targets (B, T) each position's target index, and keep, on the CPU."""
+    def gate(self, targets: Tensor, keep: Tensor) -> Tensor:
+        """(B, T) bool: the scored positions (`keep`) whose target (`targets`, stream indices) is hinted."""
         gate = keep.clone()
         gate[keep] = self.hints.gated[targets[keep]]
-        out = losses.double()
-        if not gate.any():
-            return out
-        g = gate.to(losses.device)
-        hint = self.hints.token[targets[gate]].to(losses.device)
-        rows = logits[g].float()
-        log_q = rows.gather(1, hint[:, None]).squeeze(1) - torch.logsumexp(rows, dim=1)
-        hit = y[g] == hint
-        out[g] = tilted_nll(losses[g], log_q, hit, self.boost)
-        self.counts += torch.tensor([hit.numel(), hit.sum().item()], dtype=torch.float64)
+        return gate
+
+    def log_q(self, logits: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
+        """(B, T) float32 on the CPU: log p(hint) under `logits` (B, T, V, on the scoring device) at each
+        gated position, 0 elsewhere. targets and keep (B, T) on the CPU, as for gate()."""
+        gate, out = self.gate(targets, keep), torch.zeros(keep.shape)
+        if gate.any():
+            rows = logits[gate.to(logits.device)].float()
+            hint = self.hints.token[targets[gate]].to(logits.device)
+            out[gate] = (rows.gather(1, hint[:, None]).squeeze(1) - torch.logsumexp(rows, dim=1)).cpu()
+        return out
+
+    def tilt(self, losses: Tensor, log_q: Tensor, y: Tensor, targets: Tensor, keep: Tensor) -> Tensor:
+        """(B, T) float64: each position's loss, tilted where it is gated, from its loss, log_q (as
+        log_q() gives it) and its target token y; all on the CPU. Counts the hinted targets."""
+        gate, out = self.gate(targets, keep), losses.double()
+        if gate.any():
+            hit = y[gate] == self.hints.token[targets[gate]]
+            out[gate] = tilted_nll(losses[gate], log_q[gate], hit, self.boost)
+            self.counts += torch.tensor([hit.numel(), hit.sum().item()], dtype=torch.float64)
         return out
 
     def all_reduce(self) -> None:

@@ -66,13 +66,16 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
     return [c for c in COLUMNS if all(c in r for r in rows)]
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed): the one rule of every summary."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and sample standard deviation (0 for a single seed) of every column."""
+    """Mean and sample standard deviation of every column."""
     mean, std = {}, {}
     for col in columns(rows):
-        values = [r[col] for r in rows]
-        mean[col] = statistics.fmean(values)
-        std[col] = statistics.stdev(values) if len(values) > 1 else 0.0
+        mean[col], std[col] = mean_std([r[col] for r in rows])
     return mean, std
 
 

@@ -123,8 +123,15 @@ def audit_config(cfg: dict) -> tuple[list[str], list[str]]:
         model = model_of(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise PgolfError(f"its model section does not build a pgolf model ({e})") from None
+    from pgolf.config import validate
+
+    try:  # the config as run first: its own TTT must be legal, whatever the shrunk copies below allow
+        validate(cfg)
+    except PgolfError as e:
+        return [], [f"config.yaml: {e}"]
     tokens = stream(model.vocab_size, model.cfg["bos_id"])
     lines, reasons = [], []
+    run_mode = cfg["eval"]["ttt"]["mode"] if cfg["eval"]["ttt"]["enabled"] else None
     r = audit_sliding(model, tokens, small_eval(cfg, None))
     lines.append(f"sliding: {r['checked']:,} losses up to t={r['t']}, {r['changed']} changed")
     if not r["ok"]:
@@ -133,7 +140,9 @@ def audit_config(cfg: dict) -> tuple[list[str], list[str]]:
     for mode in TTT_MODES:
         try:
             e = small_eval(cfg, mode)
-        except PgolfError as err:  # a mode this model config cannot run: say so, it is no failure
+        except PgolfError as err:  # a mode this model config cannot run: no failure, unless it is the run's
+            if mode == run_mode:
+                reasons.append(f"ttt {mode} (the run's): its shrunk copy is refused ({err})")
             lines.append(f"ttt {mode}: not applicable ({err})")
             continue
         report = audit_mode(model, tokens, e)
