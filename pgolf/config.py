@@ -123,8 +123,10 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError("loader.shard_order: order 'given' needs the shard indices in the order to read them")
     check_ttt_legality(cfg["eval"]["ttt"])
     check_phased_ttt(cfg["eval"]["ttt"], cfg["eval"]["seq_len"])
-    if c["metric"] == "ttt_bpb" and not cfg["eval"]["ttt"]["enabled"]:
-        raise ConfigError("compare.metric: ttt_bpb needs eval.ttt.enabled: true")
+    if c["metric"] in ("ttt_bpb", "ttt_ngram_bpb") and not cfg["eval"]["ttt"]["enabled"]:
+        raise ConfigError(f"compare.metric: {c['metric']} needs eval.ttt.enabled: true")
+    if "_ngram_" in c["metric"] and not cfg["eval"]["ngram_tilt"]["enabled"]:
+        raise ConfigError(f"compare.metric: {c['metric']} needs eval.ngram_tilt.enabled: true")
     _resolve_codec_level(cfg["compress"])
 
 

@@ -1,6 +1,9 @@
 """Per-group compression (codec pergroup): exact round trip, smaller than brotli on a structured model,
 the record's L1 row sort, pruning through it, ZPAQ streams (compress.zpaq), and damaged files refused."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +146,10 @@ def test_config_refuses_zpaq_streams_without_pergroup():
     with pytest.raises(ConfigError, match="compress.zpaq: .* needs codec pergroup"):
         validate({"compress": {"codec": "brotli", "zpaq": True}})
     assert validate({"compress": {"codec": "zpaq"}})["compress"]["level"] == 5
+
+
+def test_the_artifact_reader_imports_zpaq_only_for_a_zpaq_stream():
+    """The packed train_gpt.py imports the codecs: an artifact without a zpaq stream must decode
+    where the zpaq package is not installed."""
+    code = "import sys, pgolf.quant.artifact, pgolf.quant.pergroup; sys.exit('zpaq' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -246,3 +246,24 @@ def test_evaluate_runs_phased_ttt_on_one_and_two_processes_alike(setup, tmp_path
     two = evaluate_on_two_processes(setup, cfg, tmp_path / "eval.json")  # a document each, then the phase
     assert two["ttt"]["tokens"] == one["ttt"]["tokens"]
     assert two["ttt"]["val_bpb"] == pytest.approx(one["ttt"]["val_bpb"], rel=1e-5)
+
+
+def test_phased_ttt_scores_the_ngram_tilt_from_the_forward_it_trains_on(small_model, val):
+    """Phased TTT records its scores from its training forward (windows.record): the tilt must reach them."""
+    from pgolf.eval.ngram import TiltedMeter, tilted_nll, token_hints
+
+    tokens, luts = val
+    hints, scores = token_hints(tokens, 2, 0.3), Scores()
+    cfg = eval_cfg(lora_lr=0.0, phases=0)["ttt"]
+    got = phased_eval(copy.deepcopy(small_model), tokens, SEQ, cfg, TiltedMeter(luts, hints, 2.625), scores=scores)
+    tilted, losses = got.pop("ngram"), scores.by_target()
+    assert tilted["hinted"] == int(hints.gated.sum()) > 20 and tilted["tokens"] == got["tokens"]
+    assert abs(tilted["val_bpb"] - got["val_bpb"]) > 1e-3
+    for t in hints.gated.nonzero().flatten().tolist()[::7]:  # as the lr-0 test above: the model in its chunk's window
+        lo = max(s for s in STARTS if s <= t)
+        start = min(max(0, lo + (t - lo) // 16 * 16 + 16 - SEQ), len(tokens) - 1 - SEQ)
+        row = tokens[start : start + SEQ + 1][None]
+        with torch.no_grad():
+            log_p = torch.log_softmax(small_model(row[:, :-1])[0, t - start].double(), 0)
+        want = tilted_nll(-log_p[tokens[t + 1]], log_p[hints.token[t]], tokens[t + 1] == hints.token[t], 2.625)
+        assert losses[t][1] == pytest.approx(want.item(), abs=2e-5)

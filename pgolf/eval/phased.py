@@ -33,8 +33,8 @@ from pgolf.errors import ConfigError
 from pgolf.eval.bpb import BPBMeter
 from pgolf.eval.lora import DocLoRA, LoRAForward
 from pgolf.eval.tttsteps import Chunk, chunk_lr, freeze, make_optimizer, run_chunks, train_chunk, training_sequences
-from pgolf.eval.windows import Scores, Window, record, scored_mask, window_batch
-from pgolf.model.gpt import GPT, token_losses
+from pgolf.eval.windows import Scores, Window, forward_losses, record, scored_mask, window_batch
+from pgolf.model.gpt import GPT
 from pgolf.runtime.device import autocast
 
 Doc = tuple[int, int]  # targets [lo, hi); target i predicts token i + 1, so a document's last target is the next BOS
@@ -89,6 +89,7 @@ class ChunkPass:
     idx: Tensor  # (width, seq_len + 1) token rows: those windows, then padding
     losses: Tensor  # (width, seq_len) per-target losses, with their graph when some document trains on chunk c
     weight: Tensor  # (width, seq_len): 1 on the chunk targets of a document that trains on chunk c, else 0
+    log_q: Tensor | None  # under the n-gram tilt, log p(hint) of the scored targets (windows.forward_losses)
 
 
 def adapt_batch(fwd: LoRAForward, tokens: Tensor, batch: list[Doc], cfg: dict, seq_len: int, meter: BPBMeter,
@@ -117,13 +118,13 @@ def adapt_batch(fwd: LoRAForward, tokens: Tensor, batch: list[Doc], cfg: dict, s
         lora.use(padded(rows, width))
         idx = window_batch(tokens, part, seq_len, width).to(device)
         with torch.set_grad_enabled(bool(trains.any())), autocast(device, precision):
-            losses = token_losses(fwd, idx[:, :-1], idx[:, 1:])
-        last[:] = [ChunkPass(c, part, idx, losses, weight.to(device))]
+            losses, log_q = forward_losses(fwd, idx, part, seq_len, meter)
+        last[:] = [ChunkPass(c, part, idx, losses, weight.to(device), log_q)]
         return last[0]
 
     def score(c: int, _: int) -> None:
         p = forward(c)
-        record(p.losses, p.idx, p.part, seq_len, meter, scores)
+        record(p.losses, p.idx, p.part, seq_len, meter, scores, p.log_q)
 
     def train(c: int, _: int) -> None:
         p = forward(c)

@@ -148,7 +148,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     entries, meta = header.get("tensors"), header.get("meta")
     if not isinstance(entries, dict) or not isinstance(meta, dict) or _head(entries, meta) != head:
         raise TensorFileError(f"{path}: checksum mismatch in the header: {CORRUPT}")
-    body = sum(e.get("nbytes", 0) if isinstance(e, dict) else 0 for e in entries.values())
+    sizes = [e.get("nbytes") if isinstance(e, dict) else None for e in entries.values()]
+    if not all(isinstance(n, int) and n >= 0 for n in sizes):
+        raise TensorFileError(f"{path}: header has no valid tensor table")
+    body = sum(sizes)
     if size != len(head) + body:
         raise TensorFileError(f"{path}: {size:,} bytes where its header promises {len(head) + body:,}: {CORRUPT}")
     return meta

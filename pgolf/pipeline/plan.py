@@ -158,10 +158,10 @@ class Plan:
 
     def _add(self, stage: str, cfg: dict, inputs: dict, params: dict) -> Job:
         params = {**params, "code": self.code(stage)}
-        # The dataset is named by data.name, not by what built it: the data keys join every key, so a
-        # run that rebuilt data/<name> with other settings gets jobs of its own, not another run's.
         if sorted(params) != sorted(PARAMS[stage]):  # a rule would pass params its key never saw (not an assert: -O)
             raise RuntimeError(f"plan: {stage} is keyed by {sorted(params)}, its rule passes {sorted(PARAMS[stage])}")
+        # The dataset is named by data.name, not by what built it: the data keys join every key, so a
+        # run that rebuilt data/<name> with other settings gets jobs of its own, not another run's.
         key = hashlib.sha256(_json([stage, inputs, params, data_keys(cfg)]).encode()).hexdigest()[:16]
         job = self.jobs.setdefault(stage, {}).setdefault(key, Job(stage, key, f"{STORE}/{stage}/{key}", inputs,
                                                                    params, cfg))

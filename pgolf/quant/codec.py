@@ -12,7 +12,6 @@ from __future__ import annotations
 import lzma
 
 import brotli
-import zpaq
 import zstandard
 
 
@@ -38,14 +37,26 @@ def _lzma_decompress(body: bytes, limit: int) -> bytes:
     return out
 
 
+class ZpaqError(ValueError):
+    """A zpaq stream libzpaq refuses (its own error class, raised as ours so that the package is
+    imported only where ZPAQ is used: a submission whose artifact has no zpaq stream runs without it)."""
+
+
 # One thread makes one ZPAQ block: the same bytes on any machine, and the best ratio (threads split
 # the input into blocks that each start cold).
 def _zpaq_compress(raw: bytes, level: int) -> bytes:
+    import zpaq
+
     return zpaq.compress(raw, level=level, threads=1, hints=False)
 
 
 def _zpaq_decompress(body: bytes, limit: int) -> bytes:
-    return zpaq.decompress(body, threads=1)[:limit]  # refuses a body without ZPAQ's block tag
+    import zpaq
+
+    try:
+        return zpaq.decompress(body, threads=1)[:limit]  # refuses a body without ZPAQ's block tag
+    except zpaq.Error as e:
+        raise ZpaqError(str(e)) from None
 
 
 # codec -> (compress(raw, level), decompress(body, at most this many bytes), its error on a corrupt
@@ -57,7 +68,7 @@ CODECS = {
     "brotli": (lambda raw, level: brotli.compress(raw, quality=level), _brotli_decompress, brotli.error),
     "lzma": (lambda raw, level: lzma.compress(raw, format=lzma.FORMAT_XZ, preset=level), _lzma_decompress,
              lzma.LZMAError),
-    "zpaq": (_zpaq_compress, _zpaq_decompress, zpaq.Error),
+    "zpaq": (_zpaq_compress, _zpaq_decompress, ZpaqError),
 }
 STRONGEST = {"zstd": 22, "brotli": 11, "lzma": 9, "zpaq": 5}
 CODEC_ERRORS = tuple(error for _, _, error in CODECS.values())

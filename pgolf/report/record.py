@@ -54,7 +54,8 @@ def copy_code(dest: Path, cfg: dict) -> int:
 
 
 # compare.metric -> the part of eval.json that holds it
-METRIC_PART = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre_quant", "post_quant_bpb": "post_quant"}
+METRIC_PART = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre_quant", "post_quant_bpb": "post_quant",
+               "sliding_ngram_bpb": "sliding_ngram", "ttt_ngram_bpb": "ttt_ngram"}
 
 
 def artifact_bytes(artifact: Path, size: Path) -> int:
