@@ -70,6 +70,19 @@ def shrunk(preset: str, vocab_size: int) -> dict:
     return validate(deep_merge(cfg, small))
 
 
+# The n-gram tilt at evaluation, on in no preset: the default run with it on is run too (contexts of two
+# tokens, so that it fires on the tiny val stream).
+TILT = {"eval": {"ngram_tilt": {"enabled": True, "order": 3, "threshold": 0.5}}}
+
+
+def test_the_ngram_tilt_is_packed_only_where_the_config_turns_it_on():
+    cfg = load("config.yaml")
+    off, on = features.needed(cfg), features.needed(validate(deep_merge(cfg, TILT)))
+    assert on == off | {"ngram_tilt"}
+    assert "pgolf.eval.ngram" in bundle.modules(on) and "pgolf.eval.ngram" not in bundle.modules(off)
+    assert bundle.code_bytes(off) < bundle.code_bytes(on) < CODE_BOUND
+
+
 # The smoke run's file is the default run's (the same switches): run once.
 RUN = ["config.yaml", "configs/pr549.yaml", "configs/pr1326.yaml", "configs/pr1517.yaml", "configs/pr461.yaml"]
 DRIVER = """import json, sys
@@ -82,14 +95,17 @@ for argv in json.loads(sys.stdin.read()):
 """
 
 
-@pytest.mark.parametrize("preset", RUN)
-def test_a_preset_packed_file_runs_every_stage_alone(preset, tiny_dataset, tmp_path):
+@pytest.mark.parametrize(("preset", "tilt"), [*((p, False) for p in RUN), ("config.yaml", True)],
+                         ids=[*RUN, "config.yaml+ngram_tilt"])
+def test_a_preset_packed_file_runs_every_stage_alone(preset, tilt, tiny_dataset, tmp_path):
     """train, calibrate (GPTQ presets), quantize, compress and evaluate, one after another in one process
-    that holds nothing of pgolf but the packed file (it refuses any other pgolf module)."""
+    that holds nothing of pgolf but the packed file (it refuses any other pgolf module); with `tilt`,
+    the preset with the n-gram tilt on, whose file must score the tilted passes too."""
     cfg = shrunk(preset, tiny_dataset.vocab_size)
+    cfg = validate(deep_merge(cfg, TILT)) if tilt else cfg
     on = features.needed(cfg)
-    assert on == features.needed(load(preset))  # the very file the preset's run packs
-    if preset == "config.yaml":
+    assert on == features.needed(load(preset)) | ({"ngram_tilt"} if tilt else set())  # the file the run packs
+    if preset == "config.yaml" and not tilt:
         assert features.needed(load("configs/smoke.yaml")) == on  # the smoke run's file too
     folder, work = tmp_path / "submission", tmp_path / "work"
     folder.mkdir()
@@ -102,6 +118,10 @@ def test_a_preset_packed_file_runs_every_stage_alone(preset, tiny_dataset, tmp_p
     ev = json.loads((work / "eval.json").read_text())
     parts = ["pre_quant", "post_quant", "sliding", *(["ttt"] if cfg["eval"]["ttt"]["enabled"] else [])]
     assert all(0 < ev[p]["val_bpb"] < 20 for p in parts) and ("ttt" in ev) == ("ttt" in parts)
+    assert ("sliding_ngram" in ev) == tilt
+    if tilt:  # the tilt fired and moved the score; the untilted one stays beside it
+        assert ev["sliding_ngram"]["hinted"] > 0 and ev["sliding_ngram"]["gain_bpb"] != 0
+        assert ev["sliding_ngram"]["tokens"] == ev["sliding"]["tokens"]
     if "gptq" not in on:
         assert "unknown stage 'calibrate'" in subprocess.run(
             [sys.executable, bundle.FILE_NAME, "calibrate"], cwd=folder, env=packed_env(), capture_output=True,

@@ -16,7 +16,7 @@ import torch
 
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter, ByteCounts, byte_counts
-from pgolf.eval.ngram import TiltedMeter, token_hints
+from pgolf.eval.ngram import scored_meters, split_scores
 from pgolf.eval.phased import phased_eval
 from pgolf.eval.ttt import ttt_eval
 from pgolf.eval.tttsteps import freeze, run_chunks
@@ -151,26 +151,17 @@ def measure(cfg: dict, data: Path, tokenizer: Path, ema: Path, artifact: Path, r
 
 def ngram_meters(cfg: dict, tokens: torch.Tensor, luts: ByteCounts, seconds: dict) -> Callable[[], BPBMeter]:
     """A new meter for each scored pass (sliding window, TTT): under eval.ngram_tilt one that also
-    keeps the tilted scores, with the hints of the val stream computed once here, timed into
-    `seconds` (the record counts them inside its eval time)."""
-    tilt = cfg["ngram_tilt"]
-    if not tilt["enabled"]:
+    keeps the tilted scores (ngram.scored_meters, which times the hints into `seconds`)."""
+    if not cfg["ngram_tilt"]["enabled"]:
         return lambda: BPBMeter(luts)
-    t0 = time.perf_counter()
-    hints = token_hints(tokens, tilt["order"], tilt["threshold"])
-    seconds["ngram_hints"] = time.perf_counter() - t0
-    return lambda: TiltedMeter(luts, hints, tilt["boost"])
+    return scored_meters(cfg["ngram_tilt"], tokens, luts, seconds)
 
 
 def split_tilted(result: dict, name: str, rank: int) -> None:
-    """A tilted pass's n-gram scores to their own part of eval.json, `<name>_ngram`, with their gain."""
-    if "ngram" not in result[name]:
-        return
-    tilted = result[name].pop("ngram")
-    tilted["gain_bpb"] = tilted["val_bpb"] - result[name]["val_bpb"]
-    result[f"{name}_ngram"] = tilted
-    log(rank, f"{name}_ngram: bpb {tilted['val_bpb']:.4f} ({tilted['gain_bpb']:+.4f} from the n-gram tilt; "
-              f"{tilted['hinted']:,} targets hinted, {tilted['hint_hits']:,} right)")
+    """A tilted pass's n-gram scores to their own part of eval.json, `<name>_ngram`, with their gain
+    (only a tilted pass has them: eval.ngram_tilt)."""
+    if "ngram" in result[name]:
+        log(rank, split_scores(result, name))
 
 
 def log(rank: int, msg: str) -> None:

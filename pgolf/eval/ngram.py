@@ -28,6 +28,7 @@ first `order - 1` tokens recur (a boilerplate document start) would otherwise hi
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -135,7 +136,8 @@ def tilted_nll(nll: Tensor, log_q: Tensor, hit: Tensor, boost: float) -> Tensor:
 class TiltedMeter(BPBMeter):
     """A BPB meter that also keeps the tilted score of the same targets: the untilted losses go to
     the meter itself, the tilted ones to `tilted`. windows.forward_losses takes log p(hint) from each
-    forward's logits, windows.record the tilted losses from those."""
+    forward's logits, windows.record the tilted losses from those (update_tilted). windows asks a meter
+    whether it tilts by its `tilted` attribute, not by this class (windows.tilts)."""
 
     def __init__(self, luts: ByteCounts, hints: Hints, boost: float) -> None:
         super().__init__(luts)
@@ -169,6 +171,17 @@ class TiltedMeter(BPBMeter):
             self.counts += torch.tensor([hit.numel(), hit.sum().item()], dtype=torch.float64)
         return out
 
+    def update_tilted(self, losses: Tensor, log_q: Tensor | None, idx: Tensor, targets: Tensor,
+                      keep: Tensor) -> Tensor:
+        """windows.record's part under the tilt: the tilted losses of the scored positions (`keep`) of a
+        forward over the token rows `idx` (B, T + 1), from its losses and log_q (as forward_losses gives
+        it), added to `tilted` and returned; targets as for gate()."""
+        if log_q is None:  # a scorer that forgot the tilt would report the untilted score as tilted
+            raise RuntimeError("a tilted meter was given no log p(hint): score through forward_losses")
+        tilted = self.tilt(losses, log_q, idx[:, 1:], targets, keep)[keep]
+        self.tilted.update(tilted, idx[:, :-1][keep], idx[:, 1:][keep], targets[keep] + 1)  # target t is token t + 1
+        return tilted
+
     def all_reduce(self) -> None:
         super().all_reduce()
         self.tilted.all_reduce()
@@ -179,6 +192,26 @@ class TiltedMeter(BPBMeter):
         tilted = self.tilted.result()
         hinted, hits = (int(x) for x in self.counts.tolist())
         return {**super().result(), "ngram": {**tilted, "hinted": hinted, "hint_hits": hits}}
+
+
+def scored_meters(tilt: dict, tokens: Tensor, luts: ByteCounts, seconds: dict) -> Callable[[], TiltedMeter]:
+    """A new tilted meter for each scored pass of evaluate (sliding window, TTT) under eval.ngram_tilt
+    (`tilt`), with the hints of the val stream computed once here, timed into `seconds` (the record
+    counts them inside its eval time)."""
+    t0 = time.perf_counter()
+    hints = token_hints(tokens, tilt["order"], tilt["threshold"])
+    seconds["ngram_hints"] = time.perf_counter() - t0
+    return lambda: TiltedMeter(luts, hints, tilt["boost"])
+
+
+def split_scores(result: dict, name: str) -> str:
+    """A tilted pass's n-gram scores to their own part of eval.json, `<name>_ngram`, with their gain;
+    returns the line that logs them."""
+    tilted = result[name].pop("ngram")
+    tilted["gain_bpb"] = tilted["val_bpb"] - result[name]["val_bpb"]
+    result[f"{name}_ngram"] = tilted
+    return (f"{name}_ngram: bpb {tilted['val_bpb']:.4f} ({tilted['gain_bpb']:+.4f} from the n-gram tilt; "
+            f"{tilted['hinted']:,} targets hinted, {tilted['hint_hits']:,} right)")
 
 
 HintsOf = Callable[[Tensor, int, float], Hints]

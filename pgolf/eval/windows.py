@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BPBMeter
-from pgolf.eval.ngram import TiltedMeter
 from pgolf.model.gpt import logit_losses
 from pgolf.runtime.device import autocast
 
@@ -91,6 +90,13 @@ def targets_of(part: list[Window], seq_len: int) -> Tensor:
     return torch.tensor([w[0] for w in part])[:, None] + torch.arange(seq_len)[None, :]
 
 
+def tilts(meter: BPBMeter) -> bool:
+    """Whether `meter` also keeps the n-gram tilt's scores (an ngram.TiltedMeter, the one meter with a
+    `tilted` one inside). Asked of the meter, not by isinstance: a packed file whose config leaves the
+    tilt off holds no pgolf.eval.ngram (pgolf.pipeline.features), and this module runs there too."""
+    return hasattr(meter, "tilted")
+
+
 def forward_losses(forward: nn.Module, idx: Tensor, part: list[Window], seq_len: int,
                    meter: BPBMeter) -> tuple[Tensor, Tensor | None]:
     """A forward's per-target losses over the token rows `idx` (batch, seq_len + 1), and under the
@@ -99,7 +105,7 @@ def forward_losses(forward: nn.Module, idx: Tensor, part: list[Window], seq_len:
     outweigh everything else a phased TTT step holds."""
     logits = forward(idx[:, :-1])
     losses = logit_losses(logits, idx[:, 1:])
-    if not isinstance(meter, TiltedMeter):
+    if not tilts(meter):
         return losses, None
     n = len(part)
     return losses, meter.log_q(logits.detach()[:n], targets_of(part, seq_len), scored_mask(part, seq_len))
@@ -111,17 +117,12 @@ def record(losses: Tensor, idx: Tensor, part: list[Window], seq_len: int, meter:
     are a forward's per-target losses over `idx`, the batch's token rows, whose first len(part) rows
     are those windows; the rest is padding and counts nowhere. `losses` may carry a graph (phased TTT
     backpropagates the forward it scores): what is recorded is detached from it. A tilted meter
-    takes the same targets' tilted losses too, from `log_q` (forward_losses gives it)."""
+    takes the same targets' tilted losses too (TiltedMeter.update_tilted), from `log_q` (forward_losses
+    gives it)."""
     losses, idx = losses[: len(part)].detach().float().cpu(), idx[: len(part)].cpu()
     keep, pos = scored_mask(part, seq_len), targets_of(part, seq_len)
-    prev, tgt, at = idx[:, :-1][keep], idx[:, 1:][keep], pos[keep] + 1  # target t is token t + 1
-    meter.update(losses[keep], prev, tgt, at)
-    tilted = None
-    if isinstance(meter, TiltedMeter):
-        if log_q is None:  # a scorer that forgot the tilt would report the untilted score as tilted
-            raise RuntimeError("a tilted meter was given no log p(hint): score through forward_losses")
-        tilted = meter.tilt(losses, log_q, idx[:, 1:], pos, keep)[keep]
-        meter.tilted.update(tilted, prev, tgt, at)
+    meter.update(losses[keep], idx[:, :-1][keep], idx[:, 1:][keep], pos[keep] + 1)  # target t is token t + 1
+    tilted = meter.update_tilted(losses, log_q, idx, pos, keep) if tilts(meter) else None
     if scores is not None:
         scores.targets.append(pos[keep])
         scores.losses.append(losses[keep])

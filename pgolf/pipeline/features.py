@@ -101,6 +101,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("ttt", lambda c: c["eval"]["ttt"]["enabled"], ("pgolf.eval.tttsteps",)),
     Feature("ttt_chunk", lambda c: _ttt(c, "chunk"), ("pgolf.eval.ttt",)),
     Feature("ttt_phased_lora", lambda c: _ttt(c, "phased_lora"), ("pgolf.eval.phased", "pgolf.eval.lora")),
+    # the n-gram tilt of the scored passes: its hints and tilted meter (windows asks a meter whether it tilts)
+    Feature("ngram_tilt", lambda c: c["eval"]["ngram_tilt"]["enabled"], ("pgolf.eval.ngram",)),
     # BPB from the dataset's byte sidecar (CaseOps), or from the tokenizer's byte tables (every other run)
     Feature("caseops", lambda c: c["tokenizer"]["caseops"],
             ("pgolf.eval.bpb:ByteSidecar", "pgolf.formats.shards:load_sidecar",
