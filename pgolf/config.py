@@ -128,8 +128,10 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["eval"]["ttt"]["train_softcap"] and not cfg["model"]["asym_softcap"]:
         raise ConfigError("eval.ttt.train_softcap trains model.asym_softcap's caps: it needs model.asym_softcap: true")
     check_phased_ttt(cfg["eval"]["ttt"], cfg["eval"]["seq_len"])
-    if c["metric"] == "ttt_bpb" and not cfg["eval"]["ttt"]["enabled"]:
-        raise ConfigError("compare.metric: ttt_bpb needs eval.ttt.enabled: true")
+    if c["metric"] in ("ttt_bpb", "ttt_ngram_bpb") and not cfg["eval"]["ttt"]["enabled"]:
+        raise ConfigError(f"compare.metric: {c['metric']} needs eval.ttt.enabled: true")
+    if "_ngram_" in c["metric"] and not cfg["eval"]["ngram_tilt"]["enabled"]:
+        raise ConfigError(f"compare.metric: {c['metric']} needs eval.ngram_tilt.enabled: true")
     _resolve_codec_level(cfg["compress"])
 
 
@@ -193,10 +195,13 @@ def _resolve_calibration(cal: dict[str, Any], train: dict[str, Any], written: di
 
 
 # codec -> (lowest, highest) level; null in the config means the highest.
-CODEC_LEVELS = {"zstd": (1, 22), "brotli": (0, 11), "lzma": (0, 9)}
+CODEC_LEVELS = {"zstd": (1, 22), "brotli": (0, 11), "lzma": (0, 9), "zpaq": (1, 5)}
 
 
 def _resolve_codec_level(comp: dict[str, Any]) -> None:
+    if comp["zpaq"] and comp["codec"] != "pergroup":
+        raise ConfigError(f"compress.zpaq: ZPAQ as a candidate for each stream needs codec pergroup (codec is "
+                          f"{comp['codec']!r}); for the whole payload set codec: zpaq")
     if comp["codec"] == "pergroup":  # each stream's codec is chosen, at its strongest level
         if comp["level"] is not None or comp["pack"]:
             raise ConfigError("compress: codec pergroup takes no level (each stream uses its codec's strongest) "

@@ -13,6 +13,14 @@ from pathlib import Path
 _PREFIX = struct.Struct("<8sIQ")
 
 
+PREFIX_BYTES = _PREFIX.size
+
+
+def header_length(prefix: bytes) -> int:
+    """The JSON header's length that a file's first PREFIX_BYTES promise (checked by unframe)."""
+    return _PREFIX.unpack_from(prefix)[2]
+
+
 def frame(magic: bytes, version: int, header: dict) -> bytes:
     """Everything before the body."""
     blob = json.dumps(header, sort_keys=True).encode()

@@ -337,7 +337,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def token_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy in nats per target, shape (B, T), float32."""
-    logits = model(x)
+    return logit_losses(model(x), y)
+
+
+def logit_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy in nats of each target y (B, T) under logits (B, T, V)."""
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
