@@ -132,6 +132,7 @@ FROM_1855 = {
     "train.matrix_lr": 0.028, "calibrate.batches": 32, "calibrate.seqs": 1536, "quant.int8_rows": [],
     "quant.lqer.group": 32, "compress.sort_rows": ["tok_emb", "attn", "mlp"], "eval.seq_len": 2560,
     "eval.ttt.lora_lr": 8e-5, "eval.ttt.lora_weight_decay": 2.0, "eval.ttt.lora_k": False, "eval.ttt.phases": 1,
+    "eval.ngram_tilt.enabled": True, "compare.metric": "ttt_ngram_bpb",
     "compare.baseline_mean": 1.05651, "compare.baseline_std": 0.00036,
 }
 

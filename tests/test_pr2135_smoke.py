@@ -32,7 +32,7 @@ SHRUNK = {
     "train.max_wallclock_seconds", "train.prime_steps", "train.muon_momentum_warmup_steps", "train.ema_decay",
     "train.checkpoint_every", "train.log_every", "calibrate.batches", "calibrate.seqs", "calibrate.seq_len",
     "quant.min_numel", "quant.block_size", "eval.seq_len", "eval.stride", "eval.batch_seqs", "eval.max_tokens",
-    "eval.ttt.lora_rank", "eval.ttt.lora_alpha", "eval.ttt.lora_docs", "eval.ttt.phase_docs",
+    "eval.ngram_tilt.order", "eval.ttt.lora_rank", "eval.ttt.lora_alpha", "eval.ttt.lora_docs", "eval.ttt.phase_docs",
     "eval.ttt.chunk_tokens", "eval.ttt.batch_seqs", "compare.baseline_mean", "compare.baseline_std", "record.check",
 }
 
@@ -70,6 +70,11 @@ def test_every_stage_runs_with_the_records_parts(run):
         uniform = math.log2(320) * ev[part]["tokens"] / ev[part]["bytes"]
         assert 0 < ev[part]["val_bpb"] < uniform, (part, ev[part]["val_bpb"], uniform)
     assert ev["ttt"]["phases"] == 1 and ev["ttt"]["docs"] == 5 and ev["sliding"]["seq_len"] == 80
+    for part in ("sliding", "ttt"):  # the n-gram tilt scores both scored passes, and fires
+        tilted = ev[f"{part}_ngram"]
+        assert tilted["hinted"] > 50 and tilted["tokens"] == ev[part]["tokens"] and tilted["gain_bpb"] != 0
+    sub = json.loads((run / "results" / RUN / "record" / "submission.json").read_text())
+    assert sub["metric"] == "ttt_ngram_bpb" and sub["val_bpb"] == ev["ttt_ngram"]["val_bpb"]  # the record's score
     _, meta = tensorfile.load(seed_file(run, "calibrate", "hessians.pgt"))
     assert meta["tokens"] == 2 * 16 * 64  # calibrate.batches: 2 of the training micro-batch's 16 x 64
     for name in ("ema.pgt", "raw.pgt"):  # training leaves the asymmetric caps where they started
@@ -97,5 +102,5 @@ def test_the_packed_submission_quantizes_compresses_and_scores_as_the_package_di
     assert (tmp_path / "artifact.pgz").read_bytes() == seed_file(run, "compress", "artifact.pgz").read_bytes()
     theirs = json.loads(seed_file(run, "evaluate", "eval.json").read_text())
     ours = json.loads((tmp_path / "eval.json").read_text())
-    for part in ("post_quant", "sliding", "ttt"):
+    for part in ("post_quant", "sliding", "ttt", "sliding_ngram", "ttt_ngram"):
         assert ours[part]["val_bpb"] == theirs[part]["val_bpb"], part
