@@ -75,6 +75,7 @@ COMPANIONS: dict[str, dict] = {
     "model.qat_bits": {},
     "train.qat_below": {"model": {"qat_bits": 6}},
     "model.logical_layers": {"model": {"recur_layers": []}},
+    "eval.ttt.train_softcap": {"model": {"asym_softcap": True}},
 }
 
 

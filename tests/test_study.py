@@ -1,9 +1,11 @@
 """Studies: the statistics of the comparison, the variants' configs, and which jobs they share."""
 
 import math
+from pathlib import Path
 
 import pytest
 
+from pgolf.config import merged as merged_file
 from pgolf.config import validate
 from pgolf.errors import ConfigError
 from pgolf.pipeline import study
@@ -107,3 +109,11 @@ def test_jobs_are_keyed_by_the_data_they_read_not_only_its_name():
                  code_bytes=lambda on: 1) for f in (0.1, 0.2))
     ka, kb = keys_one(a), keys_one(b)
     assert all(ka[s] != kb[s] for s in ka)
+
+
+@pytest.mark.parametrize("name, trainings, separate", [("pr1855-parts", 27, 36), ("pr2135-parts", 6, 18)])
+def test_the_shipped_studies_validate_and_train_only_where_a_variant_changes_training(name, trainings, separate):
+    cfg = merged_file(Path(__file__).resolve().parent.parent / "configs" / "studies" / f"{name}.yaml")
+    plan = Plan(study.runs(cfg), code=lambda stage: "c0de", code_bytes=1000)
+    assert len(plan.jobs["train"]) == trainings
+    assert sum(len(r.seeds) for r in plan.runs.values()) == separate

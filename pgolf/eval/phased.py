@@ -176,7 +176,8 @@ def phased_eval(model: GPT, tokens: Tensor, seq_len: int, cfg: dict, meter: BPBM
     for p in params:
         p.requires_grad_(False)  # the adapters train between phases, the base model only in them
     model.eval()
-    fwd = LoRAForward(model, DocLoRA(model, cfg["lora_docs"], cfg["lora_rank"], cfg["lora_alpha"]))
+    fwd = LoRAForward(model, DocLoRA(model, cfg["lora_docs"], cfg["lora_rank"], cfg["lora_alpha"],
+                                       k=cfg["lora_k"]))
     batches = [docs[i : i + cfg["lora_docs"]] for i in range(0, len(docs), cfg["lora_docs"])]
     ends, phase, segment = phase_ends(cfg), 0, []
     try:
