@@ -1,8 +1,8 @@
 """Each preset's own train_gpt.py (pgolf.pipeline.bundle, from the features its config switches on): it
 builds (the packer refuses a file whose code names what it left out), holds the code of every switch the
 preset turns on and none of the others, and runs every stage alone, on CPU, for a shrunk copy of the
-preset whose switches, and so whose packed bytes, are the preset's own. PR #1855's file runs in
-test_pr1855_smoke.py (its CaseOps dataset comes from that run)."""
+preset whose switches, and so whose packed bytes, are the preset's own. PR #1855's and #2135's files run
+in test_pr1855_smoke.py and test_pr2135_smoke.py (their CaseOps datasets come from those runs)."""
 
 import ast
 import json
@@ -16,7 +16,8 @@ from pgolf.config import deep_merge, load, validate
 from pgolf.pipeline import bundle, features
 
 PRESETS = ["config.yaml", "configs/smoke.yaml", "configs/pr549.yaml", "configs/pr1326.yaml",
-           "configs/pr1517.yaml", "configs/pr461.yaml", "configs/pr1855.yaml", "configs/pr1855-smoke.yaml"]
+           "configs/pr1517.yaml", "configs/pr461.yaml", "configs/pr1855.yaml", "configs/pr1855-smoke.yaml",
+           "configs/pr2135.yaml", "configs/pr2135-smoke.yaml"]
 
 
 def defined(mods: dict[str, str], entry: str) -> bool:
