@@ -114,6 +114,6 @@ def test_jobs_are_keyed_by_the_data_they_read_not_only_its_name():
 @pytest.mark.parametrize("name, trainings, separate", [("pr1855-parts", 27, 36), ("pr2135-parts", 6, 18)])
 def test_the_shipped_studies_validate_and_train_only_where_a_variant_changes_training(name, trainings, separate):
     cfg = merged_file(Path(__file__).resolve().parent.parent / "configs" / "studies" / f"{name}.yaml")
-    plan = Plan(study.runs(cfg), code=lambda stage: "c0de", code_bytes=1000)
+    plan = Plan(study.runs(cfg), code=lambda stage: "c0de", code_bytes=lambda on: 1000)
     assert len(plan.jobs["train"]) == trainings
     assert sum(len(r.seeds) for r in plan.runs.values()) == separate
