@@ -78,12 +78,15 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `config` with defaults filled in; raise ConfigError naming the bad key."""
     schema = load_schema()
     config = copy.deepcopy(config or {})
+    cal = config.get("calibrate")
+    written = dict(cal) if isinstance(cal, dict) else {}  # before the defaults fill it in
     _fill_defaults(schema, config)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: e.path)
     if errors:
         lines = [f"  {_where(e)}: {_explain(e)}" for e in errors]
         raise ConfigError("invalid pgolf config:\n" + "\n".join(lines))
     _check_consistency(config)
+    _resolve_calibration(config["calibrate"], config["train"], written)
     return config
 
 
@@ -122,9 +125,13 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["loader"]["mode"] == "ordered" and cfg["loader"]["order"] == "given" and not cfg["loader"]["shard_order"]:
         raise ConfigError("loader.shard_order: order 'given' needs the shard indices in the order to read them")
     check_ttt_legality(cfg["eval"]["ttt"])
+    if cfg["eval"]["ttt"]["train_softcap"] and not cfg["model"]["asym_softcap"]:
+        raise ConfigError("eval.ttt.train_softcap trains model.asym_softcap's caps: it needs model.asym_softcap: true")
     check_phased_ttt(cfg["eval"]["ttt"], cfg["eval"]["seq_len"])
-    if c["metric"] == "ttt_bpb" and not cfg["eval"]["ttt"]["enabled"]:
-        raise ConfigError("compare.metric: ttt_bpb needs eval.ttt.enabled: true")
+    if c["metric"] in ("ttt_bpb", "ttt_ngram_bpb") and not cfg["eval"]["ttt"]["enabled"]:
+        raise ConfigError(f"compare.metric: {c['metric']} needs eval.ttt.enabled: true")
+    if "_ngram_" in c["metric"] and not cfg["eval"]["ngram_tilt"]["enabled"]:
+        raise ConfigError(f"compare.metric: {c['metric']} needs eval.ngram_tilt.enabled: true")
     _resolve_codec_level(cfg["compress"])
 
 
@@ -170,11 +177,31 @@ def check_calibration(cal: dict[str, Any]) -> None:
         raise ConfigError(f"calibrate.source: unknown source {source!r}; known: {', '.join(CALIBRATION_SOURCES)}")
 
 
+def _resolve_calibration(cal: dict[str, Any], train: dict[str, Any], written: dict[str, Any]) -> None:
+    """calibrate.batches counts as the records do (GPTQ_CALIBRATION_BATCHES): batches of one training
+    process's micro-batch. It sets seqs and seq_len; values written beside it must agree, so that a
+    layer over a preset that sets batches cannot change the volume by a seqs that would be ignored."""
+    if not cal["batches"]:
+        return
+    per_process = train["batch_tokens"] // train["seq_len"] // train["nproc"]
+    micro = min(train["micro_batch_seqs"], per_process)
+    derived = {"seqs": cal["batches"] * micro, "seq_len": train["seq_len"]}
+    for key, value in derived.items():
+        if key in written and written[key] != value:
+            raise ConfigError(f"calibrate.{key}: {written[key]} disagrees with calibrate.batches={cal['batches']} "
+                              f"(batches of {micro} sequences of train.seq_len={train['seq_len']} tokens: "
+                              f"{key} {value}); drop {key}, or set batches: 0 to count sequences")
+        cal[key] = value
+
+
 # codec -> (lowest, highest) level; null in the config means the highest.
-CODEC_LEVELS = {"zstd": (1, 22), "brotli": (0, 11), "lzma": (0, 9)}
+CODEC_LEVELS = {"zstd": (1, 22), "brotli": (0, 11), "lzma": (0, 9), "zpaq": (1, 5)}
 
 
 def _resolve_codec_level(comp: dict[str, Any]) -> None:
+    if comp["zpaq"] and comp["codec"] != "pergroup":
+        raise ConfigError(f"compress.zpaq: ZPAQ as a candidate for each stream needs codec pergroup (codec is "
+                          f"{comp['codec']!r}); for the whole payload set codec: zpaq")
     if comp["codec"] == "pergroup":  # each stream's codec is chosen, at its strongest level
         if comp["level"] is not None or comp["pack"]:
             raise ConfigError("compress: codec pergroup takes no level (each stream uses its codec's strongest) "
@@ -211,6 +238,8 @@ def _check_model_switches(m: dict[str, Any], t: dict[str, Any]) -> None:
         raise ConfigError("model: give recur_start_step or recur_start_frac, not both")
     if t["qat_below"] and not m["qat_bits"]:
         raise ConfigError("train.qat_below switches late QAT on, but model.qat_bits is 0 (no fake quantization)")
+    if m["asym_softcap"] and not m["logit_softcap"]:
+        raise ConfigError("model.asym_softcap caps the logits: it needs model.logit_softcap above 0")
     if t["warmdown_frac"] >= 1:
         raise ConfigError("train.warmdown_frac must be below 1 (the fraction of training spent in warmdown)")
 

@@ -18,17 +18,25 @@ rule fetch_corpus:
 
 # data.source local: every file documents reads from data.paths (the files inside listed folders
 # too) is an input, so that editing, adding or removing one reruns documents and what follows.
-# Listed once, as the stage lists them; a path that yields no document fails here, before any job.
-CORPUS = []
-if config["data"]["source"] == "local":
+# Listed once per set of paths (a study's variant may name its own), as the stage lists them, all at
+# parse time: a path that yields no document fails here, before any job.
+def corpus_of(paths):
     try:
-        CORPUS = [config_path("data.paths", f) for f in pgolf.data.documents.corpus_files(config["data"]["paths"])]
+        return [config_path("data.paths", f) for f in pgolf.data.documents.corpus_files(list(paths))]
     except pgolf.errors.PgolfError as e:
         raise WorkflowError(str(e)) from None
 
 
+CORPUS = {}
+for _path, (_run, _keys, _cfg) in PLAN.data.items():
+    if _path.startswith("data/docs/") and _cfg["data"]["source"] == "local":
+        CORPUS[_path] = corpus_of(_cfg["data"]["paths"])
+
+
 def documents_input(wildcards):
-    return [RAW_DIR] if config["data"]["source"] == "embedded" else CORPUS
+    if config["data"]["source"] == "embedded":
+        return [RAW_DIR]
+    return CORPUS.get(f"data/docs/{wildcards.docs}.parquet", [])
 
 
 # A study's runs share one data source, so one set of data rules serves them; each data path takes
@@ -51,9 +59,8 @@ rule documents:
     output:
         "data/docs/{docs}.parquet",
     params:
-        # name is in the output's path; hub is fetch_fineweb's and shard_tokens the shards' stage's:
-        # passed here they would rebuild documents, the tokenizer and everything after for nothing
-        cfg=lambda wildcards: section("data", without=("name", "hub", "shard_tokens"), cfg=docs_cfg(wildcards)),
+        # without the keys documents does not read (pgolf/pipeline/plan.py says why)
+        cfg=lambda wildcards: section("data", without=pgolf.pipeline.plan.DOCS_WITHOUT, cfg=docs_cfg(wildcards)),
         raw=RAW_DIR if config["data"]["source"] == "embedded" else "",
         code=code("documents"),
     resources:

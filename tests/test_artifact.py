@@ -33,7 +33,7 @@ def quantized_file(rows: int = 40, cols: int = 50, bits: int = 5, seed: int = 0,
     return tensorfile.dumps(tensors, meta)
 
 
-@pytest.mark.parametrize("codec,level", [("zstd", 3), ("brotli", 5), ("lzma", 1)])
+@pytest.mark.parametrize("codec,level", [("zstd", 3), ("brotli", 5), ("lzma", 1), ("zpaq", 3)])
 @pytest.mark.parametrize("pack,shuffle", [(False, 0), (True, 2), (True, 3)])
 def test_artifact_round_trip_is_bit_exact(tmp_path, codec, level, pack, shuffle):
     raw = quantized_file()

@@ -1,6 +1,7 @@
 """CaseOps: the reversible case transform, its tokenizer, the per-token byte sidecar and BPB counted
 against the original text's bytes."""
 
+import hashlib
 import json
 import math
 import random
@@ -262,7 +263,7 @@ def test_a_rehashed_sidecar_must_still_add_up(copy_of):
     values[-1] += 1
     write_shard(side, values)
     m = json.loads((copy_of / "manifest.json").read_text())
-    m["splits"]["val"]["byte_sidecar"]["sha256"][0] = shards.sha256(side)
+    m["splits"]["val"]["byte_sidecar"]["sha256"][0] = hashlib.sha256(side.read_bytes()).hexdigest()
     (copy_of / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ShardError, match="val byte sidecars add up to"):
         load_sidecar(copy_of, "val")

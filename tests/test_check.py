@@ -7,11 +7,13 @@ and fails when a check does."""
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import seed_argv
 
@@ -19,7 +21,7 @@ from pgolf.config import validate
 from pgolf.data.overlap import documents, find_overlap
 from pgolf.formats.results import write_result
 from pgolf.formats.shards import write_shard
-from pgolf.report import scorefirst
+from pgolf.report import check, scorefirst, seedlog
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SEEDS = (1, 2, 3)
@@ -250,6 +252,23 @@ def test_score_first_audits_sliding_and_every_ttt_mode():
     assert any(x.startswith("ttt chunk: ") for x in lines) and any(x.startswith("ttt phased_lora: ") for x in lines)
 
 
+def test_score_first_fails_a_config_whose_own_ttt_breaks_the_rule():
+    """rescore re-scores tokens after training on them: validate refuses it, so the check must fail on
+    it, not call every TTT mode "not applicable" and pass."""
+    cfg = small_config()
+    cfg["eval"]["ttt"].update(enabled=True, mode="chunk", rescore=True)
+    lines, reasons = scorefirst.audit_config(cfg)
+    assert reasons and "config.yaml" in reasons[0] and "rescore" in reasons[0], (lines, reasons)
+
+
+@pytest.mark.parametrize("text, problem", [('{"model": {', "damaged"), ('{"a": 1}', "not a pgolf config")])
+def test_a_damaged_pgolf_config_fails_score_first(tmp_path, text, problem):
+    (tmp_path / "config.yaml").write_text(text)
+    folder = check.Folder(tmp_path, None, "submission.json", "", [], {}, {}, check.read_config(tmp_path))
+    c = check.check_score_first(folder)
+    assert c.status == check.FAIL and problem in " ".join(c.reasons), c
+
+
 class Peeking(torch.nn.Module):
     """A model whose output at position i also reads the input at i + 3, two tokens past the target
     it predicts: what the audit exists to catch."""
@@ -323,3 +342,15 @@ def test_a_failed_check_fails_the_record_stage(tmp_path):
     report = record_run(tmp_path / "again", train_s=599.0, check="report")
     assert report.returncode == 0, report.stderr
     assert "| time | FAIL |" in (tmp_path / "again" / "record" / "README.md").read_text()
+
+
+def test_a_full_precision_std_agrees_with_logs_rounded_to_8_places():
+    """Rounding three scores to 8 places moved their sample std by 1.0017 half-units here: a record
+    that states the std of its unrounded scores must still pass (the bound is h * sqrt(n / (n - 1)))."""
+    true = [1.0003131460983248, 1.000752994636369, 1.0001741455651842]
+    scored = {s: seedlog.Score("final", round(v, 8), 2.0, 8, None, 1) for s, v in enumerate(true)}
+    sub = {"val_bpb": statistics.fmean(true), "val_bpb_std": statistics.stdev(true)}
+    folder = check.Folder(Path("."), sub, "submission.json", "", list(scored), {}, {}, None)
+    assert check.mean_and_std(folder, scored) == []
+    sub["val_bpb_std"] += 3e-8
+    assert "val_bpb_std" in check.mean_and_std(folder, scored)[0]

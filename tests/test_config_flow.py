@@ -35,6 +35,7 @@ CONDITIONS: dict[str, tuple[dict, str]] = {
                            "the shards' order by hand: only with order given"),
     "compress.code_reserve": ({"compress": {"prune": True}},
                               "the code's allowance: only pruning aims below the budget"),
+    "compress.zpaq": ({"compress": {"codec": "pergroup"}}, "ZPAQ for each stream: only codec pergroup has streams"),
     "study.level": ({"study": {"variants": {"v": {"eval": {"stride": 32}}}}},
                     "the study's level: only a study compares"),
     "compare.baseline_mean": ({"compare": {"baseline_mean": 1.5, "baseline_std": 0.01}},
@@ -74,6 +75,7 @@ COMPANIONS: dict[str, dict] = {
     "model.qat_bits": {},
     "train.qat_below": {"model": {"qat_bits": 6}},
     "model.logical_layers": {"model": {"recur_layers": []}},
+    "eval.ttt.train_softcap": {"model": {"asym_softcap": True}},
 }
 
 

@@ -1,5 +1,7 @@
 """Calibration and GPTQ on a briefly trained model: Hessians from hooks, and GPTQ beating round-to-nearest."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +115,25 @@ def test_validation_data_is_refused_for_calibration(trained):
         validate({"calibrate": {"source": "shards"}})
     with pytest.raises(ValueError, match="validation data would leak"):
         calibration_tokens(trained[0], None, {**CFG["calibrate"], "source": "val"}, 0)
+
+
+def test_calibration_seconds_leave_out_pgolfs_shard_hashing(trained, tiny_dataset, tmp_path, monkeypatch):
+    """The seconds the Hessians record count as training in pgolf check: GPTQ's own work, not the
+    sha256 of every train shard, done before the clock (and not again when windows are drawn)."""
+    from pgolf.formats import shards as shardfmt
+    from pgolf.quant import calibrate as cal
+
+    real, opened = shardfmt.open_shard, []
+
+    def slow(path, *args, **kw):
+        if path not in opened:  # a FineWeb shard's hash, stood in for by the clock: once a shard
+            time.sleep(0.4)
+        opened.append(path)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(cal, "open_shard", slow)
+    _, path = trained
+    n = len(shardfmt.shard_files(tiny_dataset.dataset_dir, "train"))
+    calibrate(path, tiny_dataset.dataset_dir, CFG["calibrate"], 3, tmp_path / "h.pgt", torch.device("cpu"))
+    seconds = tensorfile.read_meta(tmp_path / "h.pgt")["seconds"]
+    assert len(opened) == 2 * n and seconds < 0.4 * n, (seconds, n)

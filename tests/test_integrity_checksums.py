@@ -154,14 +154,14 @@ def train_shards(ds: Path) -> list[Path]:
 
 
 def test_the_loader_verifies_a_train_shard_when_it_first_opens_it(tiny_dataset, tmp_path):
-    """Training's start hashes the first shard only; a damaged later shard stops the stream when it
-    reaches it, before any of its tokens is returned."""
+    """Training's start hashes the first shard (the next one on a thread); a damaged later shard
+    stops the stream when it reaches it, before any of its tokens is returned."""
     ds = copy_dataset(tiny_dataset.dataset_dir, tmp_path / "ds")
     files = train_shards(ds)
     change_token(files[2])
     shardfmt._VERIFIED.clear()
     stream = TokenStream(ds, vocab_size=VOCAB)
-    assert list(shardfmt._VERIFIED) == [str(files[0].resolve())]
+    assert str(files[0].resolve()) in shardfmt._VERIFIED and str(files[2].resolve()) not in shardfmt._VERIFIED
     before = sum(shardfmt.read_header(f) for f in files[:2])
     assert len(stream.take(before)) == before  # the first two shards, to their last token
     assert len(shardfmt._VERIFIED) == 2
@@ -172,6 +172,22 @@ def test_the_loader_verifies_a_train_shard_when_it_first_opens_it(tiny_dataset, 
     assert not shardfmt._VERIFIED  # nothing hashed before a window is drawn from a shard
     with pytest.raises(shardfmt.ShardError, match=f"^{re.escape(str(files[2]))}: sha256"):
         windows.windows(len(windows.perm), 17)
+
+
+def test_the_loader_checks_the_next_shard_ahead_so_the_switch_hashes_nothing(tiny_dataset, tmp_path, monkeypatch):
+    ds = copy_dataset(tiny_dataset.dataset_dir, tmp_path / "ds")
+    files = train_shards(ds)
+    shardfmt._VERIFIED.clear()
+    stream = TokenStream(ds, vocab_size=VOCAB)
+    stream._ahead[1].result()  # the thread's check of shard 1, done while shard 0 is read
+    assert str(files[1].resolve()) in shardfmt._VERIFIED
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(shardfmt.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    first = shardfmt.read_header(files[0])
+    assert np.array_equal(stream.take(first + 5)[first:], shardfmt.load_shard(files[1])[:5])
+    stream._ahead[1].result()
+    assert len(calls) == 1 and str(files[2].resolve()) in shardfmt._VERIFIED  # shard 2's, on the thread
 
 
 def test_a_verified_shard_is_not_hashed_again_unless_it_changes(tiny_dataset, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from test_bundle import packed_env
 from test_integrity_data import assert_refused, pgolf, smoke_preset, snakemake
 
@@ -412,3 +413,18 @@ def test_stages_on_a_really_full_disk_fail_in_one_line_and_leave_nothing(tiny_da
         lines = [line for line in out.splitlines() if line.startswith(f"pgolf {stage}: ")]
         assert len(lines) == 1 and lines[0].startswith(f"pgolf {stage}: {path}: could not be written (No space "), out
         assert re.search(rf"{needs}.*, and 32,768 bytes are free on its filesystem", lines[0]), lines[0]
+
+
+def test_a_study_variants_own_corpus_is_its_documents_input(tmp_path):
+    """A variant with a corpus (and data.name) of its own: its documents job reads its files, so an
+    edit of one of them reruns it; the baseline's files are not its input."""
+    for name in ("base", "mine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}_doc.txt").write_text(f"a document of the {name} corpus")
+    cfg = yaml.safe_load(smoke_preset(tmp_path, **{"data.paths": ["base"]}).read_text())
+    cfg["study"] = {"variants": {"own": {"data": {"name": "mine", "paths": ["mine"]}}}}
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "data/docs/mine.parquet", "-n", configs=(tmp_path / "preset.yaml",))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "mine/mine_doc.txt" in out and "base_doc.txt" not in out

@@ -1,5 +1,8 @@
 """Per-group compression (codec pergroup): exact round trip, smaller than brotli on a structured model,
-the record's L1 row sort, pruning through it, and damaged files refused."""
+the record's L1 row sort, pruning through it, ZPAQ streams (compress.zpaq), and damaged files refused."""
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from pgolf.quant.compress import prune_to_fit
 
 BROTLI = {**validate({})["compress"], "level": 11}
 PERGROUP = {**validate({"compress": {"codec": "pergroup"}})["compress"]}
+ZPAQ = {**validate({"compress": {"codec": "pergroup", "zpaq": True}})["compress"]}
 
 
 def structured_file(layers: int = 4, seed: int = 0) -> bytes:
@@ -104,3 +108,48 @@ def test_config_refuses_a_level_or_packing_with_pergroup():
     for extra in ({"level": 5}, {"pack": True}):
         with pytest.raises(ConfigError, match="codec pergroup takes no level"):
             validate({"compress": {"codec": "pergroup", **extra}})
+
+
+def _streams(data: bytes) -> list[dict]:
+    return unframe(data, artifact.MAGIC, artifact.VERSION, 1 << 20, "a", ValueError, "a")[0]["streams"]
+
+
+def test_zpaq_streams_round_trip_and_are_chosen_only_where_smaller():
+    raw = structured_file()
+    plain, data = artifact.encode(raw, PERGROUP), artifact.encode(raw, ZPAQ)
+    assert artifact.decode(data, "a.pgz") == raw
+    assert {s["codec"] for s in _streams(plain)} <= {"brotli", "lzma", "zstd"}  # off: never ZPAQ
+    zpaq_sizes = [s["body_bytes"] for s in _streams(data)]
+    # each stream is the smaller of the fast codecs' best and ZPAQ's: never larger than without it
+    assert all(z <= p for z, p in zip(zpaq_sizes, (s["body_bytes"] for s in _streams(plain)), strict=True))
+    tensors, meta = tensorfile.loads(raw, "q")
+    body, streams = pergroup.encode(tensors, meta, 2, ZPAQ["sort_rows"], codecs=("zpaq",))
+    assert {s["codec"] for s in streams} == {"zpaq"}
+    header = {"streams": streams, "shuffle": 2}
+    assert pergroup.decode(header, memoryview(body), "a.pgz") == tensorfile.dumps(tensors, meta, checksums=False)
+
+
+def test_a_damaged_or_lying_zpaq_stream_is_refused():
+    tensors, meta = tensorfile.loads(structured_file(), "q")
+    body, streams = pergroup.encode(tensors, meta, 2, ZPAQ["sort_rows"], codecs=("zpaq",))
+    first = streams[0]["body_bytes"]
+    cut = [dict(s) for s in streams]
+    cut[0]["payload_bytes"] -= 1  # ZPAQ decodes the whole stream; the promise still holds it to its length
+    for bad_body, bad_streams, msg in [(bytes([body[0] ^ 1]) + body[1:], streams, "compressed stream is corrupt"),
+                                      (body[:first - 3] + bytes(3) + body[first:], streams, "a.pgz"),
+                                      (body, cut, "decompressed to .* its header says")]:
+        with pytest.raises(pergroup.PergroupError, match=msg):
+            pergroup.decode({"streams": bad_streams, "shuffle": 2}, memoryview(bad_body), "a.pgz")
+
+
+def test_config_refuses_zpaq_streams_without_pergroup():
+    with pytest.raises(ConfigError, match="compress.zpaq: .* needs codec pergroup"):
+        validate({"compress": {"codec": "brotli", "zpaq": True}})
+    assert validate({"compress": {"codec": "zpaq"}})["compress"]["level"] == 5
+
+
+def test_the_artifact_reader_imports_zpaq_only_for_a_zpaq_stream():
+    """The packed train_gpt.py imports the codecs: an artifact without a zpaq stream must decode
+    where the zpaq package is not installed."""
+    code = "import sys, pgolf.quant.artifact, pgolf.quant.pergroup; sys.exit('zpaq' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

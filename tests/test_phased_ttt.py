@@ -16,7 +16,7 @@ from pgolf.eval.bpb import BPBMeter, build_byte_luts
 from pgolf.eval.evaluate import run_ttt, score, val_tokens, windows
 from pgolf.eval.lora import DocLoRA, LoRAForward
 from pgolf.eval.phased import documents, phased_eval
-from pgolf.eval.windows import Scores
+from pgolf.eval.windows import Scores, score_windows, scored_mask, window_batch
 from pgolf.model.gpt import GPT, token_losses
 
 SEQ, STRIDE = 32, 8
@@ -143,6 +143,63 @@ def test_adapters_are_reset_per_document_and_global_phases_carry_over(small_mode
     assert all(phased_run[t] != after_two[t] for t in range(lo, hi))  # scored after it: the base model moved
 
 
+def two_forward_adapt_batch(fwd, tokens, batch, cfg, seq_len, meter, scores, order, precision):
+    """Reference: each chunk scored by score_windows under inference_mode, then trained on by a second
+    forward with gradients over the documents that have a chunk after it (pgolf before one forward)."""
+    lora, size, width = fwd.lora, cfg["lora_chunk_tokens"], cfg["lora_docs"]
+    lora.reset(cfg["lora_warm_a"])
+    opt = phased.lora_optimizer(lora, cfg)
+    chunks = [phased.doc_chunks(d, size) for d in batch]
+
+    def windows_of(rows, c):
+        return [phased.chunk_window(*chunks[r][c], size, seq_len, len(tokens) - 1) for r in rows]
+
+    def score(c, _):
+        rows = [r for r, ch in enumerate(chunks) if c < len(ch)]
+        lora.use(phased.padded(rows, width))
+        score_windows(fwd, tokens, windows_of(rows, c), seq_len, width, meter, torch.device("cpu"), precision, scores)
+
+    def train(c, _):
+        rows = [r for r, ch in enumerate(chunks) if c < len(ch) - 1]
+        if rows:
+            part = windows_of(rows, c)
+            lora.use(phased.padded(rows, width))
+            idx = window_batch(tokens, part, seq_len, width)
+            losses, mask = token_losses(fwd, idx[:, :-1], idx[:, 1:])[: len(part)], scored_mask(part, seq_len)
+            opt.zero_grad()
+            ((losses * mask).sum(1) / mask.sum(1)).sum().backward()
+            opt.step()
+
+    order(list(range(max(len(ch) for ch in chunks))), score, train)
+
+
+def test_one_forward_per_chunk_scores_and_trains_as_two_forwards_do(small_model, val, monkeypatch):
+    """Each chunk's score comes from the forward its adapters then train on: the same losses as a
+    separate scoring forward before a training forward, in half the forwards. Batches of 4 documents
+    pad the last batch (2 documents) and every step where a document has ended; a phase after the first."""
+    cfg = eval_cfg(lora_docs=4, phases=1, phase_docs=4)
+    steps = [max(len(phased.doc_chunks(d, 16)) for d in documents(val[0], 1)[i : i + 4]) for i in (0, 4)]
+    forwards = [0]
+
+    def counted(self, idx):
+        forwards[0] += 1
+        return lora_forward(self, idx)
+
+    lora_forward = LoRAForward.forward
+    monkeypatch.setattr(LoRAForward, "forward", counted)
+    got, losses = run(small_model, val, cfg)
+    assert forwards[0] == sum(steps)  # one a chunk step, the last one's too
+    monkeypatch.setattr(phased, "adapt_batch", two_forward_adapt_batch)
+    forwards[0] = 0
+    want, ref = run(small_model, val, cfg)
+    assert forwards[0] == sum(2 * n - 1 for n in steps)  # every step but the last trains on a second forward
+    assert got["tokens"] == want["tokens"] == len(val[0]) - 1 and got["bytes"] == want["bytes"]
+    assert got["val_bpb"] == pytest.approx(want["val_bpb"], abs=1e-6)
+    assert losses.keys() == ref.keys() and all(losses[t] == pytest.approx(ref[t], abs=1e-6) for t in ref)
+    still, _ = run(small_model, val, eval_cfg(lora_docs=4, lora_lr=0.0, phases=0))
+    assert abs(got["val_bpb"] - still["val_bpb"]) > 1e-3  # the comparison is of a TTT that moves the scores
+
+
 def test_audit_passes_phased_ttt_inside_a_chunk_and_on_its_boundary(small_model, val):
     tokens, luts = val
     report = audit(small_model, tokens, eval_cfg(), luts)
@@ -189,3 +246,24 @@ def test_evaluate_runs_phased_ttt_on_one_and_two_processes_alike(setup, tmp_path
     two = evaluate_on_two_processes(setup, cfg, tmp_path / "eval.json")  # a document each, then the phase
     assert two["ttt"]["tokens"] == one["ttt"]["tokens"]
     assert two["ttt"]["val_bpb"] == pytest.approx(one["ttt"]["val_bpb"], rel=1e-5)
+
+
+def test_phased_ttt_scores_the_ngram_tilt_from_the_forward_it_trains_on(small_model, val):
+    """Phased TTT records its scores from its training forward (windows.record): the tilt must reach them."""
+    from pgolf.eval.ngram import TiltedMeter, tilted_nll, token_hints
+
+    tokens, luts = val
+    hints, scores = token_hints(tokens, 2, 0.3), Scores()
+    cfg = eval_cfg(lora_lr=0.0, phases=0)["ttt"]
+    got = phased_eval(copy.deepcopy(small_model), tokens, SEQ, cfg, TiltedMeter(luts, hints, 2.625), scores=scores)
+    tilted, losses = got.pop("ngram"), scores.by_target()
+    assert tilted["hinted"] == int(hints.gated.sum()) > 20 and tilted["tokens"] == got["tokens"]
+    assert abs(tilted["val_bpb"] - got["val_bpb"]) > 1e-3
+    for t in hints.gated.nonzero().flatten().tolist()[::7]:  # as the lr-0 test above: the model in its chunk's window
+        lo = max(s for s in STARTS if s <= t)
+        start = min(max(0, lo + (t - lo) // 16 * 16 + 16 - SEQ), len(tokens) - 1 - SEQ)
+        row = tokens[start : start + SEQ + 1][None]
+        with torch.no_grad():
+            log_p = torch.log_softmax(small_model(row[:, :-1])[0, t - start].double(), 0)
+        want = tilted_nll(-log_p[tokens[t + 1]], log_p[hints.token[t]], tokens[t + 1] == hints.token[t], 2.625)
+        assert losses[t][1] == pytest.approx(want.item(), abs=2e-5)

@@ -37,8 +37,8 @@ SHRUNK = {
     "model.xsa_last_n", "model.rope_dims", "model.recur_layers", "model.parallel_from",
     "train.nproc", "train.seq_len", "train.batch_tokens", "train.micro_batch_seqs", "train.iterations",
     "train.max_wallclock_seconds", "train.prime_steps", "train.muon_momentum_warmup_steps", "train.ema_decay",
-    "train.checkpoint_every", "train.log_every", "calibrate.seqs", "calibrate.seq_len", "quant.min_numel",
-    "quant.block_size", "eval.seq_len", "eval.stride", "eval.batch_seqs", "eval.max_tokens",
+    "train.checkpoint_every", "train.log_every", "calibrate.batches", "calibrate.seqs", "calibrate.seq_len",
+    "quant.min_numel", "quant.block_size", "eval.seq_len", "eval.stride", "eval.batch_seqs", "eval.max_tokens",
     "eval.ttt.lora_rank", "eval.ttt.lora_alpha", "eval.ttt.lora_docs", "eval.ttt.phases", "eval.ttt.phase_docs",
     "eval.ttt.chunk_tokens", "eval.ttt.batch_seqs", "compare.baseline_mean", "compare.baseline_std",
     "record.check",  # one seed can never pass pgolf check's three: the smoke run reports the check

@@ -97,3 +97,12 @@ def keys_one(plan: Plan) -> dict[str, str]:
 def test_runs_that_would_build_different_data_under_one_path_are_refused():
     with pytest.raises(ConfigError, match="give one of them a data.name of its own"):
         plan_of(split={"data": {"val_fraction": 0.2}})
+
+
+def test_jobs_are_keyed_by_the_data_they_read_not_only_its_name():
+    """Two invocations that build data/<name> from other settings (refused only within one) train
+    into folders of their own: the second must not reuse, or overwrite, the first one's jobs."""
+    a, b = (Plan(study.runs({"run": "x", "data": {"val_fraction": f}}), code=lambda s: "c0de", code_bytes=1)
+            for f in (0.1, 0.2))
+    ka, kb = keys_one(a), keys_one(b)
+    assert all(ka[s] != kb[s] for s in ka)

@@ -24,3 +24,21 @@ def test_corrupt_files_are_refused(tmp_path):
         tensorfile.loads(data[:30], "t.pgt")
     with pytest.raises(tensorfile.TensorFileError, match="t.pgt: file not found"):
         tensorfile.load(tmp_path / "t.pgt")
+
+
+def test_read_meta_reads_the_header_alone_and_checks_it(tmp_path):
+    path = tmp_path / "h.pgt"
+    tensorfile.save(path, {"w": torch.randn(64, 64)}, {"seconds": 4.5})
+    assert tensorfile.read_meta(path) == {"seconds": 4.5} == tensorfile.load(path)[1]
+    data = path.read_bytes()
+    head = len(data) - 64 * 64 * 4
+    cases = {"truncated": data[:-4], "appended": data + b"\0",
+             "meta edited": data[:head].replace(b"4.5", b"0.5") + data[head:],
+             "cut in the header": data[: head - 3], "cut in the prefix": data[:10]}
+    for case, bad in cases.items():
+        path.write_bytes(bad)
+        with pytest.raises(tensorfile.TensorFileError, match="h.pgt"):
+            tensorfile.read_meta(path)
+            pytest.fail(case)
+    with pytest.raises(tensorfile.TensorFileError, match="file not found"):
+        tensorfile.read_meta(tmp_path / "none.pgt")

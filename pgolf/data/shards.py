@@ -61,10 +61,6 @@ def write_split(out_dir: Path, split: str, encoded: list[np.ndarray], shard_toke
     return names, digests
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build(docs_path: str | Path, tokenizer: str | Path, cfg: dict, out: str | Path, caseops_on: bool = False) -> dict:
     sp = sp_model.load(tokenizer)
     table = caseops.byte_table(sp, str(tokenizer)) if caseops_on else None

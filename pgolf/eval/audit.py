@@ -7,6 +7,10 @@ scoring a token may depend on what comes after it. t is taken both inside a chun
 on the chunk before scoring it shows) and on a chunk's last target (where a training range that
 reached one token too far, into the next chunk, would show).
 
+Under eval.ngram_tilt each target's tilted loss is compared too, the hints computed from each pass's
+own tokens; and the hints of targets up to t must not move when the tokens from t's own target on
+are replaced (a hint may not read the token it is scored against).
+
 In phased mode (eval.ttt.mode phased_lora) t is taken in a document that the batch right after the
 first global phase scores: inside its second chunk and on its first chunk's last target, so that an
 adapter trained on a chunk before scoring it shows, and so does a global phase that trained on a
@@ -31,22 +35,25 @@ import torch
 
 from pgolf.config import load
 from pgolf.errors import PgolfError
-from pgolf.eval.bpb import BPBMeter, ByteCounts, byte_counts
+from pgolf.eval.bpb import ByteCounts, byte_counts
 from pgolf.eval.evaluate import artifact_model, run_ttt, val_tokens, windows
+from pgolf.eval.ngram import HintsOf, meter_for, token_hints
 from pgolf.eval.phased import doc_chunks, documents, phase_ends
 from pgolf.eval.tttsteps import run_chunks
 from pgolf.eval.windows import Scores
 from pgolf.formats.shards import check_tokenizer, open_dataset
 from pgolf.model.gpt import GPT
-from pgolf.pipeline.plan import stage_dir
+from pgolf.pipeline.plan import OUTPUTS, stage_dir
 
 
 def recorded_losses(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts,
-                    order: Callable = run_chunks) -> dict[int, float]:
+                    order: Callable = run_chunks, hints_of: HintsOf = token_hints) -> dict[int, float | tuple]:
+    """Each scored target's loss under TTT (and its tilted loss under eval.ngram_tilt, the hints
+    computed from these very tokens)."""
     scores = Scores()
     wins = windows(len(tokens), cfg["seq_len"], cfg["stride"])
-    run_ttt(copy.deepcopy(model), tokens, wins, cfg["seq_len"], cfg["batch_seqs"], cfg["ttt"], BPBMeter(luts),
-            scores=scores, order=order)
+    run_ttt(copy.deepcopy(model), tokens, wins, cfg["seq_len"], cfg["batch_seqs"], cfg["ttt"],
+            meter_for(cfg, tokens, luts, hints_of), scores=scores, order=order)
     return scores.by_target()
 
 
@@ -83,7 +90,8 @@ def progress(msg: str) -> None:
 
 
 def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positions: list[int] | None = None,
-          order: Callable = run_chunks, seed: int = 0, log: Callable[[str], None] = progress) -> list[dict]:
+          order: Callable = run_chunks, seed: int = 0, log: Callable[[str], None] = progress,
+          hints_of: HintsOf = token_hints) -> list[dict]:
     """For each t: how many recorded losses at targets <= t changed when the tokens after t changed.
     Each pass is a whole TTT evaluation (about a minute on the default model on CPU): `log` says
     which one runs and how long the rest will take."""
@@ -95,7 +103,7 @@ def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positio
                          "val split holds two chunks")
     passes, t0 = 1 + len(ts), time.perf_counter()
     log(f"audit: pass 1/{passes}: TTT evaluation of {len(tokens) - 1:,} targets as they are")
-    base = recorded_losses(model, tokens, cfg, luts, order)
+    base = recorded_losses(model, tokens, cfg, luts, order, hints_of)
     per_pass = time.perf_counter() - t0
     report = []
     for k, t in enumerate(ts, start=2):
@@ -104,13 +112,27 @@ def audit(model: GPT, tokens: torch.Tensor, cfg: dict, luts: ByteCounts, positio
         changed = tokens.clone()
         gen = torch.Generator().manual_seed(seed + t)
         changed[t + 2 :] = torch.randint(0, model.vocab_size, (len(tokens) - t - 2,), generator=gen)
-        other = recorded_losses(model, changed, cfg, luts, order)
+        other = recorded_losses(model, changed, cfg, luts, order, hints_of)
         # target t predicts token t + 1, so tokens from t + 2 on are the future of every target <= t
         diffs = [i for i, loss in base.items() if i <= t and other[i] != loss]
         report.append({"t": t, "checked": sum(1 for i in base if i <= t), "changed": len(diffs),
                        "first_changed": min(diffs) if diffs else None, "ok": not diffs})
+        if cfg["ngram_tilt"]["enabled"]:
+            report[-1]["hints_changed"] = hints_moved(tokens, t, cfg["ngram_tilt"], hints_of, model.vocab_size, seed)
+            report[-1]["ok"] = report[-1]["ok"] and not report[-1]["hints_changed"]
         log(f"audit: t={t:,}: {report[-1]['checked']:,} losses checked, {len(diffs):,} changed")
     return report
+
+
+def hints_moved(tokens: torch.Tensor, t: int, tilt: dict, hints_of: HintsOf, vocab: int, seed: int) -> int:
+    """How many n-gram hints of targets <= t change when every token from target t's own (t + 1) on is
+    replaced: a hint may read no token it is scored against (PR #779's rule), nor any after it."""
+    changed = tokens.clone()
+    gen = torch.Generator().manual_seed(seed + t + 1)
+    changed[t + 1 :] = torch.randint(0, vocab, (len(tokens) - t - 1,), generator=gen)
+    a, b = (hints_of(x, tilt["order"], tilt["threshold"]) for x in (tokens, changed))
+    moved = (a.gated[: t + 1] != b.gated[: t + 1]) | (a.gated[: t + 1] & (a.token[: t + 1] != b.token[: t + 1]))
+    return int(moved.sum())
 
 
 def enough_documents(data: str | Path, tokens: torch.Tensor, cfg: dict, bos_id: int,
@@ -131,7 +153,7 @@ def enough_documents(data: str | Path, tokens: torch.Tensor, cfg: dict, bos_id: 
 
 # Where a run keeps its resolved config (pgolf/report/record.py writes it), and the eval keys the audit reads.
 RESOLVED_CONFIG = Path("record") / "config.yaml"
-AUDITED_KEYS = ("seq_len", "stride", "batch_seqs", "ttt")
+AUDITED_KEYS = ("seq_len", "stride", "batch_seqs", "ttt", "ngram_tilt")
 
 
 def run_eval_config(run: Path, files: list[str] | None) -> dict:
@@ -183,7 +205,7 @@ def cli(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     cfg = run_eval_config(args.run, args.config)
     cfg["ttt"] = {**cfg["ttt"], "enabled": True}
-    artifact = Path(stage_dir(args.run, args.seed, "compress")) / "artifact.pgz"
+    artifact = Path(stage_dir(args.run, args.seed, "compress")) / OUTPUTS["compress"]["artifact"]
     model = artifact_model(artifact)
     # as evaluate checks them: the tokenizer counts the bytes, and an id beyond the vocabulary is no token
     check_tokenizer(args.data, args.tokenizer)

@@ -96,6 +96,15 @@ def target_bytes(luts: ByteLUTs, prev: torch.Tensor, tgt: torch.Tensor) -> torch
     return luts.base_bytes.to(dev)[tgt] + space.int()
 
 
+def summed(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over all processes (itself in a single process), on the CPU."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    out = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 class BPBMeter:
     """Accumulates loss (nats), token and byte counts in float64."""
 
@@ -111,11 +120,7 @@ class BPBMeter:
         self.sums[2] += self.luts.count(prev, tgt, pos).double().sum().cpu()
 
     def all_reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            sums = self.sums.to(backend_device)
-            dist.all_reduce(sums)
-            self.sums = sums.cpu()
+        self.sums = summed(self.sums)
 
     def result(self) -> dict:
         loss, tokens, nbytes = self.sums.tolist()

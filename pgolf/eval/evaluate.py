@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from pgolf.errors import PgolfError
-from pgolf.eval.bpb import BPBMeter, byte_counts
+from pgolf.eval.bpb import BPBMeter, ByteCounts, byte_counts
+from pgolf.eval.ngram import TiltedMeter, token_hints
 from pgolf.eval.phased import phased_eval
 from pgolf.eval.ttt import ttt_eval
 from pgolf.eval.tttsteps import freeze, run_chunks
@@ -106,18 +107,21 @@ def measure(cfg: dict, data: Path, tokenizer: Path, ema: Path, artifact: Path, r
     tokens = val_tokens(data, cfg["max_tokens"], T, ema_model.vocab_size)
     luts = byte_counts(data, tokenizer, ema_model.vocab_size, len(tokens))  # a CaseOps sidecar, or the tables
     plain, sliding = plain_windows(len(tokens), T), windows(len(tokens), T, cfg["stride"])
+    result, seconds = {}, {}
+    scored_meter = ngram_meters(cfg, tokens, luts, seconds)
     if cfg["ttt"]["enabled"]:  # frozen before the first compile: requires_grad is part of a compiled graph's guards
         freeze(art, cfg["ttt"])
     fwd = {id(m): compiled(m, cfg["compile"], device) for m in (ema_model, art)}
     parts = {"pre_quant": (ema_model, plain), "post_quant": (art, plain), "sliding": (art, sliding)}
-    result, seconds = {}, {}
     for name, (model, wins) in parts.items():
         t0 = time.perf_counter()
-        result[name] = score(model, tokens, wins, T, B, BPBMeter(luts), rank, world, label=name,
+        meter = scored_meter() if name == "sliding" else BPBMeter(luts)
+        result[name] = score(model, tokens, wins, T, B, meter, rank, world, label=name,
                              precision=precision, forward=fwd[id(model)])
         seconds[name] = time.perf_counter() - t0
         log(rank, f"{name}: bpb {result[name]['val_bpb']:.4f} loss {result[name]['val_loss']:.4f} "
                   f"({len(wins)} windows, {seconds[name]:.1f}s)")
+        split_tilted(result, name, rank)
     result["sliding"].update(seq_len=T, stride=cfg["stride"])
     t0 = time.perf_counter()  # not part of the scored path: a diagnostic of pruning's cost
     result.update(pruning(checked.header, unpruned, result["post_quant"], lambda m: score(
@@ -128,17 +132,42 @@ def measure(cfg: dict, data: Path, tokenizer: Path, ema: Path, artifact: Path, r
                   f"{result['prune_cost_bpb']:+.4f} ({seconds['unpruned']:.1f}s)")
     if cfg["ttt"]["enabled"]:  # adapts `art` in place: it runs last
         t0 = time.perf_counter()
-        result["ttt"] = run_ttt(art, tokens, sliding, T, B, cfg["ttt"], BPBMeter(luts), rank, world,
+        result["ttt"] = run_ttt(art, tokens, sliding, T, B, cfg["ttt"], scored_meter(), rank, world,
                                 precision=precision, forward=fwd[id(art)])
         seconds["ttt"] = time.perf_counter() - t0
         result["ttt_gain_bpb"] = result["ttt"]["val_bpb"] - result["sliding"]["val_bpb"]
         log(rank, f"ttt: bpb {result['ttt']['val_bpb']:.4f} (gain {result['ttt_gain_bpb']:+.4f}) over "
                   f"{result['ttt']['chunks']} chunks, {seconds['ttt']:.1f}s")
+        split_tilted(result, "ttt", rank)
     result["quant_gap_bpb"] = result["post_quant"]["val_bpb"] - result["pre_quant"]["val_bpb"]
     result["eval_seconds"] = seconds
-    result["scored_eval_seconds"] = seconds["sliding"] + seconds.get("ttt", 0.0)
+    result["scored_eval_seconds"] = seconds["sliding"] + seconds.get("ttt", 0.0) + seconds.get("ngram_hints", 0.0)
     check_budget(cfg, result["scored_eval_seconds"], rank)
     return result
+
+
+def ngram_meters(cfg: dict, tokens: torch.Tensor, luts: ByteCounts, seconds: dict) -> Callable[[], BPBMeter]:
+    """A new meter for each scored pass (sliding window, TTT): under eval.ngram_tilt one that also
+    keeps the tilted scores, with the hints of the val stream computed once here, timed into
+    `seconds` (the record counts them inside its eval time)."""
+    tilt = cfg["ngram_tilt"]
+    if not tilt["enabled"]:
+        return lambda: BPBMeter(luts)
+    t0 = time.perf_counter()
+    hints = token_hints(tokens, tilt["order"], tilt["threshold"])
+    seconds["ngram_hints"] = time.perf_counter() - t0
+    return lambda: TiltedMeter(luts, hints, tilt["boost"])
+
+
+def split_tilted(result: dict, name: str, rank: int) -> None:
+    """A tilted pass's n-gram scores to their own part of eval.json, `<name>_ngram`, with their gain."""
+    if "ngram" not in result[name]:
+        return
+    tilted = result[name].pop("ngram")
+    tilted["gain_bpb"] = tilted["val_bpb"] - result[name]["val_bpb"]
+    result[f"{name}_ngram"] = tilted
+    log(rank, f"{name}_ngram: bpb {tilted['val_bpb']:.4f} ({tilted['gain_bpb']:+.4f} from the n-gram tilt; "
+              f"{tilted['hinted']:,} targets hinted, {tilted['hint_hits']:,} right)")
 
 
 def log(rank: int, msg: str) -> None:
@@ -151,7 +180,8 @@ def check_budget(cfg: dict, used: float, rank: int) -> None:
     budget = cfg["time_budget_seconds"]
     if not budget or used <= budget:
         return
-    msg = f"the scored evaluation (sliding window + TTT) took {used:.1f}s, over eval.time_budget_seconds={budget}"
+    msg = (f"the scored evaluation (sliding window + TTT + n-gram hints) took {used:.1f}s, "
+           f"over eval.time_budget_seconds={budget}")
     if cfg["on_over_budget"] == "fail":
         raise PgolfError(msg)
     log(rank, f"WARNING: {msg}")

@@ -1,11 +1,12 @@
 """Per-document LoRA adapters for phased TTT (PRs #1530, #1767, #1855), attached by forward hooks.
 
-The adapters sit where the records put them: beside Q, K and V (each reading the block's normed
-input), beside the whole attention sublayer ("O": normed input to attention output), beside the
-whole MLP (its normed input to its output), and beside the head (final hidden state to logits,
-before the softcap). Each virtual layer has its own adapters, so a block that recurrence runs three
-times gets three sets. Every adapter holds one (A, B) pair per document of a batch: row r of a
-forward uses document `rows[r]`'s pair, so documents batched together never share an update.
+The adapters sit where the records put them: beside Q, K (unless `k` is off, as in PR #2135) and
+V (each reading the block's normed input), beside the whole attention sublayer ("O": normed input
+to attention output), beside the whole MLP (its normed input to its output), and beside the head
+(final hidden state to logits, before the softcap). Each virtual layer has its own adapters, so a
+block that recurrence runs three times gets three sets. Every adapter holds one (A, B) pair per
+document of a batch: row r of a forward uses document `rows[r]`'s pair, so documents batched
+together never share an update.
 
 Hooks leave pgolf/model/gpt.py as it is: the model's modules are wrapped from outside, and `detach`
 takes the adapters off again.
@@ -47,7 +48,7 @@ class BatchedLoRA(nn.Module):
 class DocLoRA(nn.Module):
     """All adapters of `model` for `docs` documents, hooked into its modules until `detach`."""
 
-    def __init__(self, model: GPT, docs: int, rank: int, alpha: float, seed: int = 0) -> None:
+    def __init__(self, model: GPT, docs: int, rank: int, alpha: float, seed: int = 0, k: bool = True) -> None:
         super().__init__()
         self.seed, self.gen = seed, torch.Generator().manual_seed(seed)
         attn = model.blocks[0].attn
@@ -57,8 +58,9 @@ class DocLoRA(nn.Module):
         def per_slot(fan_in: int, fan_out: int) -> nn.ModuleList:
             return nn.ModuleList(BatchedLoRA(docs, fan_in, fan_out, rank, alpha, self.gen) for _ in self.order)
 
-        self.q, self.k, self.v, self.o, self.mlp = (per_slot(d, d), per_slot(d, kv), per_slot(d, kv),
-                                                    per_slot(d, d), per_slot(d, d))
+        self.q = per_slot(d, d)
+        self.k = per_slot(d, kv) if k else None  # PR #2135 adapts without them (TTT_K_LORA=0)
+        self.v, self.o, self.mlp = per_slot(d, kv), per_slot(d, d), per_slot(d, d)
         self.head = BatchedLoRA(docs, d, model.vocab_size, rank, alpha, self.gen)
         self.rows = torch.zeros(docs, dtype=torch.long)
         self.on = False  # only LoRAForward's calls see the adapters; the model's own forward runs plain
@@ -83,7 +85,8 @@ class DocLoRA(nn.Module):
             # says which virtual layer this pass is, for every adapter of the block.
             self.handles.append(a.register_forward_pre_hook(self.enter(i, slots[i])))
             for lin, lora in ((a.c_q, self.q), (a.c_k, self.k), (a.c_v, self.v), (a, self.o), (block.mlp, self.mlp)):
-                self.handles.append(lin.register_forward_hook(self.beside(i, lora)))
+                if lora is not None:
+                    self.handles.append(lin.register_forward_hook(self.beside(i, lora)))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -127,6 +130,4 @@ class LoRAForward(nn.Module):
         finally:
             lora.on = False
         w = m.tok_emb.weight if m.lm_head is None else m.lm_head.weight
-        logits = (F.linear(h, w.to(h.dtype)) + lora.head(h, lora.rows).to(h.dtype)).float()
-        cap = m.cfg["logit_softcap"]
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+        return m.softcap((F.linear(h, w.to(h.dtype)) + lora.head(h, lora.rows).to(h.dtype)).float())

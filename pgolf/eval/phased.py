@@ -3,7 +3,8 @@
 Documents are the val stream's spans from one BOS token to the next. They are taken in stream
 order, `lora_docs` at a time, each with its own fresh adapters (pgolf/eval/lora.py). A batch walks
 its documents chunk by chunk (`lora_chunk_tokens` targets): chunk c of every document is scored,
-then every document that has a chunk after c takes one Adam step on chunk c's mean loss. After the
+then every document that has a chunk after c takes one Adam step on chunk c's mean loss, both from
+one forward, as the record's forward_ttt_train (its losses recorded before the backward). After the
 batch in which the scored documents first reach a phase boundary (`phase_docs` split in `phases`:
 833, 1666, 2500), the base model itself trains by SGD on the documents up to that boundary, all of
 them already scored, as chunk mode trains on a chunk (the optimizer, lr, momentum, epochs,
@@ -23,6 +24,7 @@ here too. Where pgolf differs from the record, it is so that no update has seen 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -31,8 +33,8 @@ from pgolf.errors import ConfigError
 from pgolf.eval.bpb import BPBMeter
 from pgolf.eval.lora import DocLoRA, LoRAForward
 from pgolf.eval.tttsteps import Chunk, chunk_lr, freeze, make_optimizer, run_chunks, train_chunk, training_sequences
-from pgolf.eval.windows import Scores, Window, score_windows, scored_mask, window_batch
-from pgolf.model.gpt import GPT, token_losses
+from pgolf.eval.windows import Scores, Window, forward_losses, record, scored_mask, window_batch
+from pgolf.model.gpt import GPT
 from pgolf.runtime.device import autocast
 
 Doc = tuple[int, int]  # targets [lo, hi); target i predicts token i + 1, so a document's last target is the next BOS
@@ -77,40 +79,62 @@ def padded(rows: list[int], docs: int) -> list[int]:
     return rows + rows[:1] * (docs - len(rows))
 
 
+@dataclass
+class ChunkPass:
+    """Chunk c's one forward through the adapters as they were when it ran (PR #1855's forward_ttt_train:
+    scored, then backpropagated)."""
+
+    c: int
+    part: list[Window]  # the windows of the documents that have a chunk c, in row order
+    idx: Tensor  # (width, seq_len + 1) token rows: those windows, then padding
+    losses: Tensor  # (width, seq_len) per-target losses, with their graph when some document trains on chunk c
+    weight: Tensor  # (width, seq_len): 1 on the chunk targets of a document that trains on chunk c, else 0
+    log_q: Tensor | None  # under the n-gram tilt, log p(hint) of the scored targets (windows.forward_losses)
+
+
 def adapt_batch(fwd: LoRAForward, tokens: Tensor, batch: list[Doc], cfg: dict, seq_len: int, meter: BPBMeter,
                 scores: Scores | None, order: Callable, precision: str) -> None:
     """Score a batch of documents chunk by chunk, each document's adapters training on its chunks
-    once they are scored."""
+    once they are scored. One forward per chunk, as the record: score(c) records its losses, and
+    train(c), which `order` calls after it, backpropagates the same forward. A forward is reused only
+    while no step has come between (train drops it after its step), so either step alone does what
+    it says whatever the order: a train(c) before score(c) runs its own forward, and score(c) then
+    scores the stepped adapters, as the audit's illegal order must show."""
     lora, size, width = fwd.lora, cfg["lora_chunk_tokens"], cfg["lora_docs"]
     device = next(fwd.model.parameters()).device
     lora.reset(cfg["lora_warm_a"])
     opt = lora_optimizer(lora, cfg)
     chunks = [doc_chunks(d, size) for d in batch]
+    last: list[ChunkPass] = []  # the forward since the last step, if any
 
-    def windows_of(rows: list[int], c: int) -> list[Window]:
-        return [chunk_window(*chunks[r][c], size, seq_len, len(tokens) - 1) for r in rows]
-
-    def score(c: int, _: int) -> None:
+    def forward(c: int) -> ChunkPass:
+        if last and last[0].c == c:
+            return last[0]
         rows = [r for r, ch in enumerate(chunks) if c < len(ch)]
-        lora.use(padded(rows, width))
-        score_windows(fwd, tokens, windows_of(rows, c), seq_len, width, meter, device, precision, scores)
-
-    def train(c: int, _: int) -> None:
-        rows = [r for r, ch in enumerate(chunks) if c < len(ch) - 1]  # a document's last chunk trains nothing
-        if not rows:
-            return
-        part = windows_of(rows, c)
+        part = [chunk_window(*chunks[r][c], size, seq_len, len(tokens) - 1) for r in rows]
+        trains = torch.tensor([c < len(chunks[r]) - 1 for r in rows])  # a document's last chunk trains nothing
+        weight = torch.zeros(width, seq_len)  # padded rows neither score nor train
+        weight[: len(part)] = (scored_mask(part, seq_len) & trains[:, None]).float()
         lora.use(padded(rows, width))
         idx = window_batch(tokens, part, seq_len, width).to(device)
-        mask = torch.zeros(width, seq_len, dtype=torch.bool)
-        mask[: len(part)] = scored_mask(part, seq_len)
-        mask = mask.to(device)
-        with autocast(device, precision):
-            losses = token_losses(fwd, idx[:, :-1], idx[:, 1:])
-        per_doc = (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+        with torch.set_grad_enabled(bool(trains.any())), autocast(device, precision):
+            losses, log_q = forward_losses(fwd, idx, part, seq_len, meter)
+        last[:] = [ChunkPass(c, part, idx, losses, weight.to(device), log_q)]
+        return last[0]
+
+    def score(c: int, _: int) -> None:
+        p = forward(c)
+        record(p.losses, p.idx, p.part, seq_len, meter, scores, p.log_q)
+
+    def train(c: int, _: int) -> None:
+        p = forward(c)
+        if not p.losses.requires_grad:  # every document with a chunk c ends there
+            return
+        per_doc = (p.losses * p.weight).sum(1) / p.weight.sum(1).clamp(min=1)
         opt.zero_grad(set_to_none=True)
         per_doc.sum().backward()  # documents' adapters are disjoint: each gets its own chunk's mean
         opt.step()
+        last.clear()  # the adapters moved: a later score runs a forward of its own
 
     steps = list(range(max(len(ch) for ch in chunks)))
     order(steps, score, train)
@@ -152,7 +176,8 @@ def phased_eval(model: GPT, tokens: Tensor, seq_len: int, cfg: dict, meter: BPBM
     for p in params:
         p.requires_grad_(False)  # the adapters train between phases, the base model only in them
     model.eval()
-    fwd = LoRAForward(model, DocLoRA(model, cfg["lora_docs"], cfg["lora_rank"], cfg["lora_alpha"]))
+    fwd = LoRAForward(model, DocLoRA(model, cfg["lora_docs"], cfg["lora_rank"], cfg["lora_alpha"],
+                                       k=cfg["lora_k"]))
     batches = [docs[i : i + cfg["lora_docs"]] for i in range(0, len(docs), cfg["lora_docs"])]
     ends, phase, segment = phase_ends(cfg), 0, []
     try:

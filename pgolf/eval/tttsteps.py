@@ -42,9 +42,13 @@ def run_chunks(chunks: list[Chunk], score: Step, train: Step) -> None:
 
 
 def freeze(model: GPT, cfg: dict) -> None:
-    """TTT leaves the first `freeze_blocks` blocks as they are."""
+    """What TTT's base-model steps train: not the first `freeze_blocks` blocks, and the asymmetric
+    softcaps (fixed since training) only with train_softcap."""
     for block in model.blocks[: cfg["freeze_blocks"]]:
         block.requires_grad_(False)
+    if model.cfg["asym_softcap"]:
+        for p in (model.softcap_pos, model.softcap_neg):
+            p.requires_grad_(cfg["train_softcap"])
 
 
 def training_sequences(tokens: Tensor, chunk: Chunk, seq_len: int) -> Tensor:

@@ -13,6 +13,14 @@ from pathlib import Path
 _PREFIX = struct.Struct("<8sIQ")
 
 
+PREFIX_BYTES = _PREFIX.size
+
+
+def header_length(prefix: bytes) -> int:
+    """The JSON header's length that a file's first PREFIX_BYTES promise (checked by unframe)."""
+    return _PREFIX.unpack_from(prefix)[2]
+
+
 def frame(magic: bytes, version: int, header: dict) -> bytes:
     """Everything before the body."""
     blob = json.dumps(header, sort_keys=True).encode()
@@ -47,8 +55,18 @@ def unframe(data: bytes, magic: bytes, version: int, max_header: int, source: st
     return header, memoryview(data)[_PREFIX.size + hlen :]
 
 
-def read_file(path: str | Path, error: type[ValueError]) -> bytes:
+def file_size(path: str | Path, error: type[Exception], what: str = "file") -> int:
+    """The size of `path`; `error` naming it when it is missing (one message for every reader)."""
     try:
-        return Path(path).read_bytes()
+        return Path(path).stat().st_size
     except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
+        raise error(f"{path}: {what} not found") from None
+
+
+def read_file(path: str | Path, error: type[ValueError], max_bytes: int | None = None, what: str = "file") -> bytes:
+    """The bytes of `path`; with `max_bytes`, a larger file is refused before it is read (a wrong path
+    to a multi-GB file must not be loaded into memory to learn that it is not ours)."""
+    size = file_size(path, error)
+    if max_bytes is not None and size > max_bytes:
+        raise error(f"{path}: {size:,} bytes is over the {max_bytes:,}-byte limit; not {what}")
+    return Path(path).read_bytes()

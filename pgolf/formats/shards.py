@@ -18,6 +18,7 @@ import numpy as np
 
 from pgolf.data import caseops
 from pgolf.errors import PgolfError
+from pgolf.formats.container import file_size
 from pgolf.formats.io import atomic_path
 
 MAGIC = 20240520
@@ -48,10 +49,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> str:
 def read_header(path: str | Path) -> int:
     """Validate a shard's header and size; return its token count."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ShardError(f"{path}: shard not found") from None
+    size = file_size(path, ShardError, "shard")
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)

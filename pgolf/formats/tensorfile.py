@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pgolf.errors import PgolfError
-from pgolf.formats.container import frame, read_file, unframe
+from pgolf.formats.container import PREFIX_BYTES, file_size, frame, header_length, read_file, unframe
 from pgolf.formats.io import write_bytes
 
 MAGIC = b"PGOLFTEN"
@@ -133,6 +133,28 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     name = first_nonfinite(tensors)
     if name is not None:
         raise TensorFileError(f"{source}: tensor {name!r} holds NaN/Inf")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A tensor file's meta from its header alone, the header's own checksum checked and its tensors'
+    sizes against the file's: what a reader of one number (the calibration seconds of a 200 MB
+    Hessians file) needs, without reading and hashing every tensor."""
+    size = file_size(path, TensorFileError)
+    with open(path, "rb") as f:
+        head = f.read(PREFIX_BYTES)
+        if len(head) == PREFIX_BYTES:
+            head += f.read(min(header_length(head), MAX_HEADER_BYTES))
+    header, _ = unframe(head, MAGIC, VERSION, MAX_HEADER_BYTES, str(path), TensorFileError, "tensor file")
+    entries, meta = header.get("tensors"), header.get("meta")
+    if not isinstance(entries, dict) or not isinstance(meta, dict) or _head(entries, meta) != head:
+        raise TensorFileError(f"{path}: checksum mismatch in the header: {CORRUPT}")
+    sizes = [e.get("nbytes") if isinstance(e, dict) else None for e in entries.values()]
+    if not all(isinstance(n, int) and n >= 0 for n in sizes):
+        raise TensorFileError(f"{path}: header has no valid tensor table")
+    body = sum(sizes)
+    if size != len(head) + body:
+        raise TensorFileError(f"{path}: {size:,} bytes where its header promises {len(head) + body:,}: {CORRUPT}")
+    return meta
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:

@@ -212,6 +212,10 @@ class GPT(nn.Module):
         if self.mixed_from >= 0:  # one row per block, as the record allocates them (its count includes all)
             self.lane_post = nn.Parameter(torch.ones(n, 2, 2))  # [block, attn/mlp output, lane written]
             self.lane_resid = nn.Parameter(torch.full((n, 2), 1.1))
+        if cfg["asym_softcap"]:  # PR #1923's AsymLogit rescale; fixed unless TTT trains them (eval.ttt.train_softcap)
+            cap = float(cfg["logit_softcap"])
+            self.softcap_pos = nn.Parameter(torch.tensor(cap), requires_grad=False)
+            self.softcap_neg = nn.Parameter(torch.tensor(cap), requires_grad=False)
         if cfg["init"] == "orthogonal":
             self.orthogonal_init()
 
@@ -301,7 +305,13 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         h = self.head_input(idx)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, w.to(h.dtype)).float()
+        return self.softcap(F.linear(h, w.to(h.dtype)).float())
+
+    def softcap(self, logits: Tensor) -> Tensor:
+        """c tanh(z / c); with asym_softcap, c_+ for z >= 0 and c_- below (PR #1923, #2130)."""
+        if self.cfg["asym_softcap"]:
+            pos, neg = self.softcap_pos.to(logits.dtype), self.softcap_neg.to(logits.dtype)
+            return torch.where(logits >= 0, pos * torch.tanh(logits / pos), neg * torch.tanh(logits / neg))
         cap = self.cfg["logit_softcap"]
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -331,7 +341,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def token_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy in nats per target, shape (B, T), float32."""
-    logits = model(x)
+    return logit_losses(model(x), y)
+
+
+def logit_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy in nats of each target y (B, T) under logits (B, T, V)."""
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 

@@ -17,6 +17,7 @@ Kept free of torch: parsing the Snakefile builds the plan.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,10 @@ from dataclasses import dataclass, field
 from pgolf.errors import ConfigError
 
 STORE = "results/stages"
+# The data keys the documents stage does not read: name is in its output's path; hub is
+# fetch_fineweb's and shard_tokens the shards stage's, and passed to documents they would rebuild
+# documents, the tokenizer and everything after for nothing.
+DOCS_WITHOUT = ("name", "hub", "shard_tokens")
 SEED_STAGES = ("train", "calibrate", "quantize", "compress", "size", "evaluate")
 # Each keyed stage's output files, inside its folder.
 OUTPUTS: dict[str, dict[str, str]] = {
@@ -64,6 +69,11 @@ def section(cfg: dict, name: str, without: tuple[str, ...] = ()) -> str:
     if missing:
         raise ConfigError(f"section({name!r}): {missing} are no keys of it")
     return _json({k: v for k, v in sec.items() if k not in without})
+
+
+def data_keys(cfg: dict) -> dict[str, str]:
+    """What the tokenizer and dataset are built from (all but the name they are stored under)."""
+    return {"data": section(cfg, "data", ("name",)), "tokenizer": section(cfg, "tokenizer")}
 
 
 @dataclass
@@ -131,7 +141,9 @@ class Plan:
     """The jobs of every run, shared where their folders agree."""
 
     def __init__(self, runs: dict[str, tuple[str, dict]], code: Callable[[str], str], code_bytes: int):
-        self.code, self.code_bytes = code, code_bytes
+        # one code hash per stage for the whole plan: a study asks for each once per job (216 for the
+        # pr1855-parts study), and each call rereads the stage's modules
+        self.code, self.code_bytes = functools.cache(code), code_bytes
         self.jobs: dict[str, dict[str, Job]] = {}
         self.data: dict[str, tuple[str, dict, dict]] = {}  # data path -> (run, its keys, the run's config)
         self.runs = {folder: self._run(name, folder, cfg) for folder, (name, cfg) in runs.items()}
@@ -142,8 +154,11 @@ class Plan:
 
     def _add(self, stage: str, cfg: dict, inputs: dict, params: dict) -> Job:
         params = {**params, "code": self.code(stage)}
-        assert tuple(sorted(params)) == tuple(sorted(PARAMS[stage])), (stage, sorted(params))
-        key = hashlib.sha256(_json([stage, inputs, params]).encode()).hexdigest()[:16]
+        if sorted(params) != sorted(PARAMS[stage]):  # a rule would pass params its key never saw (not an assert: -O)
+            raise RuntimeError(f"plan: {stage} is keyed by {sorted(params)}, its rule passes {sorted(PARAMS[stage])}")
+        # The dataset is named by data.name, not by what built it: the data keys join every key, so a
+        # run that rebuilt data/<name> with other settings gets jobs of its own, not another run's.
+        key = hashlib.sha256(_json([stage, inputs, params, data_keys(cfg)]).encode()).hexdigest()[:16]
         job = self.jobs.setdefault(stage, {}).setdefault(key, Job(stage, key, f"{STORE}/{stage}/{key}", inputs,
                                                                    params, cfg))
         return job
@@ -158,9 +173,9 @@ class Plan:
 
     def _run(self, name: str, folder: str, cfg: dict) -> Run:
         data = Data.of(cfg)
-        docs = {"data": section(cfg, "data", ("name", "hub", "shard_tokens"))}
+        docs = {"data": section(cfg, "data", DOCS_WITHOUT)}
         self._claim(data.docs, docs, name, cfg)
-        full = {"data": section(cfg, "data", ("name",)), "tokenizer": section(cfg, "tokenizer")}
+        full = data_keys(cfg)
         self._claim(data.tokenizer, full, name, cfg)
         self._claim(data.dataset, full, name, cfg)
         order = self._order(cfg, data)

@@ -3,7 +3,7 @@
 Layout (pgolf.formats.container): b"PGOLFART" | u32 version | u64 header length | JSON header | body.
 The body is the codec's compression of the payload: the quantized tensor file with sub-byte codes
 packed densely (pgolf.quant.pack), then optionally byte-shuffled; or, with codec pergroup, several
-streams (pgolf.quant.pergroup), each listed in the header. The header names the codec and level, the
+streams (pgolf.quant.pergroup), each listed in the header with its own codec. The header names the codec and level, the
 shuffle stride, the packed tensors (bits, shape), the body, payload and raw lengths, the parameter
 and pruned-code counts, and one sha256 over the rest of the header and the raw tensor file, so that
 no byte of the file lies outside it: a header value (params, pruned_codes) that size.json and
@@ -28,10 +28,10 @@ from typing import NamedTuple
 
 from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
-from pgolf.formats.container import frame, unframe
+from pgolf.formats.container import frame, read_file, unframe
 from pgolf.formats.io import write_bytes
 from pgolf.quant import pergroup
-from pgolf.quant.codec import CODEC_ERRORS, CODECS
+from pgolf.quant.codec import CODEC_ERRORS, CODECS, FAST
 from pgolf.quant.pack import PackError, pack_codes, shuffle, unpack_codes, unshuffle
 
 MAGIC = b"PGOLFART"
@@ -73,7 +73,7 @@ def pack_payload(raw: bytes, tensors: dict, meta: dict, pack: bool) -> tuple[byt
 def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned tensors",
            orders: dict | None = None) -> bytes:
     """The artifact for tensor file `raw` (read from `source`) under compress config cfg (codec, level,
-    pack, shuffle, sort_rows). `raw` must pass every check of the tensor file reader first. `orders`
+    pack, shuffle, sort_rows, zpaq). `raw` must pass every check of the tensor file reader first. `orders`
     caches pergroup's row orders between encodes of one model."""
     if cfg["codec"] not in (*CODECS, "pergroup"):
         raise ArtifactError(f"compress.codec: unknown codec {cfg['codec']!r}; known: {', '.join(CODECS)}, pergroup")
@@ -83,7 +83,8 @@ def encode(raw: bytes, cfg: dict, pruned_codes: int = 0, source: str = "pruned t
     if cfg["codec"] == "pergroup":
         if cfg["pack"]:
             raise ArtifactError("compress.pack: codec pergroup stores one int8 per code; set pack false")
-        body, streams = pergroup.encode(tensors, meta, stride, cfg["sort_rows"], orders)
+        codecs = (*FAST, "zpaq") if cfg["zpaq"] else FAST
+        body, streams = pergroup.encode(tensors, meta, stride, cfg["sort_rows"], orders, codecs)
         lengths = {"body_bytes": len(body), "streams": streams}
         info = {}
     else:
@@ -176,14 +177,7 @@ def decode_checked(data: bytes, source: str) -> tuple[bytes, dict]:
 
 
 def _read(path: str | Path) -> bytes:
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: file not found") from None
-    if size > MAX_FILE_BYTES:
-        raise ArtifactError(f"{path}: {size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit; not an artifact")
-    return path.read_bytes()
+    return read_file(path, ArtifactError, MAX_FILE_BYTES, "an artifact")
 
 
 def write_artifact(path: str | Path, raw: bytes, cfg: dict) -> int:

@@ -11,9 +11,11 @@ empty placeholder that keeps its place, and whose meta carries the buckets' mani
 ({role: [[codes tensor, rows, cols], ...]}).
 
 Each stream (the remainder first, then the buckets) goes through whichever of brotli, lzma and zstd
-makes it smallest, at its strongest level (pgolf.quant.codec). The record shells out to lrzip's
-ZPAQ back-end; on the default model pip's `zpaq` saved 0.15% over this and PPMd lost, so neither
-is a dependency (README, "Per-group compression").
+makes it smallest, at its strongest level (pgolf.quant.codec); with compress.zpaq, ZPAQ level 5 (the
+zpaq package's libzpaq, the context-mixing back-end the record reaches through the lrzip binary)
+is a candidate too. Streams are encoded and decoded side by side on the stage's threads (ZPAQ runs
+at about 0.25 MB a second a core both ways: a full model's largest stream, mlp.fc's 11.5 MB, takes
+tens of seconds). Figures: docs/compression.md.
 
 Decoding undoes each step and checks every length, order and placeholder, so a damaged file fails
 with its name; the artifact's sha256 then covers the rebuilt tensor file.
@@ -22,6 +24,7 @@ with its name; the artifact's sha256 then covers the rebuilt tensor file.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ from torch import Tensor
 
 from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
-from pgolf.quant.codec import CODEC_ERRORS, CODECS, decompress, smallest
+from pgolf.quant.codec import CODEC_ERRORS, CODECS, FAST, decompress, smallest
 from pgolf.quant.pack import shuffle, unshuffle
 
 MANIFEST = "pergroup"  # the remainder meta's key for the buckets
@@ -77,6 +80,12 @@ def _buckets(tensors: dict[str, Tensor], meta: dict) -> dict[str, list[str]]:
     return {r: ks for r, ks in buckets.items() if sum(tensors[k].numel() for k in ks) >= MIN_GROUP_BYTES}
 
 
+def _pool() -> ThreadPoolExecutor:
+    """As many threads as the stage was given (Snakemake sets OMP_NUM_THREADS, which torch reads: one for
+    compress and size, the rule's threads for evaluate); libzpaq, lzma and zstd release the GIL as they work."""
+    return ThreadPoolExecutor(max_workers=torch.get_num_threads())
+
+
 def _order_dtype(rows: int) -> torch.dtype:
     return torch.int16 if rows <= 1 << 15 else torch.int32
 
@@ -106,15 +115,16 @@ def split(tensors: dict[str, Tensor], meta: dict, sort_rows: list[str],
 
 
 def encode(tensors: dict[str, Tensor], meta: dict, stride: int, sort_rows: list[str],
-           orders: dict[str, Tensor] | None = None) -> tuple[bytes, list[dict]]:
-    """(body, the header's stream list: codec, body and payload bytes of each stream)."""
+           orders: dict[str, Tensor] | None = None, codecs: tuple[str, ...] = FAST) -> tuple[bytes, list[dict]]:
+    """(body, the header's stream list: codec, body and payload bytes of each stream); each stream by
+    the smallest of `codecs`."""
     remainder, blobs = split(tensors, meta, sort_rows, orders)
-    streams, bodies = [], []
-    for payload in [shuffle(remainder, stride), *blobs]:
-        codec, body = smallest(payload)
-        streams.append({"codec": codec, "body_bytes": len(body), "payload_bytes": len(payload)})
-        bodies.append(body)
-    return b"".join(bodies), streams
+    payloads = [shuffle(remainder, stride), *blobs]
+    with _pool() as pool:
+        chosen = list(pool.map(lambda p: smallest(p, codecs), payloads))
+    streams = [{"codec": c, "body_bytes": len(b), "payload_bytes": len(p)}
+               for (c, b), p in zip(chosen, payloads, strict=True)]
+    return b"".join(b for _, b in chosen), streams
 
 
 def _count(value: object, what: str, source: str) -> int:
@@ -130,20 +140,25 @@ def _payloads(streams: object, body: memoryview, source: str) -> list[bytes]:
     if sum(sizes) != len(body):
         raise PergroupError(f"{source}: the body is {len(body)} bytes, its streams say {sum(sizes)} "
                             "(truncated, or bytes appended)")
-    out, at = [], 0
+    jobs, at = [], 0
     for s, size in zip(streams, sizes, strict=True):
         n = _count(s.get("payload_bytes"), "stream payload length", source)
         if s.get("codec") not in CODECS:
             raise PergroupError(f"{source}: unknown stream codec {s.get('codec')!r}")
-        try:
-            payload = decompress(bytes(body[at : at + size]), s["codec"], n + 1)
-        except CODEC_ERRORS as e:
-            raise PergroupError(f"{source}: compressed stream is corrupt ({e})") from None
-        if len(payload) != n:
-            raise PergroupError(f"{source}: a stream decompressed to {len(payload)} bytes, its header says {n}")
-        out.append(payload)
+        jobs.append((bytes(body[at : at + size]), s["codec"], n))
         at += size
-    return out
+    with _pool() as pool:
+        return list(pool.map(lambda job: _payload(*job, source), jobs))
+
+
+def _payload(body: bytes, codec: str, n: int, source: str) -> bytes:
+    try:
+        payload = decompress(body, codec, n + 1)
+    except CODEC_ERRORS as e:
+        raise PergroupError(f"{source}: compressed stream is corrupt ({e})") from None
+    if len(payload) != n:
+        raise PergroupError(f"{source}: a stream decompressed to {len(payload)} bytes, its header says {n}")
+    return payload
 
 
 def _restore(tensors: dict[str, Tensor], key: str, rows: int, cols: int, data: bytes, source: str) -> None:

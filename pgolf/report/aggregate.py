@@ -28,6 +28,8 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "quant_gap_bpb": ("eval", ("quant_gap_bpb",)),
     "ttt_bpb": ("eval", ("ttt", "val_bpb")),
     "ttt_gain_bpb": ("eval", ("ttt_gain_bpb",)),
+    "sliding_ngram_bpb": ("eval", ("sliding_ngram", "val_bpb")),  # the same passes under eval.ngram_tilt
+    "ttt_ngram_bpb": ("eval", ("ttt_ngram", "val_bpb")),
     "post_quant_loss": ("eval", ("post_quant", "val_loss")),
     "unpruned_bpb": ("eval", ("unpruned", "val_bpb")),  # post-quant BPB before compress pruned codes
     "prune_cost_bpb": ("eval", ("prune_cost_bpb",)),
@@ -41,10 +43,11 @@ COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-# TTT's only when eval.ttt is enabled; the unpruned score only when evaluate was given the unpruned
-# tensors; the pruned count only from a size.json that reports it; the eval seconds only from an
-# eval.json that records them.
-OPTIONAL = {"ttt_bpb", "ttt_gain_bpb", "unpruned_bpb", "prune_cost_bpb", "pruned_codes", "eval_seconds"}
+# TTT's only when eval.ttt is enabled; the n-gram tilt's only when eval.ngram_tilt is; the unpruned
+# score only when evaluate was given the unpruned tensors; the pruned count only from a size.json
+# that reports it; the eval seconds only from an eval.json that records them.
+OPTIONAL = {"ttt_bpb", "ttt_gain_bpb", "sliding_ngram_bpb", "ttt_ngram_bpb", "unpruned_bpb", "prune_cost_bpb",
+            "pruned_codes", "eval_seconds"}
 
 
 def seed_row(seed: int, files: dict[str, Path]) -> dict[str, Any]:
@@ -63,13 +66,16 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
     return [c for c in COLUMNS if all(c in r for r in rows)]
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed): the one rule of every summary."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and sample standard deviation (0 for a single seed) of every column."""
+    """Mean and sample standard deviation of every column."""
     mean, std = {}, {}
     for col in columns(rows):
-        values = [r[col] for r in rows]
-        mean[col] = statistics.fmean(values)
-        std[col] = statistics.stdev(values) if len(values) > 1 else 0.0
+        mean[col], std[col] = mean_std([r[col] for r in rows])
     return mean, std
 
 

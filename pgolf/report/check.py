@@ -98,7 +98,7 @@ class Folder:
     seeds: list[int]
     logs: dict[int, SeedLog]  # the log chosen for each seed
     missing: dict[int, str]  # seed -> why it has no log
-    config: dict | None  # pgolf's resolved config.yaml, when the folder is pgolf's
+    config: dict | str | None  # pgolf's resolved config.yaml, when the folder is pgolf's (str: why it is unreadable)
 
 
 def read_submission(folder: Path) -> tuple[dict | None, str, str]:
@@ -134,13 +134,25 @@ def seed_claim(sub: dict | None, seed: int, key: str) -> float | None:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def read_config(folder: Path) -> dict | None:
-    """pgolf's resolved config (JSON in config.yaml), when the folder is one pgolf record wrote."""
+def read_config(folder: Path) -> dict | str | None:
+    """pgolf's resolved config (JSON in config.yaml), when the folder is one pgolf record wrote; a
+    problem (str) when its config.yaml is JSON, as pgolf writes it, but damaged: that is a failure,
+    not a folder of another kind, or a damaged config would skip its score-first check."""
     try:
-        cfg = json.loads((folder / "config.yaml").read_text())
-    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        text = (folder / "config.yaml").read_text()
+    except FileNotFoundError:
         return None
-    return cfg if isinstance(cfg, dict) and {"model", "eval", "tokenizer"} <= set(cfg) else None
+    except UnicodeDecodeError:
+        text = "{?"
+    if not text.lstrip().startswith("{"):
+        return None  # a YAML file of another tool
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"config.yaml: damaged ({e})"
+    if not (isinstance(cfg, dict) and {"model", "eval", "tokenizer"} <= set(cfg)):
+        return "config.yaml: not a pgolf config (no model, eval and tokenizer sections)"
+    return cfg
 
 
 def choose(logs: list[SeedLog], claim: float | None) -> SeedLog:
@@ -153,10 +165,11 @@ def choose(logs: list[SeedLog], claim: float | None) -> SeedLog:
     return logs[-1]
 
 
-def agrees(claim: float, value: float, digits: int) -> bool:
+def agrees(claim: float, value: float, digits: int, spread: float = 1.0) -> bool:
     """A claim agrees with a value from the logs to its own last printed digit (a record may round
-    after averaging rounded scores), the logs' values being known to half of their last digit."""
-    return abs(claim - value) <= 10.0 ** -places(claim) + half_unit(digits) + 1e-12
+    after averaging rounded scores), the logs' values being known to half of their last digit, times
+    `spread` for a statistic that moves more than its inputs (a std of n: sqrt(n / (n - 1)))."""
+    return abs(claim - value) <= 10.0 ** -places(claim) + spread * half_unit(digits) + 1e-12
 
 
 def load_folder(path: Path) -> Folder:
@@ -353,7 +366,9 @@ def mean_and_std(f: Folder, scored: dict[int, seedlog.Score]) -> list[str]:
     std = sub.get("val_bpb_std")
     if isinstance(std, int | float) and len(values) >= 2:
         both = (statistics.stdev(values), statistics.pstdev(values))  # records use either
-        if not any(agrees(std, v, digits) for v in both):
+        # rounding each score by at most h moves the sample std by at most h * sqrt(n / (n - 1))
+        spread = math.sqrt(len(values) / (len(values) - 1))
+        if not any(agrees(std, v, digits, spread) for v in both):
             reasons.append(f"{name}: val_bpb_std {std} is neither the sample std ({both[0]:.8f}) nor the "
                            f"population std ({both[1]:.8f}) of the seed logs' final scores")
     return reasons
@@ -444,24 +459,27 @@ def folder_variant(f: Folder) -> str | None:
     found = {log.variant for log in f.logs.values() if log.variant}
     if len(found) == 1:
         return found.pop()
-    data = (f.config or {}).get("data") or {}
+    data = (f.config if isinstance(f.config, dict) else {}).get("data") or {}
     return data.get("hub", {}).get("variant") if data.get("source") == "fineweb" else None
 
 
 def dataset_check(data: Path, bos: int) -> tuple[str, list[str]]:
     """The val split against the pinned count of its variant, and the train/val document overlap."""
-    from pgolf.data.overlap import find_overlap, split_shards
-    from pgolf.formats.shards import MANIFEST, read_header
+    import numpy as np
+
+    from pgolf.data.overlap import find_overlap, read, split_shards
+    from pgolf.formats.shards import MANIFEST, read_manifest
 
     if not data.is_dir():
         raise PgolfError(f"{data}: dataset folder not found")
-    manifest = json.loads((data / MANIFEST).read_text()) if (data / MANIFEST).exists() else {}
+    manifest = read_manifest(data) if (data / MANIFEST).exists() else {}
     variant = manifest.get("variant") or (data.name.removeprefix("fineweb10B_") if "fineweb10B_" in data.name else None)
     val, _ = split_shards(data, "val")
-    n = sum(read_header(p) for p, _ in val)
-    sha = hashlib.sha256()
-    for p, _ in val:
-        sha.update(p.read_bytes())
+    n, sha = 0, hashlib.sha256()
+    for p, digest in val:  # verified against the manifest once: find_overlap's read of them is not hashed again
+        tokens = np.asarray(read(p, digest))
+        n += len(tokens)
+        sha.update(tokens.tobytes())
     reasons, want = [], pinned(variant)
     targets = (n - 1) // PIN_SEQ * PIN_SEQ
     if want is not None and targets != want:
@@ -474,7 +492,7 @@ def dataset_check(data: Path, bos: int) -> tuple[str, list[str]]:
                        f"document(s) in all are val documents (the #2130 failure)")
     canon = f"canonical {want:,}" if want is not None else "no canonical count to pin"
     text = (f"{data.name}: val {n:,} tokens ({variant or 'not a challenge export'}, {canon}), sha256 of the val "
-            f"shards {sha.hexdigest()[:16]}... (not pinned: none published); {o.val_docs:,} val documents "
+            f"tokens {sha.hexdigest()[:16]}... (not pinned: none published); {o.val_docs:,} val documents "
             f"compared with {o.train_docs:,} train documents ({o.train_tokens:,} tokens, {o.shards} shards"
             f"{', checksummed' if o.checksummed else ', no pgolf manifest: not checksummed'}), {o.matches} found")
     return text, reasons
@@ -487,6 +505,8 @@ def check_score_first(f: Folder) -> Check:
     if f.config is None:
         return Check("score-first", SKIP, "not a pgolf folder (no config.yaml with model and eval sections): "
                      "pgolf check runs no foreign code")
+    if isinstance(f.config, str):
+        return verdict("score-first", "", [f.config])
     from pgolf.report.scorefirst import audit_config
 
     try:

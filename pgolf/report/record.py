@@ -22,6 +22,7 @@ from pathlib import Path
 from pgolf.config import validate
 from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
+from pgolf.formats.container import file_size
 from pgolf.formats.io import atomic_dir, write_bytes, write_json
 from pgolf.formats.results import has, integer, number, read_result
 from pgolf.pipeline import bundle
@@ -52,15 +53,13 @@ def copy_code(dest: Path) -> int:
 
 
 # compare.metric -> the part of eval.json that holds it
-METRIC_PART = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre_quant", "post_quant_bpb": "post_quant"}
+METRIC_PART = {"sliding_bpb": "sliding", "ttt_bpb": "ttt", "pre_quant_bpb": "pre_quant", "post_quant_bpb": "post_quant",
+               "sliding_ngram_bpb": "sliding_ngram", "ttt_ngram_bpb": "ttt_ngram"}
 
 
 def artifact_bytes(artifact: Path, size: Path) -> int:
     """The artifact's bytes, from the file itself; its size.json must have measured this very file."""
-    try:
-        n = artifact.stat().st_size
-    except FileNotFoundError:
-        raise PgolfError(f"{artifact}: file not found") from None
+    n = file_size(artifact, PgolfError)
     measured = integer(read_result(size), ("model_bytes",), size)
     if measured != n:
         raise PgolfError(f"{size}: model_bytes is {measured:,}, but {artifact} is {n:,} bytes: it describes another "
@@ -93,7 +92,7 @@ def calibration_seconds(hessians: Path | None) -> float:
     to nearest calibrates nothing). The challenge counts GPTQ calibration as training (#1950)."""
     if hessians is None:
         return 0.0
-    return number(tensorfile.load(hessians)[1], ("seconds",), hessians)
+    return number(tensorfile.read_meta(hessians), ("seconds",), hessians)
 
 
 def seed_log_tail(seed: int, r: dict, code_bytes: int, metric: str) -> str:
@@ -223,7 +222,9 @@ def build(summary: Path, files: dict[int, dict[str, Path]], cfg: dict, out: Path
         for s, f in files.items():
             tail = seed_log_tail(s, results[str(s)], code_bytes, metric)
             write_bytes(staging / f"train_seed{s}.log", f["log"].read_bytes() + tail.encode())
-        checks = check.run_checks(staging, data)
+        # No predecessor: a preset's compare baseline is often the record it reproduces, and summary.md
+        # already compares against it; whether this beats a record is `pgolf check --predecessor`'s question.
+        checks = check.run_checks(staging, data, bos=cfg["model"]["bos_id"])
         audit = check.table(checks)
         print(audit, flush=True)
         write_bytes(staging / "README.md", readme(cfg, sub, text, audit).encode())

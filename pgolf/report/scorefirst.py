@@ -7,7 +7,8 @@ weights, so the model is the config's with random weights (perturbed from their 
 output projections would hide a block that reads the future), on a random token stream cut into
 documents by BOS; sizes are shrunk to a few windows and chunks so that it runs in seconds on a CPU
 (sequence length at most 64, TTT chunks of at most 256 tokens, phased LoRA chunks of at most 32
-and rank at most 8, one epoch): none of them changes the order in which tokens are scored and trained on.
+and rank at most 8, one epoch, n-gram tilt contexts of one token so that it fires on a random
+stream): none of them changes the order in which tokens are scored and trained on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from pgolf.errors import PgolfError
 
 SEQ, CHUNK, N_TOKENS = 64, 256, 1201
+TILT_ORDER = 2  # one-token contexts recur in a random stream, so the n-gram tilt fires
 TTT_MODES = ("chunk", "phased_lora")  # the schema's eval.ttt.mode values
 
 
@@ -52,6 +54,7 @@ def small_eval(cfg: dict, mode: str | None) -> dict:
     e["seq_len"] = min(e["seq_len"], SEQ)
     e["stride"] = max(1, min(e["stride"], e["seq_len"] // 4))
     e["batch_seqs"] = min(e["batch_seqs"], 8)
+    e["ngram_tilt"]["order"] = min(e["ngram_tilt"]["order"], TILT_ORDER)
     t = e["ttt"]
     t.update(enabled=mode is not None, mode=mode or t["mode"], chunk_tokens=min(t["chunk_tokens"], CHUNK),
              batch_seqs=min(t["batch_seqs"], 4), epochs=min(t["epochs"], 1),
@@ -69,15 +72,16 @@ def uniform_bytes(vocab: int):
                     torch.zeros(vocab, dtype=torch.bool))
 
 
-def sliding_losses(model, tokens: torch.Tensor, e: dict) -> dict[int, float]:
-    from pgolf.eval.bpb import BPBMeter
+def sliding_losses(model, tokens: torch.Tensor, e: dict) -> dict[int, float | tuple]:
+    from pgolf.eval.ngram import meter_for
     from pgolf.eval.windows import Scores, score_windows, windows
 
     scores = Scores()
     wins = windows(len(tokens), e["seq_len"], e["stride"])
+    meter = meter_for(e, tokens, uniform_bytes(model.vocab_size))
     with torch.inference_mode():
-        score_windows(model, tokens, wins, e["seq_len"], e["batch_seqs"], BPBMeter(uniform_bytes(model.vocab_size)),
-                      torch.device("cpu"), "fp32", scores=scores)
+        score_windows(model, tokens, wins, e["seq_len"], e["batch_seqs"], meter, torch.device("cpu"), "fp32",
+                      scores=scores)
     return scores.by_target()
 
 
@@ -101,14 +105,33 @@ def audit_mode(model, tokens: torch.Tensor, e: dict) -> list[dict]:
     return audit(model, tokens, e, uniform_bytes(model.vocab_size), log=lambda _: None)
 
 
+def tilt_evidence(e: dict, tokens: torch.Tensor) -> list[str]:
+    """Under eval.ngram_tilt, that the tilted losses were compared too, and on how many hinted targets."""
+    tilt = e["ngram_tilt"]
+    if not tilt["enabled"]:
+        return []
+    from pgolf.eval.ngram import token_hints
+
+    hinted = int(token_hints(tokens, tilt["order"], tilt["threshold"]).gated.sum())
+    return [f"n-gram tilt: tilted losses compared too, {hinted} of {len(tokens) - 1:,} targets hinted "
+            f"(order {tilt['order']})"]
+
+
 def audit_config(cfg: dict) -> tuple[list[str], list[str]]:
     """(evidence lines, failure reasons) of the sliding evaluation and every TTT mode on `cfg`."""
     try:
         model = model_of(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise PgolfError(f"its model section does not build a pgolf model ({e})") from None
+    from pgolf.config import validate
+
+    try:  # the config as run first: its own TTT must be legal, whatever the shrunk copies below allow
+        validate(cfg)
+    except PgolfError as e:
+        return [], [f"config.yaml: {e}"]
     tokens = stream(model.vocab_size, model.cfg["bos_id"])
     lines, reasons = [], []
+    run_mode = cfg["eval"]["ttt"]["mode"] if cfg["eval"]["ttt"]["enabled"] else None
     r = audit_sliding(model, tokens, small_eval(cfg, None))
     lines.append(f"sliding: {r['checked']:,} losses up to t={r['t']}, {r['changed']} changed")
     if not r["ok"]:
@@ -117,7 +140,9 @@ def audit_config(cfg: dict) -> tuple[list[str], list[str]]:
     for mode in TTT_MODES:
         try:
             e = small_eval(cfg, mode)
-        except PgolfError as err:  # a mode this model config cannot run: say so, it is no failure
+        except PgolfError as err:  # a mode this model config cannot run: no failure, unless it is the run's
+            if mode == run_mode:
+                reasons.append(f"ttt {mode} (the run's): its shrunk copy is refused ({err})")
             lines.append(f"ttt {mode}: not applicable ({err})")
             continue
         report = audit_mode(model, tokens, e)
@@ -125,5 +150,6 @@ def audit_config(cfg: dict) -> tuple[list[str], list[str]]:
                                                   for x in report))
         reasons += [f"ttt {mode}: {x['changed']} losses at targets <= {x['t']} changed with the tokens after it"
                     for x in report if not x["ok"]]
+    lines += tilt_evidence(small_eval(cfg, None), tokens)
     lines.append(f"on {cfg['tokenizer']['vocab_size']}-token random streams, the config's model with random weights")
     return lines, reasons

@@ -23,6 +23,7 @@ from pgolf.errors import PgolfError
 from pgolf.formats.io import write_bytes
 from pgolf.formats.results import read_result, write_result
 from pgolf.report import stats
+from pgolf.report.aggregate import mean_std
 
 BPB_COLUMNS = ("pre_quant_bpb", "post_quant_bpb", "sliding_bpb", "ttt_bpb")
 
@@ -73,7 +74,7 @@ def holm(ps: list[float]) -> list[float]:
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return dict(zip(("mean", "std"), mean_std(values), strict=True))
 
 
 def describe(summary: dict, where: Path) -> dict[str, Any]:

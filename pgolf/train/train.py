@@ -52,8 +52,9 @@ def param_groups(model: GPT, side_matrices: str = "muon") -> dict[str, list[nn.P
     matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, GateLinear)
                 and m is not model.lm_head and id(m.weight) not in side]
     taken = {id(p) for p in matrices + embeds + head}
+    # requires_grad off: the asymmetric softcaps, which the record's optimizers leave out too
     return {"muon": matrices, "embed": embeds, "head": head,
-            "scalar": [p for p in model.parameters() if id(p) not in taken]}
+            "scalar": [p for p in model.parameters() if id(p) not in taken and p.requires_grad]}
 
 
 def build_optimizers(model: GPT, cfg: dict, rank: int = 0, world: int = 1,
