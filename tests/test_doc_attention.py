@@ -1,6 +1,6 @@
 """Document attention through FlexAttention: the same outputs as the masked SDPA it replaces, at a few
-shapes, with and without GQA, and through the whole model; one mask per batch; the masked SDPA where
-Flex cannot run (its backward on CPU)."""
+shapes, with and without GQA, and through the whole model; one mask per batch and one kernel per shape;
+the masked SDPA where Flex cannot run (its backward on CPU); a failed compile says so in one line."""
 
 import json
 
@@ -40,6 +40,40 @@ def test_flex_matches_masked_sdpa(B, T, heads, kv_heads, head_dim):
     torch.testing.assert_close(exclusive(y, v), exclusive(ref, v), atol=1e-5, rtol=1e-5)  # XSA after it
     # row 1 is one document: plain causal attention
     torch.testing.assert_close(y[1], attend(q[1:2], k[1:2], v[1:2])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_new_documents_compile_nothing():
+    """A scoring loop compiles once per shape: a batch with other documents and values reuses the
+    kernels of the first (its mask and documents are inputs to them, not guards)."""
+
+    def score(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(1, 4, (2, 64), generator=g)  # BOS (1) at random: other documents each batch
+        q, k = torch.randn(2, 64, 2, 8, generator=g), torch.randn(2, 64, 1, 8, generator=g)
+        with torch.inference_mode():
+            return attend(q, k, k, "auto", doc_mask((idx == BOS).cumsum(1), "auto"))
+
+    score(0)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        score(1)
+        score(2)
+
+
+def test_failed_compile_says_what_to_do(monkeypatch):
+    """A compile that fails (no C++ compiler or Triton, a killed worker) stops with one line: Inductor's
+    reason and the switch that runs without Flex."""
+    from torch._inductor.exc import InductorError
+
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise InductorError(RuntimeError("InvalidCxxCompiler: no working C++ compiler\n(details)"), None)
+
+        return call
+
+    monkeypatch.setattr(layers, "_compiled", broken)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"create_block_mask failed to compile "
+                                        r"\(InvalidCxxCompiler: no working C\+\+ compiler\); model.attention: sdpa"):
+        doc_mask(torch.zeros(1, 16, dtype=torch.long), "auto")
 
 
 def test_model_logits_flex_vs_masked_sdpa(monkeypatch):

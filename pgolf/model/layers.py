@@ -120,13 +120,25 @@ def _fused(fn: Callable) -> Callable:
     """`fn` compiled: unfused, FlexAttention materializes every score (6x slower than masked SDPA on
     CPU) and create_block_mask builds the whole (B, T, T) mask (7-25x slower). Inside a compiled model
     the outer compile fuses them; otherwise each is compiled on its own."""
-    return fn if torch.compiler.is_compiling() else _compiled(fn)
+    return fn if torch.compiler.is_compiling() else functools.partial(_run_compiled, fn)
+
+
+def _run_compiled(fn: Callable, *args: object, **kwargs: object) -> object:
+    try:
+        return _compiled(fn)(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        # No C++ compiler or Triton, a killed compile worker: the probe's unfused call ran, so the
+        # error's last line says what failed and how to run without Flex (its cause keeps Inductor's dump).
+        why = (str(e.inner_exception).strip().splitlines() or [type(e.inner_exception).__name__])[0]
+        raise RuntimeError(f"document attention: FlexAttention's {fn.__name__} failed to compile ({why}); "
+                           "model.attention: sdpa runs it as masked SDPA") from e
 
 
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
-    # Lazily: torch.compile imports Dynamo, seconds of start-up. One kernel per shape: torch 2.13's CPU
-    # Flex kernel for dynamic shapes fails to build in bf16 (C++ errors), and scoring runs few shapes.
+    # Lazily: torch.compile imports Dynamo, seconds of start-up. One kernel per shape (a new batch's
+    # mask and documents are inputs, not guards, so scoring compiles once): torch 2.13's CPU Flex
+    # kernel for dynamic shapes fails to build in bf16 (C++ errors), and scoring runs few shapes.
     return torch.compile(fn, dynamic=False)
 
 

@@ -3,8 +3,9 @@ FLOPs utilization and peak memory, at a given number of processes (it starts tor
 
 The step is the trainer's own (same optimizers, grad accumulation, all-reduce or Parallel Muon,
 autocast and torch.compile), so the figures are what `pgolf train` will see minus data loading.
-With `--forward SEQS` it times instead the scoring pass of evaluation and TTT: the model's forward
-without gradients on SEQS rows of train.seq_len, under eval.compile, in one process.
+With `--forward SEQS` it times instead the scoring pass of evaluation and chunk TTT: the model's
+forward without gradients on SEQS rows of eval.seq_len, under eval.compile, in one process (random
+tokens, so a BOS, and with doc_attention a document edge, only at its random rate).
 """
 
 from __future__ import annotations
@@ -96,14 +97,15 @@ def measure(cfg: dict, args: argparse.Namespace) -> dict | None:
 
 
 def measure_forward(cfg: dict, args: argparse.Namespace) -> dict:
+    """Seconds of the scoring forward, after args.warmup forwards (which compile whatever compiles)."""
     _, _, device = setup_distributed(args.device)
     torch.manual_seed(0)
     model = GPT(cfg["tokenizer"]["vocab_size"], cfg["model"]).to(device).eval()
     fwd = compiled(model, cfg["eval"]["compile"], device)
-    idx, _ = RandomBatches(model.vocab_size, device, 1000).next_batch(args.forward, cfg["train"]["seq_len"])
+    idx, _ = RandomBatches(model.vocab_size, device, 1000).next_batch(args.forward, cfg["eval"]["seq_len"])
 
     def run() -> float:
-        with torch.no_grad(), autocast(device, cfg["precision"]):
+        with torch.inference_mode(), autocast(device, cfg["precision"]):  # as score_windows
             return fwd(idx)[0, 0, 0].item()  # .item() waits for the device
 
     t0 = time.perf_counter()
@@ -151,7 +153,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (default: known GPUs)")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--forward", type=int, default=0, metavar="SEQS",
-                    help="time the no-grad forward of evaluation on SEQS rows instead of a training step")
+                    help="time evaluation's forward (no gradients) on SEQS rows of eval.seq_len, not a training step")
     args = ap.parse_args(argv)
     if args.forward:
         r = measure_forward(load(*args.files), args)
