@@ -232,7 +232,8 @@ def _check_model_switches(m: dict[str, Any], t: dict[str, Any]) -> None:
     if m["parallel_from"] >= n:
         raise ConfigError(f"model.parallel_from ({m['parallel_from']}) must be below num_layers={n} (-1 = off)")
     if m["doc_attention"] and m["attention"] == "fa3":
-        raise ConfigError("model.doc_attention runs masked SDPA; it excludes attention 'fa3' (use auto or sdpa)")
+        raise ConfigError("model.doc_attention runs FlexAttention or masked SDPA, not FlashAttention 3's "
+                          "varlen kernel: it excludes attention 'fa3' (use auto or sdpa)")
     if m["recur_start_step"] and m["recur_start_frac"]:
         raise ConfigError("model: give recur_start_step or recur_start_frac, not both")
     if t["qat_below"] and not m["qat_bits"]:

@@ -22,12 +22,14 @@ from pgolf.errors import PgolfError
 from pgolf.formats import tensorfile
 from pgolf.model.layers import (
     BigramHash,
+    DocMask,
     GateLinear,
     InputSmearGate,
     Rotary,
     SmearGate,
     ValueEmbedding,
     attend,
+    doc_mask,
     exclusive,
     fake_quant,
     rms_norm,
@@ -71,7 +73,7 @@ class Attention(nn.Module):
         self.attn_gate = GateLinear(cfg["attn_gate_window"], self.heads) if cfg["attn_gate_window"] else None
         self.gate_scale = cfg["attn_gate_scale"]
 
-    def forward(self, x: Tensor, v_extra: Tensor | None = None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, v_extra: Tensor | None = None, mask: DocMask | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim)
@@ -83,7 +85,7 @@ class Attention(nn.Module):
             q, k = rms_norm(q), rms_norm(k)
         q, k = self.rotary(q), self.rotary(k)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = attend(q, k, v, self.backend, docs)  # (B, T, H, D)
+        y = attend(q, k, v, self.backend, mask)  # (B, T, H, D)
         if self.xsa:
             y = exclusive(y, v)
         if self.attn_gate is not None:
@@ -135,36 +137,36 @@ class Block(nn.Module):
         return self.extra[min(ctl, len(self.extra)) - 1] if ctl and len(self.extra) else self
 
     def forward(self, x: Tensor, x0: Tensor, ctl: int, norm_scale: float, v_extra: Tensor | None,
-                docs: Tensor | None = None) -> Tensor:
+                mask: DocMask | None = None) -> Tensor:
         c = self.controls(ctl)
         mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a = self.attn(rms_norm(x) * norm_scale, v_extra, docs)
+        a = self.attn(rms_norm(x) * norm_scale, v_extra, mask)
         if self.parallel:  # GPT-J style: attention and MLP both read the block's input
             return x + c.attn_scale.to(x.dtype) * a + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * norm_scale)
         x = x + c.attn_scale.to(x.dtype) * a
         return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * norm_scale)
 
     def lanes(self, attn_lane: Tensor, mlp_lane: Tensor, x0: Tensor, ctl: int, norm_scale: float,
-              v_extra: Tensor | None, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              v_extra: Tensor | None, mask: DocMask | None = None) -> tuple[Tensor, Tensor]:
         """Two-lane parallel residuals (PR #1334): attention reads and writes its own lane (with
         resid_mix), the MLP its own (without); the model merges the lanes after the last block."""
         c = self.controls(ctl)
         mix = c.resid_mix.to(attn_lane.dtype)
         h = mix[0] * attn_lane + mix[1] * x0
-        attn_lane = h + c.attn_scale.to(h.dtype) * self.attn(rms_norm(h) * norm_scale, v_extra, docs)
+        attn_lane = h + c.attn_scale.to(h.dtype) * self.attn(rms_norm(h) * norm_scale, v_extra, mask)
         mlp_lane = mlp_lane + c.mlp_scale.to(h.dtype) * self.mlp(rms_norm(mlp_lane) * norm_scale)
         return attn_lane, mlp_lane
 
     def mixed_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, ctl: int, norm_scale: float,
                     v_extra: Tensor | None, post: Tensor, resid: Tensor,
-                    docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    mask: DocMask | None = None) -> tuple[Tensor, Tensor]:
         """PR #1530/#1855's lanes: attention reads lane 0 (with resid_mix), the MLP reads lane 1, and
         each lane k becomes resid[k] lane_k + post[0, k] attn + post[1, k] mlp."""
         c = self.controls(ctl)
         mix, post, resid = c.resid_mix.to(lane0.dtype), post.to(lane0.dtype), resid.to(lane0.dtype)
         h = rms_norm(mix[0] * lane0 + mix[1] * x0) * norm_scale
-        a = c.attn_scale.to(lane0.dtype) * self.attn(h, v_extra, docs)
+        a = c.attn_scale.to(lane0.dtype) * self.attn(h, v_extra, mask)
         m = c.mlp_scale.to(lane0.dtype) * self.mlp(rms_norm(lane1) * norm_scale)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -263,8 +265,10 @@ class GPT(nn.Module):
         order = layer_order(self.cfg, self.recur_active)
         n_enc, skips, passes = len(order) // 2, [], [0] * len(self.blocks)
         ve = self.ve(idx) if self.ve is not None else None
-        # Document index of each position: attention stays inside a document (VarLen, PR #1530).
-        docs = (idx == self.cfg["bos_id"]).cumsum(1) if self.cfg["doc_attention"] else None
+        # Attention stays inside a document (VarLen, PR #1530): one mask per batch for every layer.
+        mask = None
+        if self.cfg["doc_attention"]:
+            mask = doc_mask((idx == self.cfg["bos_id"]).cumsum(1), self.cfg["attention"])
         physical = self.cfg["recur_indexing"] in ("physical", "virtual_skips")
         lanes, lane1 = None, None  # #1334's lane pair; #1855's MLP lane (x is its attention lane)
         for j, i in enumerate(order):
@@ -277,12 +281,12 @@ class GPT(nn.Module):
             if 0 <= self.lanes_from <= i and lanes is None:
                 lanes = (x, x)
             if lanes is not None:
-                lanes = self.blocks[i].lanes(*lanes, x0, passes[i], scale, v_extra, docs)
+                lanes = self.blocks[i].lanes(*lanes, x0, passes[i], scale, v_extra, mask)
             elif lane1 is not None:
                 x, lane1 = self.blocks[i].mixed_lanes(x, lane1, x0, passes[i], scale, v_extra,
-                                                      self.lane_post[i], self.lane_resid[i], docs)
+                                                      self.lane_post[i], self.lane_resid[i], mask)
             else:
-                x = self.blocks[i](x, x0, passes[i], scale, v_extra, docs)
+                x = self.blocks[i](x, x0, passes[i], scale, v_extra, mask)
             passes[i] += 1
             if j < n_enc:
                 skips.append(x)

@@ -1,4 +1,4 @@
-"""Small modules and functions of the model: norms, rotary embeddings, the attention kernel, XSA,
+"""Small modules and functions of the model: norms, rotary embeddings, the attention kernels, XSA,
 fake quantization, and the token-side extras (BigramHash, SmearGate, value embeddings).
 
 Tensors inside attention are laid out (batch, time, heads, head_dim), FlashAttention 3's layout.
@@ -6,9 +6,15 @@ Tensors inside attention are laid out (batch, time, heads, head_dim), FlashAtten
 
 from __future__ import annotations
 
+import functools
+import sys
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 try:  # FlashAttention 3 (Hopper); SDPA otherwise
     from flash_attn_interface import flash_attn_func as _fa3
@@ -45,33 +51,95 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+DocMask = BlockMask | Tensor  # what doc_mask builds: Flex's block mask or SDPA's boolean mask
+
+
 def fa3_available() -> bool:
     return _fa3 is not None
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto", docs: Tensor | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto", mask: DocMask | None = None) -> Tensor:
     """Causal attention with GQA; FlashAttention 3 on CUDA when asked for or importable, else SDPA.
-    With `docs` (B, T), a document index per position, a position attends only within its own
-    document, through SDPA's boolean mask (the same scores as the records' VarLen kernel)."""
+    With `mask` (doc_mask's, built once per batch), a position attends only within its own document:
+    FlexAttention with a block mask, or SDPA with a dense boolean mask where Flex cannot run (the same
+    scores as the records' VarLen kernel)."""
     if backend == "fa3" and (_fa3 is None or not q.is_cuda):
         raise RuntimeError("model.attention is 'fa3' but flash_attn_interface is not importable on CUDA here")
-    if docs is not None:
-        return _attend_within(q, k, v, docs)
-    if backend != "sdpa" and _fa3 is not None and q.is_cuda:
+    if mask is None and backend != "sdpa" and _fa3 is not None and q.is_cuda:
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return (out[0] if isinstance(out, tuple) else out).to(v.dtype)
     q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    gqa = k.size(1) != q.size(1)
+    if isinstance(mask, BlockMask):
+        y = _fused(flex_attention)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    elif mask is not None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
-def _attend_within(q: Tensor, k: Tensor, v: Tensor, docs: Tensor) -> Tensor:
-    T = q.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    mask = (causal & (docs[:, :, None] == docs[:, None, :])).unsqueeze(1)  # (B, 1, T, T)
-    q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
-    return y.transpose(1, 2)
+def doc_mask(docs: Tensor, backend: str) -> DocMask:
+    """Causal and same-document attention for `docs` (B, T), a document index per position, built once
+    per batch for every layer: FlexAttention's block mask where Flex runs this pass (forward and, with
+    grad on, backward: torch 2.13 has no Flex backward on CPU) unless `backend` is 'sdpa'; otherwise
+    SDPA's dense (B, 1, T, T) boolean mask."""
+    B, T = docs.shape
+    if backend != "sdpa" and flex_runs(docs.device.type, torch.is_grad_enabled()):
+        def same_doc(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return (q >= kv) & (docs[b, q] == docs[b, kv])
+
+        return _fused(create_block_mask)(same_doc, B, None, T, T, device=docs.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
+    return (causal & (docs[:, :, None] == docs[:, None, :])).unsqueeze(1)
+
+
+@torch.compiler.assume_constant_result  # a compiled model calls it once while tracing, as a constant
+def flex_runs(device_type: str, grad: bool) -> bool:
+    """Whether FlexAttention runs on this device type, with a backward pass when `grad`."""
+    return _flex_probe(device_type, grad)
+
+
+@functools.cache
+def _flex_probe(device_type: str, grad: bool) -> bool:
+    q = torch.zeros(1, 1, 16, 8, device=device_type, requires_grad=grad)
+    try:  # a tiny unfused call: Flex refuses what it cannot do (e.g. backward on CPU) before computing
+        with warnings.catch_warnings():  # its advice to compile, which the real calls are
+            warnings.simplefilter("ignore")
+            out = flex_attention(q, q, q)
+        if grad:
+            out.sum().backward()
+    except NotImplementedError as e:
+        when = " with gradients" if grad else ""
+        print(f"document attention: masked SDPA on {device_type}{when} ({e})", file=sys.stderr)
+        return False
+    return True
+
+
+def _fused(fn: Callable) -> Callable:
+    """`fn` compiled: unfused, FlexAttention materializes every score (6x slower than masked SDPA on
+    CPU) and create_block_mask builds the whole (B, T, T) mask (7-25x slower). Inside a compiled model
+    the outer compile fuses them; otherwise each is compiled on its own."""
+    return fn if torch.compiler.is_compiling() else functools.partial(_run_compiled, fn)
+
+
+def _run_compiled(fn: Callable, *args: object, **kwargs: object) -> object:
+    try:
+        return _compiled(fn)(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        # No C++ compiler or Triton, a killed compile worker: the probe's unfused call ran, so the
+        # error's last line says what failed and how to run without Flex (its cause keeps Inductor's dump).
+        why = (str(e.inner_exception).strip().splitlines() or [type(e.inner_exception).__name__])[0]
+        raise RuntimeError(f"document attention: FlexAttention's {fn.__name__} failed to compile ({why}); "
+                           "model.attention: sdpa runs it as masked SDPA") from e
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    # Lazily: torch.compile imports Dynamo, seconds of start-up. One kernel per shape (a new batch's
+    # mask and documents are inputs, not guards, so scoring compiles once): torch 2.13's CPU Flex
+    # kernel for dynamic shapes fails to build in bf16 (C++ errors), and scoring runs few shapes.
+    return torch.compile(fn, dynamic=False)
 
 
 def exclusive(y: Tensor, v: Tensor) -> Tensor:

@@ -3,6 +3,9 @@ FLOPs utilization and peak memory, at a given number of processes (it starts tor
 
 The step is the trainer's own (same optimizers, grad accumulation, all-reduce or Parallel Muon,
 autocast and torch.compile), so the figures are what `pgolf train` will see minus data loading.
+With `--forward SEQS` it times instead the scoring pass of evaluation and chunk TTT: the model's
+forward without gradients on SEQS rows of eval.seq_len, under eval.compile, in one process (random
+tokens, so a BOS, and with doc_attention a document edge, only at its random rate).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 
 from pgolf.config import load
 from pgolf.model.gpt import GPT, layer_order
+from pgolf.runtime.device import autocast, compiled
+from pgolf.runtime.distributed import setup_distributed
 from pgolf.train.train import Trainer, TrainJob, memory_mb
 
 # Dense bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
@@ -91,6 +96,39 @@ def measure(cfg: dict, args: argparse.Namespace) -> dict | None:
             "warmup_seconds": warmup_s}
 
 
+def measure_forward(cfg: dict, args: argparse.Namespace) -> dict:
+    """Seconds of the scoring forward, after args.warmup forwards (which compile whatever compiles)."""
+    _, _, device = setup_distributed(args.device)
+    torch.manual_seed(0)
+    model = GPT(cfg["tokenizer"]["vocab_size"], cfg["model"]).to(device).eval()
+    fwd = compiled(model, cfg["eval"]["compile"], device)
+    idx, _ = RandomBatches(model.vocab_size, device, 1000).next_batch(args.forward, cfg["eval"]["seq_len"])
+
+    def run() -> float:
+        with torch.inference_mode(), autocast(device, cfg["precision"]):  # as score_windows
+            return fwd(idx)[0, 0, 0].item()  # .item() waits for the device
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        run()
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        run()
+    dt = (time.perf_counter() - t0) / args.steps
+    return {"device": str(device), "rows": tuple(idx.shape), "ms_per_forward": 1000 * dt,
+            "tokens_per_s": idx.numel() / dt, "compiled": fwd is not model, "precision": cfg["precision"],
+            "attention": cfg["model"]["attention"], "doc_attention": cfg["model"]["doc_attention"],
+            "warmup_seconds": warmup_s}
+
+
+def report_forward(r: dict) -> str:
+    docs = f"doc_attention on, attention {r['attention']}" if r["doc_attention"] else "doc_attention off"
+    return (f"forward without gradients of {r['rows'][0]} x {r['rows'][1]} tokens on {r['device']} ({docs}, "
+            f"compiled {r['compiled']}, precision {r['precision']}, warm-up {r['warmup_seconds']:.1f}s): "
+            f"{r['ms_per_forward']:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s")
+
+
 def report(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (give --peak-tflops)"
     return (f"{r['parameters']:,} params on {r['processes']} x {r['device']} (grad accum {r['grad_accum']}, "
@@ -114,7 +152,12 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (default: known GPUs)")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--forward", type=int, default=0, metavar="SEQS",
+                    help="time evaluation's forward (no gradients) on SEQS rows of eval.seq_len, not a training step")
     args = ap.parse_args(argv)
+    if args.forward:
+        r = measure_forward(load(*args.files), args)
+        return emit(report_forward(r), r, args.json)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         # The children learn the process count from torchrun's WORLD_SIZE; no --nproc for torchrun to misread.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
@@ -124,8 +167,12 @@ def cli(argv: list[str]) -> None:
     cfg = load(*args.files, overrides={"train": {"nproc": nproc}})
     r = measure(cfg, args)
     if r is not None:
-        print(report(r), flush=True)
-        if args.json:
-            from pgolf.formats.io import write_json
+        emit(report(r), r, args.json)
 
-            write_json(args.json, r)
+
+def emit(text: str, r: dict, json_path: str | None) -> None:
+    print(text, flush=True)
+    if json_path:
+        from pgolf.formats.io import write_json
+
+        write_json(json_path, r)
