@@ -60,7 +60,7 @@ FEATURES: tuple[Feature, ...] = (
             ("pgolf.model.layers:InputSmearGate",)),
     Feature("value_embeddings", lambda c: bool(c["model"]["ve_layers"]), ("pgolf.model.layers:ValueEmbedding",)),
     Feature("xsa", lambda c: c["model"]["xsa_last_n"] > 0, ("pgolf.model.layers:exclusive",)),
-    Feature("doc_attention", lambda c: c["model"]["doc_attention"], ("pgolf.model.layers:_attend_within",)),
+    Feature("doc_attention", lambda c: c["model"]["doc_attention"], ("pgolf.model.layers:doc_mask",)),
     Feature("qat", lambda c: c["model"]["qat_bits"] > 0, ("pgolf.model.layers:fake_quant",)),
     Feature("late_qat", lambda c: c["train"]["qat_below"] > 0, ("pgolf.model.gpt:GPT.set_qat",)),
     Feature("own_norms", lambda c: c["model"]["recur_own_norms"], ("pgolf.model.gpt:Controls",)),
