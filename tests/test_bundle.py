@@ -16,7 +16,7 @@ import torch
 from pgolf.cli import main
 from pgolf.config import validate
 from pgolf.formats import tensorfile
-from pgolf.pipeline import bundle, features, reach
+from pgolf.pipeline import bundle, features, reach, rename
 
 # compress.code_reserve: what compress leaves of the budget for the code when it prunes. The whole
 # package's file (every feature) was 35,869 bytes; each preset's own is smaller (docs/bytes.md).
@@ -163,6 +163,40 @@ def test_minified_code_does_what_the_source_does():
     for args in ((1,), (5, "p", "q"), (2, "p")):
         assert spaces[0]["f"](*args, flag=True) == spaces[1]["f"](*args, flag=True)
     assert spaces[0]["cli"](["--a", "4"]) == spaces[1]["cli"](["--a", "4"]) == {"a": 4, "b": 3}
+
+
+RENAMES = """
+class K:
+    def __init__(self, width, depth=2):
+        self.width, self.depth = width, depth
+    def area(self, scale):
+        return [self.width * scale for _ in range(self.depth)]
+    @staticmethod
+    def twice(value):
+        return value * 2
+def spread(first, second, *values, **named):
+    return first + second + sum(values) + sum(named.values())
+def keep(count, label=''):
+    return label * count
+def use():
+    k = K(3, depth=4)
+    return k.area(2), K.twice(5), spread(1, 2, 3, x=4), keep(2, label='ab')
+"""
+
+
+def test_a_parameter_is_renamed_only_where_no_caller_can_name_it():
+    tree = ast.parse(RENAMES)
+    rename.rename_locals(tree, frozenset(rename.keywords_of(tree)))
+    params = {f.name: [a.arg for a in ast.walk(f.args) if isinstance(a, ast.arg)]
+              for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    assert params["__init__"][0] != "self" and params["__init__"][1:] == ["width", "depth"]  # a method's own
+    assert params["area"][1:] == ["scale"] and params["twice"] == ["value"]
+    assert not set(params["spread"]) & {"first", "second", "values", "named"}  # no call names them
+    assert params["keep"][0] != "count" and params["keep"][1] == "label"  # keep(label=...) names it
+    spaces: list[dict] = [{}, {}]
+    for src, space in zip((RENAMES, ast.unparse(tree)), spaces, strict=True):
+        exec(compile(src, "m.py", "exec"), space)
+    assert spaces[0]["use"]() == spaces[1]["use"]() == ([6, 6, 6, 6], 10, 10, "abab")
 
 
 def packed_env() -> dict:

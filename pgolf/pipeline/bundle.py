@@ -178,10 +178,10 @@ def unparse(tree: ast.Module, name: str = "<source>") -> str:
 
 
 @functools.lru_cache(maxsize=512)
-def _minified(text: str, name: str) -> str:
+def _minified(text: str, name: str, keywords: frozenset[str]) -> str:
     """A pruned module's text with its locals renamed, squeezed; once per text (most modules come out
-    the same for every run's features)."""
-    return unparse(rename.rename_locals(_without_future(ast.parse(text))), name)
+    the same for every run's features). `keywords`: every keyword a call in the package passes."""
+    return unparse(rename.rename_locals(_without_future(ast.parse(text)), keywords), name)
 
 
 def _without_future(tree: ast.Module) -> ast.Module:
@@ -292,8 +292,9 @@ def modules(on: frozenset[str] | None = None) -> dict[str, str]:
     for name in (module_name(ENTRY), module_name(TABLE)):
         trees[name] = ast.fix_missing_locations(table.visit(trees[name]))
     roots = [BOOT, *((s.entry, "cli") for s in STAGES if s.packed and s.entry in trees)]
+    keywords = frozenset().union(*(rename.keywords_of(t) for t in trees.values()))  # before pruning: more
     reach.prune(trees, roots)
-    out = {m: _minified(ast.unparse(tree), m) for m, tree in trees.items()}
+    out = {m: _minified(ast.unparse(tree), m, keywords) for m, tree in trees.items()}
     problems = reach.problems(out, done)
     if problems:
         raise RuntimeError("the packed code would fail: " + "; ".join(problems))

@@ -1,9 +1,10 @@
-"""Short names for the local variables of the packed functions: 4% fewer compressed bytes of code.
+"""Short names for the local variables and parameters of the packed functions: about 6% fewer compressed
+bytes of code (about 4% from locals, 2.4% more from parameters).
 
 A function's local is renamed when renaming it cannot change what any code means: it is bound in the
 function's own body only by plain assignment targets (`x = `, `for x in`, `with ... as x`,
-`except ... as x`), it is no parameter (a caller may pass it by keyword), and no scope inside the
-function binds the same name (so every `x` in the body, nested functions and comprehensions
+`except ... as x`) or it is a parameter no caller can pass by keyword (see rename_locals), and no
+scope inside the function binds the same name (so every `x` in the body, nested functions and comprehensions
 included, is this variable). A function that calls locals(), vars(), eval() or exec(), or binds a name
 with `:=` inside a comprehension, keeps its names. The new names are the shortest identifiers no code
 in the function spells (its globals and builtins included), the most used local first; attributes,
@@ -26,12 +27,32 @@ _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, *_CO
 _DYNAMIC = frozenset({"locals", "vars", "eval", "exec"})
 
 
-def rename_locals(tree: ast.AST) -> ast.AST:
-    """Every function's locals renamed in place (outer functions first); returns the tree."""
+def rename_locals(tree: ast.AST, keywords: frozenset[str] = frozenset()) -> ast.AST:
+    """Every function's locals renamed in place (outer functions first); returns the tree. A parameter
+    is renamed too where no caller can name it: `*args` and `**kwargs`, a method's `self` or `cls`, and
+    a plain function's parameter that no call in `keywords` (every keyword any call passes) spells.
+    A method's other parameters keep their names: a library may call an override by keyword."""
+    methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            _rename(node)
+            _rename(node, _free_params(node, id(node) in methods, keywords))
     return tree
+
+
+def keywords_of(tree: ast.AST) -> set[str]:
+    """The keyword names the calls in `tree` pass."""
+    return {k.arg for n in ast.walk(tree) if isinstance(n, ast.Call) for k in n.keywords if k.arg}
+
+
+def _free_params(fn: ast.FunctionDef | ast.AsyncFunctionDef, method: bool, keywords: frozenset[str]) -> set[str]:
+    """The parameters of `fn` no caller passes by name."""
+    a = fn.args
+    free = {s.arg for s in (a.vararg, a.kwarg) if s is not None}
+    named = [*a.posonlyargs, *a.args]
+    if not method:
+        return free | {p.arg for p in [*named, *a.kwonlyargs] if p.arg not in keywords}
+    static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list)
+    return free | ({named[0].arg} if named and not static else set())
 
 
 def _body_nodes(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterator[ast.AST]:
@@ -90,7 +111,7 @@ def _short_names() -> Iterator[str]:
                 yield name
 
 
-def _rename(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+def _rename(fn: ast.FunctionDef | ast.AsyncFunctionDef, free: set[str]) -> None:
     body = list(_body_nodes(fn))
     spelled = {n.id for n in body if isinstance(n, ast.Name)}
     if spelled & _DYNAMIC or any(isinstance(n, ast.NamedExpr) for c in body if isinstance(c, _COMPREHENSIONS)
@@ -106,7 +127,7 @@ def _rename(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         else:
             other |= _binds(node)
     nested = _nested_bound(fn)
-    local = stored - params - other - nested
+    local = (stored | free) - (params - free) - other - nested
     uses = Counter(n.id for n in body if isinstance(n, ast.Name) and n.id in local)
     taken = spelled | params | other | nested
     names, new = (n for n in _short_names() if n not in taken), {}
@@ -114,8 +135,10 @@ def _rename(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
     for old in sorted(local, key=lambda n: (-uses[n], n)):
         if len(name) < len(old):  # a local already as short keeps its name
             new[old], name = name, next(names)
-    for node in body:
-        if isinstance(node, ast.Name) and node.id in new:
+    for node in [*(p for p in ast.walk(fn.args) if isinstance(p, ast.arg)), *body]:
+        if isinstance(node, ast.arg) and node.arg in new:
+            node.arg = new[node.arg]
+        elif isinstance(node, ast.Name) and node.id in new:
             node.id = new[node.id]
         elif isinstance(node, ast.ExceptHandler) and node.name in new:
             node.name = new[node.name]
