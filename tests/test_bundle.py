@@ -199,6 +199,63 @@ def test_a_parameter_is_renamed_only_where_no_caller_can_name_it():
     assert spaces[0]["use"]() == spaces[1]["use"]() == ([6, 6, 6, 6], 10, 10, "abab")
 
 
+GLOBALS = {
+    "ga": """
+LIMIT = 3
+class Box:
+    size = 2
+class BadError(Exception):
+    pass
+def helper(x):
+    return x + LIMIT + Box.size
+def shadowed(y):
+    return y
+def load():
+    return 'loaded'
+def cli(argv):
+    return helper(len(argv))
+def uses_a_local():
+    shadowed = 5
+    return shadowed
+""",
+    "gb": """
+import ga
+from ga import helper, Box as B, BadError, shadowed
+def run():
+    try:
+        raise BadError('no')
+    except BadError:
+        pass
+    return helper(1), B().size, shadowed(4), ga.load(), ga.cli(['x'])
+""",
+}
+
+
+def test_top_level_names_are_renamed_only_where_every_spelling_means_them():
+    trees = {m: ast.parse(src) for m, src in GLOBALS.items()}
+    rename.rename_globals(trees, frozenset({"cli", "run"}))  # what code outside calls
+    names = {m: {n.name for n in t.body if isinstance(n, ast.FunctionDef | ast.ClassDef)} | {
+        t.id for n in t.body if isinstance(n, ast.Assign) for t in n.targets} for m, t in trees.items()}
+    # an exception class; a name a function binds as its local; one read as ga.load; one kept by the caller
+    kept = {"BadError", "shadowed", "load", "cli"}
+    assert names["ga"] & {"LIMIT", "Box", "helper", "uses_a_local"} == set() and kept <= names["ga"]
+    assert "helper" not in ast.unparse(trees["gb"]) and "B()" in ast.unparse(trees["gb"])
+    results = []
+    for sources in (GLOBALS, {m: ast.unparse(t) for m, t in trees.items()}):
+        for m in GLOBALS:
+            sys.modules.pop(m, None)
+        try:
+            for m in GLOBALS:
+                module = type(sys)(m)
+                sys.modules[m] = module
+                exec(compile(sources[m], m + ".py", "exec"), module.__dict__)
+            results.append(sys.modules["gb"].run())
+        finally:
+            for m in GLOBALS:
+                sys.modules.pop(m, None)
+    assert results[0] == results[1] == (6, 2, 4, "loaded", 6)
+
+
 def packed_env() -> dict:
     """The environment of a submission's folder: no PYTHONPATH, one thread per process."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PGOLF_TRACEBACK")}

@@ -12,7 +12,8 @@ went (reach.problems). docs/bytes.md has each preset's bytes.
 Minified without changing what runs: docstrings, comments, function annotations, `if
 TYPE_CHECKING:` blocks, `__all__` and argparse help texts go (nothing in these modules reads an
 annotation or a docstring; the one visible change is that --help lists the options without
-descriptions, which the readable source has), and each function's locals get short names
+descriptions, which the readable source has), and each function's locals and parameters no caller
+names, and the top-level names no attribute, string or local spells, get short names
 (pgolf.pipeline.rename). ast.unparse writes the rest, with one space per indentation level and
 spaces between tokens only where two tokens would otherwise run together. Every module is checked to
 parse back to the tree ast.unparse wrote, so no token can change.
@@ -284,8 +285,19 @@ def minify(source: str, name: str = "<source>") -> str:
 
 def modules(on: frozenset[str] | None = None) -> dict[str, str]:
     """Module name -> minified source, as the packed file of a run whose config switches on the
-    features `on` holds them (pgolf.pipeline.features.needed; None: every feature). The file must
-    run: a name or module its code uses that went fails the build (reach.problems)."""
+    features `on` holds them (pgolf.pipeline.features.needed; None: every feature), with the
+    top-level names still readable (the file shortens them: packed_modules). The file must run: a
+    name or module its code uses that went fails the build (reach.problems)."""
+    return _checked(on)[0]
+
+
+def packed_modules(on: frozenset[str] | None = None) -> dict[str, str]:
+    """The modules as the file holds them: modules(on) with short top-level names, checked again."""
+    mods, done = _checked(on)
+    return _no_problems(_globals_renamed(mods), done)
+
+
+def _checked(on: frozenset[str] | None) -> tuple[dict[str, str], reach.Cut]:
     trees = {module_name(p): ast.parse(_stripped_text(str(p), p.read_text())) for p in runtime_files()}
     done = reach.cut(trees, features.left_out(on) if on is not None else [])
     table = _OnlyPacked(set(trees))
@@ -295,10 +307,22 @@ def modules(on: frozenset[str] | None = None) -> dict[str, str]:
     keywords = frozenset().union(*(rename.keywords_of(t) for t in trees.values()))  # before pruning: more
     reach.prune(trees, roots)
     out = {m: _minified(ast.unparse(tree), m, keywords) for m, tree in trees.items()}
-    problems = reach.problems(out, done)
+    return _no_problems(out, done), done
+
+
+def _no_problems(mods: dict[str, str], done: reach.Cut) -> dict[str, str]:
+    problems = reach.problems(mods, done)
     if problems:
         raise RuntimeError("the packed code would fail: " + "; ".join(problems))
-    return out
+    return mods
+
+
+def _globals_renamed(mods: dict[str, str]) -> dict[str, str]:
+    """The modules with short names for their top-level definitions (rename.rename_globals); what
+    code outside them names keeps its name: the bootstrap's `main` and each stage's `cli`."""
+    trees = {m: ast.parse(src) for m, src in mods.items()}
+    rename.rename_globals(trees, frozenset({BOOT[1], "cli"}))
+    return {m: unparse(tree, m) for m, tree in trees.items()}
 
 
 def _packed(mods: dict[str, str]) -> dict[str, str]:
@@ -314,7 +338,7 @@ def _stripped_text(path: str, source: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _build(on: frozenset[str] | None, stamp: tuple[tuple[str, int, int], ...]) -> bytes:
-    mods = _packed(modules(on))
+    mods = _packed(packed_modules(on))
     # in reverse name order: 0.3% smaller than in order
     joined = "\0".join(part for name in sorted(mods, reverse=True) for part in (name, mods[name]))
     packed = brotli.compress(joined.encode(), quality=11, lgwin=24)
