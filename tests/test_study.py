@@ -8,10 +8,11 @@ import pytest
 from pgolf.config import merged as merged_file
 from pgolf.config import validate
 from pgolf.errors import ConfigError
+from pgolf.formats.results import write_result
 from pgolf.pipeline import study
 from pgolf.pipeline.plan import Plan
 from pgolf.report import stats
-from pgolf.report.study import holm, t_quantile, welch_delta
+from pgolf.report.study import compare, holm, t_quantile, welch_delta
 
 
 def test_holm_adjusts_step_down_and_keeps_the_order():
@@ -33,6 +34,24 @@ def test_welch_delta_is_variant_minus_baseline_with_its_interval():
     assert welch_delta(base, new)["p"] > 0.99  # and the other way round, clearly worse
     half = d["high"] - d["delta"]
     assert half == pytest.approx(t_quantile(0.025, d["df"]) * math.sqrt(1e-4 / 3 + 1e-4 / 3))
+
+
+def summary_file(path: Path, bpbs: list[float], tokens: int, nbytes: int) -> Path:
+    write_result(path, {"seeds": [{"sliding_bpb": b, "eval_tokens": tokens, "eval_bytes": nbytes} for b in bpbs]})
+    return path
+
+
+def test_a_variant_with_another_tokenizer_is_judged_per_byte_in_the_baseline_s_tokens(tmp_path):
+    """CaseOps spends 6% more tokens on the same bytes (the default val split: 133,611 against 125,853
+    for 362,177 and 362,133 bytes): worse per byte, it has fewer nats per token of its own, which
+    once made a study mark it as clearing the record bar."""
+    base = summary_file(tmp_path / "base.json", [1.6719, 1.6690, 1.6748], 125_853, 362_133)
+    caseops = summary_file(tmp_path / "caseops.json", [1.6843, 1.6811, 1.6875], 133_611, 362_177)
+    assert 1.6843 * 362_177 / 133_611 < 1.6719 * 362_133 / 125_853  # fewer nats per own token
+    cfg = {"metric": "sliding_bpb", "min_gain_nats": 0.005, "alpha": 0.01}
+    row = compare(["baseline", "caseops"], [base, caseops], {"level": 0.05}, cfg)["variants"][0]
+    assert row["delta_nats"]["delta"] == pytest.approx(0.0124 * math.log(2) * 362_133 / 125_853)
+    assert row["hurts"] and not row["helps"] and not row["record"] and row["p"] > 0.99
 
 
 def merged(**study_keys) -> dict:

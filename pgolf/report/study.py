@@ -1,13 +1,18 @@
 """A study's comparison: every variant against the baseline, as the challenge judges a record.
 
 For each variant: mean ± std of each BPB (pre-quant, post-quant, sliding window, TTT), the
-difference in the study's metric (compare.metric) in BPB and in nats per token (each run converted
-with its own val token and byte counts, so a variant with another tokenizer is compared per byte
-and per its own token), the one-sided Welch p that the variant is better, artifact bytes, and
+difference in the study's metric (compare.metric) in BPB and in nats per token, the one-sided Welch p
+that the variant is better, artifact bytes, and
 training and evaluation seconds. Each variant is marked against the record bar (a gain of at least
 compare.min_gain_nats at p < compare.alpha) and against the study's looser level; with many
 variants some pass the looser level by chance, so the table also gives the Holm-adjusted p and the
 number of false "helps" expected if no variant did anything.
+
+Nats are per token of the baseline: every run's BPB is converted with the baseline's val token and
+byte counts. With one tokenizer that is each run's own nats per token; a variant with another
+tokenizer (CaseOps) is then judged by its BPB, the only score the two tokenizations share. Its own
+nats per token would not do: CaseOps spends 6% more tokens on the same bytes, so a model worse per
+byte has fewer nats per token, and would pass the record bar.
 """
 
 from __future__ import annotations
@@ -35,11 +40,17 @@ def _values(summary: dict, col: str, where: Path) -> list[float]:
     return [float(r[col]) for r in rows]
 
 
-def _nats(summary: dict, col: str, where: Path) -> list[float]:
-    """Per-seed values of a BPB column in nats per token, with the run's own val counts."""
+def _nats(summary: dict, col: str, where: Path, per: tuple[int, int]) -> list[float]:
+    """Per-seed values of a BPB column in nats per token, with `per` = the baseline's (val tokens, bytes)."""
+    return [stats.bpb_to_nats(v, *per) for v in _values(summary, col, where)]
+
+
+def _counts(summary: dict, where: Path) -> tuple[int, int]:
+    """A run's val (tokens, bytes), the same for every seed (one val split)."""
     tokens, nbytes = _values(summary, "eval_tokens", where), _values(summary, "eval_bytes", where)
-    return [stats.bpb_to_nats(v, int(t), int(b)) for v, t, b in
-            zip(_values(summary, col, where), tokens, nbytes, strict=True)]
+    if len(set(tokens)) > 1 or len(set(nbytes)) > 1:
+        raise PgolfError(f"{where}: its seeds scored different val splits ({sorted(set(tokens))} tokens)")
+    return int(tokens[0]), int(nbytes[0])
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -93,12 +104,13 @@ def compare(names: list[str], summaries: list[Path], study: dict, compare_cfg: d
                          "(a baseline and a variant at least)")
     loaded = [read_result(p) for p in summaries]
     metric, bar = compare_cfg["metric"], compare_cfg["min_gain_nats"]
-    base_bpb, base_nats = _values(loaded[0], metric, summaries[0]), _nats(loaded[0], metric, summaries[0])
+    per = _counts(loaded[0], summaries[0])
+    base_bpb, base_nats = _values(loaded[0], metric, summaries[0]), _nats(loaded[0], metric, summaries[0], per)
     rows = []
     for name, summary, where in zip(names[1:], loaded[1:], summaries[1:], strict=True):
         bpb = welch_delta(_values(summary, metric, where), base_bpb)
-        nats = welch_delta(_nats(summary, metric, where), base_nats)
-        record = welch_delta(_nats(summary, metric, where), base_nats, margin=bar)
+        nats = welch_delta(_nats(summary, metric, where, per), base_nats)
+        record = welch_delta(_nats(summary, metric, where, per), base_nats, margin=bar)
         rows.append({"variant": name, **describe(summary, where), "delta_bpb": bpb, "delta_nats": nats,
                      "p": nats["p"], "p_vs_bar": record["p"],
                      "record": -nats["delta"] >= bar and record["p"] < compare_cfg["alpha"],
@@ -106,9 +118,8 @@ def compare(names: list[str], summaries: list[Path], study: dict, compare_cfg: d
     for row, adjusted in zip(rows, holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = adjusted
         row["helps_holm"] = adjusted < study["level"]
-    tokens, nbytes = (_values(loaded[0], k, summaries[0])[0] for k in ("eval_tokens", "eval_bytes"))
     base = {"variant": names[0], **describe(loaded[0], summaries[0])}
-    return {"metric": metric, "bar_bpb": bar / (math.log(2) * nbytes / tokens), "baseline": base,
+    return {"metric": metric, "bar_bpb": bar / stats.bpb_to_nats(1.0, *per), "baseline": base,
             "variants": rows, "level": study["level"], "alpha": compare_cfg["alpha"], "bar_nats": bar,
             "expected_false_helps": study["level"] * len(rows)}
 
@@ -141,11 +152,12 @@ def render(c: dict, title: str) -> str:
             f"{d['delta']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]", f"{n['delta']:+.4f}", f"{r['p']:.3g}",
             f"{r['p_holm']:.3g}", _ms(r.get("total_bytes"), 0), _ms(r.get("train_seconds"), 1),
             _ms(r.get("eval_seconds"), 1), _verdict(r)]) + " |")
-    lines += ["", f"Δ: variant minus baseline (lower is better), 95% Welch interval; p: one-sided Welch test that "
-              f"the variant is better, in nats per token. Record bar: a gain of at least {c['bar_nats']} nats at "
-              f"p < {c['alpha']}. Helps: p < {c['level']}; with {len(c['variants'])} comparisons at that level "
-              f"{c['expected_false_helps']:.2f} false \"helps\" are expected by chance if no variant did anything "
-              "(Holm's adjusted p controls that).", ""]
+    lines += ["", "Δ: variant minus baseline (lower is better), 95% Welch interval; p: one-sided Welch test that the "
+              "variant is better, in nats per token of the baseline (each run's BPB times the baseline's val bytes "
+              "per token and ln 2, so a variant with another tokenizer is judged per byte). Record bar: a gain of at "
+              f"least {c['bar_nats']} nats at p < {c['alpha']}. Helps: p < {c['level']}; with {len(c['variants'])} "
+              f"comparisons at that level {c['expected_false_helps']:.2f} false \"helps\" are expected by chance if no "
+              "variant did anything (Holm's adjusted p controls that).", ""]
     return "\n".join(lines)
 
 
