@@ -165,11 +165,8 @@ def rename_globals(trees: dict[str, ast.Module], keep: frozenset[str]) -> None:
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 blocked.add(node.value)
         blocked |= _bound_in_scopes(tree)
-    defined = {m: _top_names(t) - blocked for m, t in trees.items()}
+    defined = {m: _top_names(t) - blocked for m, t in trees.items()}  # a re-export is an alias: not defined
     imported = _imports(trees)
-    for (module, name), source in imported.items():
-        if name not in defined[source]:
-            defined[module].discard(name)
     uses = Counter(n.id for t in trees.values() for n in ast.walk(t) if isinstance(n, ast.Name))
     fresh = (n for n in _short_names() if len(n) > 1 and n not in spelled and n not in blocked)
     refs = sorted(((m, n) for m, names in defined.items() for n in names), key=lambda k: (-uses[k[1]], k))
